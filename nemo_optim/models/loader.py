@@ -1,0 +1,98 @@
+"""One way in for every model a stage reads: a native checkpoint, an HF directory, a GGUF
+file, or the name of a model shipped inside an installed package."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nemo_optim import checkpoint, runtime
+from nemo_optim.models import hf
+from nemo_optim.models.config import GPTModelConfig, build_gpt_model
+
+SourceKind = Literal["native", "hf", "gguf"]
+
+
+@dataclasses.dataclass
+class ModelSource:
+    kind: SourceKind
+    path: Path
+    """What the user gave (resolved for embedded names)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: GPTModelConfig
+    hf_dir: Path
+    """HF config + tokenizer files that describe this model (used for tokenizing and export)."""
+    source: ModelSource
+
+
+def resolve_source(model_path: str | Path) -> ModelSource:
+    """Classifies `model_path`; one clear error when it is none of the supported kinds."""
+    name = str(model_path)
+    if name in hf.EMBEDDED_MODELS:
+        return ModelSource("gguf", hf.embedded_model_path(name))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path)
+    if path.is_dir() and checkpoint.is_checkpoint(path):
+        return ModelSource("native", path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource("hf", path)
+    found = "a file" if path.is_file() else "a directory without config.json or manifest.json" if path.is_dir() else "nothing"
+    raise hf.ModelSourceError(
+        f"model path {name!r}: found {found}; give a nemo-optim checkpoint directory, a Hugging "
+        f"Face model directory, a .gguf file, or one of the embedded models: "
+        f"{', '.join(hf.EMBEDDED_MODELS)}. Hub ids are not downloaded."
+    )
+
+
+def read_model_config(model_path: str | Path, dtype: str | None = None) -> tuple[GPTModelConfig, Path, ModelSource]:
+    """The config and HF metadata dir of `model_path`, without building the model."""
+    source = resolve_source(model_path)
+    if source.kind == "native":
+        info = checkpoint.read_checkpoint_info(source.path)
+        config = info.model_config
+        if dtype is not None:
+            config = dataclasses.replace(config, dtype=dtype)
+        return config, info.hf_dir, source
+    hf_dir = hf.gguf_to_hf(source.path) if source.kind == "gguf" else source.path
+    return hf.config_from_hf(hf_dir, dtype=dtype or "float32"), hf_dir, source
+
+
+def load_model(
+    model_path: str | Path,
+    dtype: str | None = None,
+    transformer_impl: str | None = None,
+) -> LoadedModel:
+    """Builds this rank's shard of the model at `model_path` and loads its weights.
+
+    Needs `runtime.parallel_runtime`; TP/PP come from megatron's parallel_state.
+    """
+    config, hf_dir, source = read_model_config(model_path, dtype)
+    if transformer_impl is not None:
+        config = dataclasses.replace(config, transformer_impl=transformer_impl)
+    model = build_gpt_model(config)
+    if source.kind == "native":
+        model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
+    else:
+        hf.import_hf_weights(model, hf_dir, config)
+    runtime.barrier()
+    return LoadedModel(model=model, config=config, hf_dir=hf_dir, source=source)
+
+
+def load_tokenizer(hf_dir: str | Path):
+    """The tokenizer stored with a model (HF files in the model or checkpoint `hf/` dir)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    except (OSError, ValueError, AttributeError) as error:
+        raise hf.ModelSourceError(
+            f"{hf_dir}: no usable tokenizer files (tokenizer.json / tokenizer_config.json): {error}"
+        ) from None

@@ -1,0 +1,230 @@
+"""Process and parallel set-up: torch.distributed, megatron parallel_state, seeds, teardown.
+
+This is the only module that knows about running megatron-core on a CPU. Everything else asks
+`runtime.device()` for the device and never special-cases CPU.
+
+Steps of `parallel_runtime(ParallelConfig(...))`:
+  1. init torch.distributed (gloo on CPU, nccl on GPU; env:// under torchrun, an in-memory
+     store for a single process),
+  2. on CPU, install the adjustments megatron-core needs (see `_install_cpu_adjustments`),
+  3. init megatron `parallel_state` with the TP/PP sizes (DP is what is left),
+  4. seed torch and megatron's RNG tracker,
+  5. on exit, destroy parallel_state and the process group.
+
+CPU smoke test (2 processes, TP=2):
+    torchrun --nproc_per_node 2 -m pytest tests/distributed/...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """How the model is split across processes."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallel size (TP): splits every linear layer across TP processes."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size (PP): splits the layer stack across PP processes."""
+    backend: Backend = "auto"
+    """torch.distributed backend; `auto` picks nccl when CUDA is available, else gloo."""
+    seed: int = 1234
+    """Seed for torch, numpy, random and megatron's RNG tracker."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer (1 = no split).")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend={self.backend!r}: choose one of auto, gloo, nccl.")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if use_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+# --- CPU adjustments -------------------------------------------------------------------------
+
+def _is_cuda_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and value.split(":")[0] == "cuda"
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps `device="cuda"` (and `.cuda()`) in torch calls to the CPU.
+
+    megatron's pipeline schedules and p2p communication create tensors with
+    `device=torch.cuda.current_device()` or `"cuda"`; on a CPU-only machine they must land on
+    the CPU for gloo to send them.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        device_arg = kwargs.get("device")
+        if _is_cuda_device(device_arg) or (isinstance(device_arg, int) and func is not torch.Tensor.to):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to or func is torch.Tensor.new_empty:
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+_cpu_mode: _CudaToCpuMode | None = None
+_saved_cuda_functions: dict[str, object] = {}
+
+
+def _install_cpu_adjustments() -> None:
+    """Lets megatron-core run without CUDA.
+
+    - `torch.cuda.current_device()` resolves to the CPU device (megatron passes it as `device=`),
+    - `torch.cuda.synchronize()` is a no-op (dist-checkpointing and the schedules call it),
+    - tensors created with `device="cuda"` land on the CPU (`_CudaToCpuMode`),
+    - the RNG tracker is megatron's inference tracker: the training tracker forks CUDA RNG
+      states, which do not exist here. Weights are initialised on the CPU from torch's global
+      RNG (`use_cpu_initialization`), so TP ranks still agree.
+    """
+    global _cpu_mode
+    if _cpu_mode is not None:
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    for name, replacement in (
+        ("current_device", lambda: torch.device("cpu")),
+        ("synchronize", lambda *a, **k: None),
+    ):
+        _saved_cuda_functions[name] = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, replacement)
+    mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    _cpu_mode = _CudaToCpuMode()
+    _cpu_mode.__enter__()
+
+
+def _remove_cpu_adjustments() -> None:
+    global _cpu_mode
+    if _cpu_mode is None:
+        return
+    _cpu_mode.__exit__(None, None, None)
+    _cpu_mode = None
+    for name, original in _saved_cuda_functions.items():
+        setattr(torch.cuda, name, original)
+    _saved_cuda_functions.clear()
+
+
+# --- set-up and teardown ---------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    from megatron.core import tensor_parallel
+
+    if use_cuda():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _init_process_group(backend: Backend) -> None:
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if use_cuda() else "gloo"
+    if use_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, init_method="env://")
+    else:
+        # A single process needs no rendezvous: an in-memory store avoids opening a port.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def initialize(config: ParallelConfig) -> None:
+    """Sets up distributed state for `config`. Prefer the `parallel_runtime` context manager."""
+    from megatron.core import parallel_state
+
+    _init_process_group(config.backend)
+    if world_size() % config.model_parallel_size != 0:
+        raise ValueError(
+            f"world size {world_size()} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {config.model_parallel_size}; launch "
+            f"{config.model_parallel_size} x N processes (torchrun --nproc_per_node ...)."
+        )
+    if not use_cuda():
+        _install_cpu_adjustments()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+    )
+    seed_everything(config.seed)
+
+
+def shutdown() -> None:
+    """Destroys megatron parallel state and the process group; leaves nothing behind."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _remove_cpu_adjustments()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def parallel_runtime(config: ParallelConfig | None = None) -> Iterator[ParallelConfig]:
+    """`with parallel_runtime(ParallelConfig(tensor_model_parallel_size=2)):` ... torn down after."""
+    config = config or ParallelConfig()
+    initialize(config)
+    try:
+        yield config
+    finally:
+        shutdown()
