@@ -89,7 +89,15 @@ def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTMod
     from modelopt.torch.export import import_mcore_gpt_from_hf
 
     check_hf_weights_present(hf_dir)
-    import_mcore_gpt_from_hf(model, str(hf_dir), dtype=config.torch_dtype)
+    try:
+        import_mcore_gpt_from_hf(model, str(hf_dir), dtype=config.torch_dtype)
+    except RuntimeError as error:
+        if "size" not in str(error) and "shape" not in str(error):
+            raise
+        raise ModelSourceError(
+            f"{hf_dir}: weights do not match config.json ({error}); the weight files and "
+            f"config.json must come from the same model."
+        ) from None
 
 
 def export_hf(

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_models import ARCHITECTURES, make_tiny_hf_model, train_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # GGUF conversions and other caches go to a per-session directory, never $HOME.
+    os.environ.setdefault("NEMO_OPTIM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """arch -> HF directory of a random tiny model with a real tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {arch: make_tiny_hf_model(arch, root / arch, tiny_tokenizer) for arch in ARCHITECTURES}
+
+
+@pytest.fixture
+def runtime_single():
+    """megatron parallel state for one process; torn down after the test."""
+    from nemo_optim import runtime
+
+    with runtime.parallel_runtime(runtime.ParallelConfig()) as config:
+        yield config
