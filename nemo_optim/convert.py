@@ -10,9 +10,11 @@ Steps of `import_ckpt`:
     python -c "from nemo_optim.convert import import_ckpt; import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry
+# function's annotations as real types.
 
 import dataclasses
+from typing import Optional
 import json
 import resource
 import time
@@ -90,11 +92,11 @@ def import_ckpt(
     *,
     source: str,
     output_path: str,
-    hf_export_path: str | None = None,
-    evaluation: EvaluationConfig | None = None,
+    hf_export_path: Optional[str] = None,
+    evaluation: Optional[EvaluationConfig] = None,
     dtype: str = "float32",
     overwrite: bool = False,
-    parallel: runtime.ParallelConfig | None = None,
+    parallel: Optional[runtime.ParallelConfig] = None,
 ) -> ImportReport:
     """Stage entry: import `source` into a native checkpoint at `output_path`.
 
@@ -160,7 +162,7 @@ def export_ckpt(
     output_path: str,
     dtype: str = "bfloat16",
     overwrite: bool = False,
-    parallel: runtime.ParallelConfig | None = None,
+    parallel: Optional[runtime.ParallelConfig] = None,
 ) -> Path:
     """Stage entry: export the native checkpoint at `path` to an HF directory."""
     if dtype not in DTYPES:

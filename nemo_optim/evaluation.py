@@ -4,9 +4,11 @@ model, tokens/second. Results are a dataclass and JSON.
     python -c "from nemo_optim.evaluation import evaluate; print(evaluate(model_path='smollm2-135m-instruct'))"
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry
+# function's annotations as real types.
 
 import dataclasses
+from typing import Optional
 import json
 import math
 import time
@@ -47,11 +49,11 @@ class EvaluationResult:
     seconds: float
     """Wall time of the evaluated model's forward passes only."""
     tokens_per_second: float
-    kl_to_reference: float | None = None
+    kl_to_reference: Optional[float] = None
     """Mean per-token KL(reference || model) in nats."""
-    top1_agreement: float | None = None
+    top1_agreement: Optional[float] = None
     """Share of positions where model and reference predict the same next token."""
-    reference_perplexity: float | None = None
+    reference_perplexity: Optional[float] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,7 +64,7 @@ def evaluate_model(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     micro_batch_size: int = 4,
-    reference: torch.nn.Module | None = None,
+    reference: Optional[torch.nn.Module] = None,
 ) -> EvaluationResult:
     """Metrics of `model` on `[N, S+1]` token rows (every rank calls it; all get the result)."""
     model.eval()
@@ -109,10 +111,10 @@ def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
 def evaluate(
     *,
     model_path: str,
-    reference_model_path: str | None = None,
-    evaluation: EvaluationConfig | None = None,
-    output_path: str | None = None,
-    parallel: runtime.ParallelConfig | None = None,
+    reference_model_path: Optional[str] = None,
+    evaluation: Optional[EvaluationConfig] = None,
+    output_path: Optional[str] = None,
+    parallel: Optional[runtime.ParallelConfig] = None,
 ) -> EvaluationResult:
     """Stage entry: evaluates the model at `model_path` (optionally against a reference) and
     writes the result as JSON to `output_path`."""

@@ -15,14 +15,15 @@ CPU smoke test (2 processes, TP=2):
     torchrun --nproc_per_node 2 -m pytest tests/distributed/...
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads these config
+# dataclasses' annotations as real types (and needs Optional[...] rather than `X | None`).
 
 import contextlib
 import dataclasses
 import os
 import random
 from collections.abc import Iterator
-from typing import Literal
+from typing import Optional, Literal
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_cpu_mode: _CudaToCpuMode | None = None
+_cpu_mode: Optional[_CudaToCpuMode] = None
 _saved_cuda_functions: dict[str, object] = {}
 
 
@@ -220,7 +221,7 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def parallel_runtime(config: ParallelConfig | None = None) -> Iterator[ParallelConfig]:
+def parallel_runtime(config: Optional[ParallelConfig] = None) -> Iterator[ParallelConfig]:
     """`with parallel_runtime(ParallelConfig(tensor_model_parallel_size=2)):` ... torn down after."""
     config = config or ParallelConfig()
     initialize(config)

@@ -12,7 +12,8 @@ Every document is assigned to train / validation / calibration by a hash of its 
 split is the same on every machine and independent of document order.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads these config
+# dataclasses' annotations as real types (and needs Optional[...] rather than `X | None`).
 
 import dataclasses
 import hashlib
@@ -20,7 +21,7 @@ import importlib
 import inspect
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Optional, Literal
 
 Split = Literal["train", "validation", "calibration"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "calibration")
@@ -76,10 +77,24 @@ class DataConfig:
             raise DataError("DataConfig: " + "; ".join(errors) + ".")
 
 
+def _chunks(text: str, max_chars: int = 2000) -> list[str]:
+    """Cuts a long text at paragraph boundaries into pieces of about `max_chars`, so that
+    hash splits of a corpus of few long documents are still fine-grained."""
+    pieces, current = [], ""
+    for paragraph in text.split("\n\n"):
+        if current and len(current) + len(paragraph) > max_chars:
+            pieces.append(current.strip())
+            current = ""
+        current += paragraph + "\n\n"
+    if current.strip():
+        pieces.append(current.strip())
+    return pieces
+
+
 def _pydoc_documents() -> list[str]:
     from pydoc_data.topics import topics
 
-    return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
+    return [piece for key in sorted(topics) for piece in _chunks(topics[key])]
 
 
 def _docstring_documents() -> list[str]:

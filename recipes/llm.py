@@ -1,0 +1,21 @@
+"""The `llm` namespace of nemo_run's `nemo` command (registered in pyproject.toml under the
+`nemo_run.cli` entry-point group):
+
+    nemo llm import_ckpt --factory smollm2_135m_import_cpu --yes
+    nemo llm evaluate model_path=outputs/smollm2_135m/native executor=local --yes
+
+Importing this module registers the stage entry points and every recipe factory.
+"""
+
+
+import nemo_run as run
+
+from nemo_optim.convert import export_ckpt, import_ckpt
+from nemo_optim.evaluation import evaluate
+from recipes import convert, executors  # noqa: F401  (registers factories)
+
+for _stage in (import_ckpt, export_ckpt, evaluate):
+    if not hasattr(_stage, "cli_entrypoint"):
+        run.cli.entrypoint(namespace="llm")(_stage)
+
+RECIPES = {**convert.RECIPES}

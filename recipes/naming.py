@@ -1,0 +1,19 @@
+"""The rule recipe names follow, written once: <model>_<stage>[_<variant>]_<hardware>."""
+
+from __future__ import annotations
+
+import re
+
+STAGES = ("import", "export", "evaluate", "ptq", "prune", "distill", "compress")
+_PART = re.compile(r"^[a-z0-9]+(?:[a-z0-9.]*[a-z0-9])?$")
+
+
+def recipe_name(model: str, stage: str, hardware: str, variant: str | None = None) -> str:
+    """e.g. recipe_name("smollm2_135m", "ptq", "cpu", "fp8") -> "smollm2_135m_ptq_fp8_cpu"."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: choose one of {', '.join(STAGES)}.")
+    parts = [model, stage] + ([variant] if variant else []) + [hardware]
+    for part in parts:
+        if not all(_PART.match(piece) for piece in part.split("_")):
+            raise ValueError(f"recipe name part {part!r}: use lower-case letters, digits and '_'.")
+    return "_".join(parts)

@@ -1,0 +1,80 @@
+"""Recipes, overrides, the launcher and the `nemo llm` namespace, with no network."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+import pytest
+
+import launch
+from recipes import llm
+from recipes.executors import EXECUTORS
+from recipes.launching import apply_overrides
+from recipes.naming import recipe_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(llm.RECIPES))
+def test_every_recipe_builds_and_serializes(name):
+    partial = llm.RECIPES[name]()
+    assert isinstance(partial, run.Partial)
+    serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
+    restored = serializer.deserialize(serializer.serialize(partial))
+    assert restored == partial
+    built = fdl.build(partial)
+    assert callable(built) and built.func is partial.__fn_or_cls__
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTORS))
+def test_every_executor_builds(name):
+    executor = fdl.build(EXECUTORS[name]())
+    assert isinstance(executor, run.LocalExecutor)
+
+
+def test_overrides_reach_nested_fields():
+    partial = apply_overrides(llm.RECIPES["smollm2_135m_import_cpu"](),
+                              ["output_path=/tmp/x", "evaluation.num_sequences=3", "evaluation.data.seq_length=64"])
+    assert partial.output_path == "/tmp/x"
+    assert partial.evaluation.num_sequences == 3 and partial.evaluation.data.seq_length == 64
+
+
+def test_unknown_recipe_and_bad_key_list_the_valid_ones(capsys):
+    assert launch.main(["no_such_recipe", "--yes"]) == 2
+    assert "valid recipes: " in capsys.readouterr().err
+    assert launch.main(["smollm2_135m_import_cpu", "no_such_field=1", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "the recipe has no field 'no_such_field'; its fields: dtype, evaluation, hf_export_path" in err
+    assert launch.main(["smollm2_135m_import_cpu", "evaluation.num_sequences=abc", "--dryrun"]) == 2
+    assert "expected a value of type int, got 'abc'" in capsys.readouterr().err
+    assert launch.main(["smollm2_135m_import_cpu", "evaluation.num_sequences=0", "--dryrun"]) == 2
+    assert "num_sequences=0 must be at least 1" in capsys.readouterr().err
+    assert launch.main(["smollm2_135m_import_cpu", "--executor", "nowhere", "--yes"]) == 2
+    assert "valid executors: local, torchrun" in capsys.readouterr().err
+
+
+def test_recipe_names_follow_the_rule():
+    assert recipe_name("smollm2_135m", "ptq", "cpu", "fp8") == "smollm2_135m_ptq_fp8_cpu"
+    with pytest.raises(ValueError, match="stage='quantise'"):
+        recipe_name("smollm2_135m", "quantise", "cpu")
+    for name in llm.RECIPES:
+        if not name.endswith("_recipe"):
+            model_end = name.index("_import") if "_import" in name else None
+            assert model_end and recipe_name(name[:model_end], "import", name.rsplit("_", 1)[1]) == name
+
+
+def test_nemo_llm_namespace_is_registered():
+    nemo = Path(sys.executable).parent / "nemo"
+    result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for command in ("import_ckpt", "export_ckpt", "evaluate"):
+        assert command in result.stdout
+    dry = subprocess.run([str(nemo), "llm", "import_ckpt", "--factory", "smollm2_135m_import_cpu",
+                          "output_path=/tmp/nowhere", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert "/tmp/nowhere" in dry.stdout
+    assert not Path("/tmp/nowhere").exists()

