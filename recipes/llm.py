@@ -3,6 +3,7 @@
 
     nemo llm import_ckpt --factory smollm2_135m_import_cpu --yes
     nemo llm evaluate model_path=outputs/smollm2_135m/native executor=local --yes
+    nemo llm ptq --factory smollm2_135m_ptq_fp8_cpu quantization_config.calibration_dataset_size=16 --yes
 
 Importing this module registers the stage entry points and every recipe factory.
 """
@@ -12,10 +13,11 @@ import nemo_run as run
 
 from nemo_optim.convert import export_ckpt, import_ckpt
 from nemo_optim.evaluation import evaluate
-from recipes import convert, executors  # noqa: F401  (registers factories)
+from nemo_optim.quantization.ptq import ptq
+from recipes import convert, executors, ptq as ptq_recipes  # noqa: F401  (registers factories)
 
-for _stage in (import_ckpt, export_ckpt, evaluate):
+for _stage in (import_ckpt, export_ckpt, evaluate, ptq):
     if not hasattr(_stage, "cli_entrypoint"):
         run.cli.entrypoint(namespace="llm")(_stage)
 
-RECIPES = {**convert.RECIPES}
+RECIPES = {**convert.RECIPES, **ptq_recipes.RECIPES}

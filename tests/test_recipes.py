@@ -14,7 +14,7 @@ import launch
 from recipes import llm
 from recipes.executors import EXECUTORS
 from recipes.launching import apply_overrides
-from recipes.naming import recipe_name
+from recipes.naming import parse_recipe_name, recipe_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,17 +61,20 @@ def test_recipe_names_follow_the_rule():
     assert recipe_name("smollm2_135m", "ptq", "cpu", "fp8") == "smollm2_135m_ptq_fp8_cpu"
     with pytest.raises(ValueError, match="stage='quantise'"):
         recipe_name("smollm2_135m", "quantise", "cpu")
-    for name in llm.RECIPES:
-        if not name.endswith("_recipe"):
-            model_end = name.index("_import") if "_import" in name else None
-            assert model_end and recipe_name(name[:model_end], "import", name.rsplit("_", 1)[1]) == name
+    assert parse_recipe_name("llama31_8b_ptq_fp8_8gpu_h100_bf16") == {
+        "model": "llama31_8b", "stage": "ptq", "variant": "fp8", "hardware": "8gpu_h100_bf16"}
+    named = [name for name in llm.RECIPES if not name.endswith("_recipe")]
+    assert len(named) >= 5
+    for name in named:
+        parts = parse_recipe_name(name)
+        assert recipe_name(parts["model"], parts["stage"], parts["hardware"], parts["variant"]) == name
 
 
 def test_nemo_llm_namespace_is_registered():
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for command in ("import_ckpt", "export_ckpt", "evaluate"):
+    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq"):
         assert command in result.stdout
     dry = subprocess.run([str(nemo), "llm", "import_ckpt", "--factory", "smollm2_135m_import_cpu",
                           "output_path=/tmp/nowhere", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)

@@ -1,0 +1,130 @@
+"""Typed PTQ and export settings. Field names follow NeMo 2's `llm.ptq` where they mean the same.
+
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads these annotations.
+"""
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+from nemo_optim.data.corpus import DataConfig
+
+# algorithm -> (ModelOpt preset, format the exported checkpoint must declare)
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "fp8": ("FP8_DEFAULT_CFG", "FP8"),
+    "fp8_pc_pt": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", "FP8_PER_CHANNEL_PER_TOKEN"),
+    "block_fp8": ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8_PB_WO"),
+    "int8": ("INT8_DEFAULT_CFG", "W8A8_SQ_PER_CHANNEL"),
+    "int8_sq": ("INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL"),
+    "int8_wo": ("INT8_WEIGHT_ONLY_CFG", "W8A16"),
+    "int4": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_AWQ"),
+    "int4_awq": ("INT4_AWQ_CFG", "W4A16_AWQ"),
+    "w4a8_awq": ("W4A8_AWQ_BETA_CFG", "W4A8_AWQ"),
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4"),
+}
+NEEDS_CUDA = ("nvfp4",)
+BLOCKED = ("int4", "int4_awq", "w4a8_awq")
+
+ExportFormat = Literal["hf", "trtllm"]
+DTYPE_BITS = {16: torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16, 32: torch.float32, "float32": torch.float32}
+
+
+class QuantizationConfigError(ValueError):
+    """A PTQ/export setting that cannot work, with the fix."""
+
+
+@dataclasses.dataclass
+class QuantizationConfig:
+    """What to quantize, how, and on which calibration data (NeMo 2 names)."""
+
+    algorithm: Optional[str] = "fp8"
+    """One of ALGORITHMS (fp8, fp8_pc_pt, block_fp8, int8, int8_sq, int8_wo, int4, int4_awq,
+    w4a8_awq, nvfp4), or None to export without quantizing."""
+    custom_config_path: Optional[str] = None
+    """A JSON file with a ModelOpt config ({"quant_cfg": ..., "algorithm": ...}, either form); replaces `algorithm`."""
+    awq_block_size: int = 128
+    """Block size (weights per scale) of int4 / AWQ formats."""
+    sq_alpha: float = 0.5
+    """SmoothQuant migration strength for int8_sq (NeMo 2 accepted it but never applied it; we do)."""
+    enable_kv_cache: Optional[bool] = None
+    """Quantize the KV cache (None: NeMo 2's default, on for fp8/nvfp4 where the attention supports it)."""
+    kv_cache_qformat: Literal["fp8", "nvfp4"] = "fp8"
+    exclude_modules: list[str] = dataclasses.field(default_factory=list)
+    """Extra wildcard patterns kept unquantized, e.g. ["*layers.0.*"]."""
+    calibration_dataset: str = "embedded:pydoc"
+    """A DataConfig source: embedded[:part], a .txt / .jsonl file, or hf:<name>."""
+    calibration_dataset_size: int = 64
+    """Calibration sequences."""
+    calibration_batch_size: int = 4
+    calibration_seq_len: int = 256
+    auto_quantize_bits: Optional[float] = None
+    """If set: ModelOpt auto_quantize picks per-layer formats under this effective-bits budget."""
+    auto_quantize_formats: list[str] = dataclasses.field(default_factory=lambda: ["fp8", "int4_awq"])
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.custom_config_path is None and self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            errors.append(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)} (or None)")
+        if self.awq_block_size < 8 or self.awq_block_size & (self.awq_block_size - 1):
+            errors.append(f"awq_block_size={self.awq_block_size} must be a power of two >= 8")
+        if not 0.0 <= self.sq_alpha <= 1.0:
+            errors.append(f"sq_alpha={self.sq_alpha} must be in [0, 1]")
+        for name in ("calibration_dataset_size", "calibration_batch_size", "calibration_seq_len"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)} must be at least 1")
+        for fmt in self.auto_quantize_formats if self.auto_quantize_bits is not None else []:
+            if fmt not in ALGORITHMS:
+                errors.append(f"auto_quantize_formats contains {fmt!r}; choose from {', '.join(ALGORITHMS)}")
+        if errors:
+            raise QuantizationConfigError("quantization_config: " + "; ".join(errors) + ".")
+
+    def calibration_data(self) -> DataConfig:
+        return DataConfig(source=self.calibration_dataset, seq_length=self.calibration_seq_len)
+
+    def check_hardware(self, cuda_available: bool) -> None:
+        """Formats that need CUDA kernels fail here, before any model is loaded."""
+        wanted = set(self.auto_quantize_formats if self.auto_quantize_bits is not None else [self.algorithm])
+        if self.enable_kv_cache and self.kv_cache_qformat == "nvfp4":
+            wanted.add("nvfp4")
+        needs = sorted(wanted & set(NEEDS_CUDA))
+        if needs and not cuda_available:
+            raise QuantizationConfigError(
+                f"quantization_config.algorithm={needs[0]!r} needs a CUDA GPU (NVFP4/MX kernels); this "
+                f"machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."
+            )
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Where and how the quantized model is exported (NeMo 2 names)."""
+
+    path: str = "outputs/ptq_export"
+    export_format: ExportFormat = "hf"
+    """`hf`: unified HF checkpoint (TensorRT-LLM, vLLM, SGLang); `trtllm`: TensorRT-LLM checkpoint."""
+    dtype: str = "bf16"
+    """dtype of unquantized weights: bf16, fp16 (NeMo 2: 16) or float32."""
+    decoder_type: Optional[str] = None
+    """TensorRT-LLM decoder type; None infers it from the architecture (llama, qwen)."""
+    inference_tp: int = 1
+    inference_pp: int = 1
+    generate_sample: bool = False
+    """Greedy-decode a short prompt with the quantized model after export."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.export_format not in ("hf", "trtllm"):
+            errors.append(f"export_format={self.export_format!r}: choose hf or trtllm")
+        if self.dtype not in DTYPE_BITS:
+            errors.append(f"dtype={self.dtype!r}: choose bf16, fp16 or float32")
+        if self.inference_tp < 1 or self.inference_pp < 1:
+            errors.append("inference_tp and inference_pp must be at least 1")
+        if self.export_format == "hf" and (self.inference_tp, self.inference_pp) != (1, 1):
+            errors.append("inference_tp/inference_pp only apply to export_format='trtllm'")
+        if errors:
+            raise QuantizationConfigError("export_config: " + "; ".join(errors) + ".")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_BITS[self.dtype]

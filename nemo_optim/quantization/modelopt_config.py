@@ -1,0 +1,92 @@
+"""ModelOpt quantization configs in both of ModelOpt's shapes.
+
+ModelOpt <= 0.43 takes `quant_cfg` as a dict {pattern: attributes}; ModelOpt >= 0.44 takes an
+ordered list of entries {"quantizer_name", "parent_class", "cfg", "enable"}. We keep configs as
+that list (the newer, explicit form) and convert for the installed ModelOpt, so one recipe works
+with either (NeMo 2.7's Quantizer broke on every preset when the form changed).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+Entry = dict[str, Any]
+
+
+def modelopt_uses_list_form() -> bool:
+    """True when the installed ModelOpt's own presets use the list form."""
+    import modelopt.torch.quantization as mtq
+
+    return isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list)
+
+
+def entries_from_modelopt(quant_cfg: dict | list) -> list[Entry]:
+    """Any ModelOpt `quant_cfg` (dict or list form) -> our ordered list of entries."""
+    if isinstance(quant_cfg, list):
+        return [dict(entry) for entry in copy.deepcopy(quant_cfg)]
+    entries: list[Entry] = []
+    for pattern, value in copy.deepcopy(quant_cfg).items():
+        if pattern.startswith("nn.") and isinstance(value, dict):
+            # class-scoped: {"nn.BatchNorm1d": {"*": {...}}}
+            for inner_pattern, inner in value.items():
+                entries.append(_entry(inner_pattern, inner, parent_class=pattern))
+        else:
+            entries.append(_entry(pattern, value))
+    return entries
+
+
+def _entry(pattern: str, value: dict | list, parent_class: str | None = None) -> Entry:
+    entry: Entry = {"quantizer_name": pattern}
+    if parent_class:
+        entry["parent_class"] = parent_class
+    if isinstance(value, list):
+        entry["cfg"] = value
+        return entry
+    value = dict(value)
+    if "enable" in value:
+        entry["enable"] = value.pop("enable")
+    if value:
+        entry["cfg"] = value
+    return entry
+
+
+def entries_to_modelopt(entries: list[Entry], form: str = "auto") -> dict | list:
+    """Our entries -> `quant_cfg` in `form`: "list", "dict", or "auto" (what the installed
+    ModelOpt expects)."""
+    if form == "list" or (form == "auto" and modelopt_uses_list_form()):
+        return copy.deepcopy(entries)
+    quant_cfg: dict[str, Any] = {}
+    for entry in entries:
+        cfg = copy.deepcopy(entry.get("cfg", {}))
+        if isinstance(cfg, list):
+            value: Any = cfg
+        else:
+            value = dict(cfg)
+            if "enable" in entry:
+                value["enable"] = entry["enable"]
+        if entry.get("parent_class"):
+            quant_cfg.setdefault(entry["parent_class"], {})[entry["quantizer_name"]] = value
+        else:
+            quant_cfg.pop(entry["quantizer_name"], None)  # re-insert: later entries win
+            quant_cfg[entry["quantizer_name"]] = value
+    return quant_cfg
+
+
+def preset_entries(preset_name: str) -> tuple[list[Entry], Any]:
+    """(entries, algorithm) of a ModelOpt preset such as "FP8_DEFAULT_CFG"."""
+    import modelopt.torch.quantization as mtq
+
+    preset = getattr(mtq, preset_name)
+    return entries_from_modelopt(preset["quant_cfg"]), copy.deepcopy(preset.get("algorithm", "max"))
+
+
+def set_block_size(entries: list[Entry], block_size: int) -> None:
+    """Sets the last-axis block size of every weight quantizer that is blocked."""
+    for entry in entries:
+        if "weight_quantizer" not in entry["quantizer_name"]:
+            continue
+        cfgs = entry.get("cfg")
+        for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
+            if isinstance(cfg.get("block_sizes"), dict) and -1 in cfg["block_sizes"]:
+                cfg["block_sizes"][-1] = block_size

@@ -1,0 +1,131 @@
+"""The `ptq` stage: load -> calibrate + quantize (ModelOpt) -> save natively -> export -> verify.
+
+Steps:
+  1. check the config, the hardware and the calibration data before loading anything,
+  2. load the model at calibration_tp x calibration_pp (native checkpoint, HF dir, GGUF),
+  3. quantize with ModelOpt (or auto_quantize under a bit budget), print what was quantized,
+  4. save the quantized model as a native checkpoint (calibration is not repeated if the
+     export fails: pass that checkpoint as model_path and it is exported as is),
+  5. export (unified HF or TensorRT-LLM) and verify that the export carries the format.
+
+CPU:
+    python -c "from nemo_optim.quantization.ptq import ptq; from nemo_optim.quantization.config import *; \
+ptq(model_path='smollm2-135m-instruct', export_config=ExportConfig(path='/tmp/fp8'))"
+
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads ptq's annotations.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_optim import checkpoint, runtime
+from nemo_optim.data.corpus import load_documents
+from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
+from nemo_optim.quantization.quantizer import Quantizer
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+
+
+def ptq(
+    *,
+    model_path: str,
+    export_config: Optional[ExportConfig] = None,
+    calibration_tp: int = 1,
+    calibration_pp: int = 1,
+    quantization_config: Optional[QuantizationConfig] = None,
+    tokenizer_path: Optional[str] = None,
+    trust_remote_code: bool = False,
+    save_path: Optional[str] = None,
+    overwrite: bool = False,
+    model_dtype: Optional[str] = None,
+    transformer_impl: Optional[str] = None,
+) -> Path:
+    """Stage entry (NeMo 2's `llm.ptq` arguments): quantize `model_path` and export it.
+
+    Args:
+        model_path: native checkpoint, HF directory, .gguf file or embedded model name. A native
+            checkpoint that is already quantized is exported without recalibrating.
+        export_config: where and in which format to export.
+        calibration_tp / calibration_pp: parallelism used for calibration (launch TP x PP processes).
+        quantization_config: algorithm, calibration data and exclusions.
+        tokenizer_path: tokenizer directory if not the model's own.
+        trust_remote_code: accepted for NeMo 2 compatibility; only built-in architectures load.
+        save_path: native checkpoint of the quantized model (default: `<export path>_native`).
+        model_dtype: parameter dtype while calibrating (float32 on CPU, bfloat16 on GPU).
+        transformer_impl: layer spec (local on CPU; modelopt/transformer_engine on GPU).
+    """
+    export_config = export_config or ExportConfig()
+    quantization_config = quantization_config or QuantizationConfig()
+    save_path = save_path or f"{export_config.path.rstrip('/')}_native"
+    # 1. everything that can be checked before loading a model
+    quantization_config.check_hardware(runtime.use_cuda())
+    if quantization_config.algorithm is not None or quantization_config.custom_config_path:
+        load_documents(quantization_config.calibration_data())
+    for field, path in (("export_config.path", export_config.path), ("save_path", save_path)):
+        if Path(path).exists() and not overwrite:
+            raise QuantizationConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
+    if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
+        raise QuantizationConfigError(f"tokenizer_path={tokenizer_path!r}: directory not found.")
+
+    parallel = runtime.ParallelConfig(tensor_model_parallel_size=calibration_tp, pipeline_model_parallel_size=calibration_pp)
+    with runtime.parallel_runtime(parallel):
+        loaded = load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl)
+        tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
+        quantizer = Quantizer(quantization_config, export_config)
+        model = loaded.model
+        if is_quantized(model):
+            stored = stored_quantization_config(loaded.source.path) if loaded.source.kind == "native" else None
+            if stored is not None:
+                quantizer = Quantizer(stored, export_config)
+            runtime.print0(f"{model_path} is already quantized ({quantizer.quantization_config.algorithm}): "
+                           f"exporting without recalibration.")
+        else:
+            if quantization_config.auto_quantize_bits is not None:
+                model = quantizer.auto_quantize(model, tokenizer, quantization_config.auto_quantize_bits,
+                                                quantization_config.auto_quantize_formats)
+            else:
+                model = quantizer.quantize(model, tokenizer=tokenizer)
+            summary = getattr(quantizer, "summary", None)
+            checkpoint.save_checkpoint(
+                model, loaded.config, save_path, loaded.hf_dir,
+                producer={"stage": "ptq", "source": str(model_path),
+                          "quantization_config": dataclasses.asdict(quantization_config),
+                          "summary": dataclasses.asdict(summary) if summary else None},
+            )
+            runtime.print0(f"quantized native checkpoint: {save_path}")
+        export_path = quantizer.export(model, loaded.hf_dir, loaded.config.hf_architecture)
+        runtime.print0(f"{export_config.export_format} export: {export_path}")
+        if export_config.generate_sample:
+            runtime.print0(f"sample: {greedy_sample(model, tokenizer)!r}")
+    return export_path
+
+
+def stored_quantization_config(path: Path) -> Optional[QuantizationConfig]:
+    """The QuantizationConfig a `ptq` native checkpoint was made with (its manifest)."""
+    producer = checkpoint.read_checkpoint_info(path).manifest.get("producer", {})
+    stored = producer.get("quantization_config") if producer.get("stage") == "ptq" else None
+    return QuantizationConfig(**stored) if stored else None
+
+
+@torch.no_grad()
+def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
+    from nemo_optim.models.forward import forward_logits
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for _ in range(new_tokens):
+        tokens = torch.tensor([ids + [0]])  # the last column is the (unused) label
+        logits = forward_logits(model, tokens)
+        from nemo_optim.models.forward import broadcast_from_last_stage
+
+        next_id = broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None)
+        ids.append(next_id)
+    return tokenizer.decode(ids)

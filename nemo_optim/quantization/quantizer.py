@@ -1,0 +1,287 @@
+"""`Quantizer`: builds the ModelOpt config and the calibration loop from a `QuantizationConfig`,
+calls ModelOpt, summarises what was quantized, exports, and checks the export."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nemo_optim import runtime
+from nemo_optim.checkpoint import atomic_directory
+from nemo_optim.data.packing import packed_sequences
+from nemo_optim.models.forward import forward_logits, make_batch
+from nemo_optim.quantization import modelopt_config
+from nemo_optim.quantization.config import ALGORITHMS, BLOCKED, ExportConfig, QuantizationConfig, QuantizationConfigError
+
+ForwardLoop = Callable[[torch.nn.Module], None]
+DECODER_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
+
+
+class ExportVerificationError(RuntimeError):
+    """An export that does not contain the format that was asked for."""
+
+
+@dataclasses.dataclass
+class QuantizationSummary:
+    algorithm: str | None
+    enabled_quantizers: int
+    quantized_linear_share: float
+    """Share of decoder linear weight elements that have an enabled weight quantizer."""
+    effective_bits: float
+    """Bits per decoder linear weight, scales included (unquantized weights count at 16)."""
+    per_layer_formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    """auto_quantize only: the format chosen for each layer."""
+
+    def line(self) -> str:
+        return (f"quantized {self.algorithm}: {self.enabled_quantizers} quantizers, "
+                f"{100 * self.quantized_linear_share:.1f}% of decoder linear weights, "
+                f"{self.effective_bits:.2f} effective bits/weight")
+
+
+def summarize(model: torch.nn.Module, algorithm: str | None) -> QuantizationSummary:
+    """Counts what ModelOpt quantized: the evidence that no layer was quietly left out."""
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+
+    enabled = sum(1 for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled)
+    total = quantized = 0
+    bits_sum = 0.0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if ".layers." not in f".{name}" or weight is None or weight.dim() != 2:
+            continue
+        numel = weight.numel()
+        total += numel
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is None:
+            bits_sum += 16 * numel
+            continue
+        first = quantizer[0] if isinstance(quantizer, SequentialQuantizer) else quantizer
+        if not first.is_enabled:
+            bits_sum += 16 * numel
+            continue
+        quantized += numel
+        num_bits = first.num_bits
+        element_bits = float(sum(num_bits) + 1) if isinstance(num_bits, tuple) else float(num_bits)
+        block = (first.block_sizes or {}).get(-1) if isinstance(first.block_sizes, dict) else None
+        if block:
+            scale_bits = 16 / block  # one fp16 scale per block
+        elif first.axis is not None:
+            scale_bits = 32 * weight.shape[0] / numel  # one fp32 scale per output channel
+        else:
+            scale_bits = 32 / numel
+        bits_sum += (element_bits + scale_bits) * numel
+    return QuantizationSummary(
+        algorithm=algorithm,
+        enabled_quantizers=enabled,
+        quantized_linear_share=quantized / total if total else 0.0,
+        effective_bits=bits_sum / total if total else 16.0,
+    )
+
+
+def attention_has_kv_quantizers(model: torch.nn.Module) -> bool:
+    """Only Transformer Engine attention gets KV-cache quantizers in ModelOpt's megatron plugin."""
+    return any(type(m).__name__ == "TEDotProductAttention" for m in model.modules())
+
+
+class Quantizer:
+    """PTQ of a megatron-core model with ModelOpt, configured by `QuantizationConfig`.
+
+    `quantize(model, forward_loop=None, tokenizer=...)` builds the calibration loop from the
+    config when none is given.
+    """
+
+    def __init__(self, quantization_config: QuantizationConfig, export_config: ExportConfig | None = None):
+        self.quantization_config = quantization_config
+        self.export_config = export_config or ExportConfig()
+
+    # --- config -------------------------------------------------------------------------------
+
+    def kv_cache_enabled(self, model: torch.nn.Module) -> bool:
+        config = self.quantization_config
+        if config.enable_kv_cache is None:  # NeMo 2's default: on for fp8/nvfp4 where supported
+            return config.algorithm in ("fp8", "fp8_pc_pt", "nvfp4") and attention_has_kv_quantizers(model)
+        if config.enable_kv_cache and not attention_has_kv_quantizers(model):
+            raise QuantizationConfigError(
+                "quantization_config.enable_kv_cache=True needs Transformer Engine attention "
+                "(transformer_impl=modelopt or transformer_engine, on GPU); the local spec used on CPU "
+                "has no KV-cache quantizers. Set enable_kv_cache=False."
+            )
+        return config.enable_kv_cache
+
+    def modelopt_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The ModelOpt config (in the installed ModelOpt's form) for `model`."""
+        config = self.quantization_config
+        if config.custom_config_path:
+            path = Path(config.custom_config_path)
+            if not path.is_file():
+                raise QuantizationConfigError(f"quantization_config.custom_config_path={str(path)!r}: file not found.")
+            custom = json.loads(path.read_text())
+            entries, algorithm = modelopt_config.entries_from_modelopt(custom["quant_cfg"]), custom.get("algorithm", "max")
+        else:
+            entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
+            if config.algorithm in BLOCKED:
+                modelopt_config.set_block_size(entries, config.awq_block_size)
+            if config.algorithm == "int8_sq":
+                algorithm = {"method": "smoothquant", "alpha": config.sq_alpha}
+        if self.kv_cache_enabled(model):
+            kv_preset = "FP8_KV_CFG" if config.kv_cache_qformat == "fp8" else "NVFP4_KV_CFG"
+            kv_entries, _ = modelopt_config.preset_entries(kv_preset)
+            entries += [e for e in kv_entries if e["quantizer_name"] != "default"]
+        entries += [{"quantizer_name": pattern, "enable": False} for pattern in config.exclude_modules]
+        return {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm}
+
+    # --- calibration --------------------------------------------------------------------------
+
+    def calibration_batches(self, tokenizer) -> list[torch.Tensor]:
+        config = self.quantization_config
+        rows = packed_sequences(config.calibration_data(), "calibration", tokenizer, config.calibration_dataset_size)
+        return list(rows.split(config.calibration_batch_size))
+
+    def calibration_loop(self, tokenizer) -> ForwardLoop:
+        batches = self.calibration_batches(tokenizer)
+
+        def forward_loop(model: torch.nn.Module) -> None:
+            for batch in batches:
+                forward_logits(model, batch)
+
+        return forward_loop
+
+    # --- quantize -----------------------------------------------------------------------------
+
+    def quantize(self, model: torch.nn.Module, forward_loop: ForwardLoop | None = None, tokenizer=None) -> torch.nn.Module:
+        """Inserts quantizers, calibrates and returns the (fake-)quantized model."""
+        import modelopt.torch.quantization as mtq
+
+        config = self.quantization_config
+        if config.algorithm is None and not config.custom_config_path:
+            return model
+        if forward_loop is None:
+            if tokenizer is None:
+                raise ValueError("Quantizer.quantize needs a forward_loop or a tokenizer to build one.")
+            forward_loop = self.calibration_loop(tokenizer)
+        model.eval()
+        model = mtq.quantize(model, self.modelopt_config(model), forward_loop)
+        self.summary = summarize(model, config.algorithm or "custom")
+        runtime.print0(self.summary.line())
+        return model
+
+    def auto_quantize(self, model: torch.nn.Module, tokenizer, effective_bits: float, formats: list[str]) -> torch.nn.Module:
+        """ModelOpt `auto_quantize`: per-layer formats under an effective-bits budget (PP=1)."""
+        import modelopt.torch.quantization as mtq
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise QuantizationConfigError("auto_quantize_bits needs calibration_pp=1.")
+        format_configs = []
+        for fmt in formats:
+            entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[fmt][0])
+            if fmt in BLOCKED:
+                modelopt_config.set_block_size(entries, self.quantization_config.awq_block_size)
+            format_configs.append({"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm})
+        batches = [make_batch(rows) for rows in self.calibration_batches(tokenizer)]
+
+        def forward_step(module, batch):
+            return module(batch["input_ids"], batch["position_ids"], None)
+
+        def loss_func(output, batch):
+            return F.cross_entropy(output.float().flatten(0, 1), batch["labels"].flatten())
+
+        model, search_state = mtq.auto_quantize(
+            model,
+            constraints={"effective_bits": effective_bits},
+            quantization_formats=format_configs,
+            data_loader=batches,
+            forward_step=forward_step,
+            loss_func=loss_func,
+            disabled_layers=["*output_layer*"],
+            num_calib_steps=len(batches),
+            num_score_steps=len(batches),
+        )
+        self.summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
+        best = search_state.get("best", {}).get("recipe", {}) if isinstance(search_state, dict) else {}
+        self.summary.per_layer_formats = {str(k): str(v) for k, v in best.items()}
+        runtime.print0(self.summary.line())
+        return model
+
+    # --- export -------------------------------------------------------------------------------
+
+    def expected_export_algo(self) -> str | None:
+        config = self.quantization_config
+        if config.auto_quantize_bits is not None:
+            return "MIXED_PRECISION"
+        if config.custom_config_path or config.algorithm is None:
+            return None
+        return ALGORITHMS[config.algorithm][1]
+
+    def export(self, model: torch.nn.Module, hf_dir: Path, hf_architecture: str) -> Path:
+        """Exports to `export_config.path` and verifies the result before it appears there."""
+        export = self.export_config
+        with atomic_directory(export.path) as tmp:
+            if export.export_format == "hf":
+                from modelopt.torch.export import export_mcore_gpt_to_hf
+
+                export_mcore_gpt_to_hf(model, str(hf_dir), dtype=export.torch_dtype, export_dir=str(tmp))
+                if runtime.is_main_process():
+                    for stray in Path(tmp).glob("model-*-of-*.json"):  # exporter's index files
+                        stray.unlink()
+            else:
+                from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+                export_tensorrt_llm_checkpoint(
+                    model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
+                    inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
+                )
+            runtime.barrier()
+            if runtime.is_main_process():
+                verify_export(Path(tmp), export.export_format, self.expected_export_algo(), shown_path=export.path)
+        return Path(export.path)
+
+
+def declared_quant_algo(path: Path, export_format: str) -> str | None:
+    """The quantization an export declares (None: an unquantized export)."""
+    if export_format == "hf":
+        quant_file = path / "hf_quant_config.json"
+        if not quant_file.is_file():
+            return None
+        return json.loads(quant_file.read_text()).get("quantization", {}).get("quant_algo")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ExportVerificationError(f"{path}: no config.json in the TensorRT-LLM export.")
+    return (json.loads(config_file.read_text()).get("quantization") or {}).get("quant_algo")
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    dtypes = set()
+    for file in path.glob("*.safetensors"):
+        with file.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return dtypes
+
+
+def verify_export(path: Path, export_format: str, expected_algo: str | None, shown_path: str | None = None) -> None:
+    """Fails when the export does not carry the requested format (ModelOpt issues #1255, #868:
+    exports that silently came out in BF16)."""
+    shown = shown_path or str(path)
+    declared = declared_quant_algo(path, export_format)
+    if expected_algo is None:
+        return
+    if declared is None:
+        raise ExportVerificationError(
+            f"export {shown} declares no quantization although {expected_algo} was requested: the "
+            f"exporter wrote unquantized weights. ModelOpt's megatron HF exporter writes FP8/NVFP4 "
+            f"unified checkpoints only; use export_config.export_format=trtllm for this format."
+        )
+    if declared != expected_algo:
+        raise ExportVerificationError(f"export {shown} declares quant_algo={declared!r}, but {expected_algo!r} was requested.")
+    if expected_algo.startswith("FP8") and "F8_E4M3" not in _safetensors_dtypes(path):
+        raise ExportVerificationError(f"export {shown} declares {declared} but holds no FP8 (F8_E4M3) tensors.")

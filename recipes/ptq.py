@@ -1,0 +1,92 @@
+"""PTQ recipes: `ptq_recipe` and named variants (`nemo llm ptq --factory NAME`)."""
+
+from typing import Optional
+
+import nemo_run as run
+
+from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
+from nemo_optim.quantization.ptq import ptq
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@run.cli.factory(target=ptq)
+def ptq_recipe(
+    model_path: str = SMOLLM2,
+    export_path: str = "outputs/smollm2_135m/ptq_fp8",
+    algorithm: Optional[str] = "fp8",
+    export_format: str = "hf",
+    export_dtype: str = "bf16",
+    calibration_tp: int = 1,
+    calibration_pp: int = 1,
+    calibration_dataset_size: int = 64,
+    calibration_seq_len: int = 256,
+    awq_block_size: int = 128,
+    model_dtype: Optional[str] = None,
+    transformer_impl: Optional[str] = None,
+) -> run.Partial[ptq]:
+    """Quantize a model with ModelOpt and export it (unified HF or TensorRT-LLM)."""
+    return run.Partial(
+        ptq,
+        model_path=model_path,
+        export_config=run.Config(ExportConfig, path=export_path, export_format=export_format, dtype=export_dtype),
+        calibration_tp=calibration_tp,
+        calibration_pp=calibration_pp,
+        quantization_config=run.Config(
+            QuantizationConfig,
+            algorithm=algorithm,
+            awq_block_size=awq_block_size,
+            calibration_dataset_size=calibration_dataset_size,
+            calibration_seq_len=calibration_seq_len,
+        ),
+        model_dtype=model_dtype,
+        transformer_impl=transformer_impl,
+        overwrite=True,
+    )
+
+
+@run.cli.factory(target=ptq, name="smollm2_135m_ptq_fp8_cpu")
+def smollm2_135m_ptq_fp8_cpu() -> run.Partial[ptq]:
+    """SmolLM2-135M, FP8 W8A8, unified HF export; fp32 calibration on CPU."""
+    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8", algorithm="fp8", model_dtype="float32")
+
+
+@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int8_sq_cpu")
+def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
+    """SmolLM2-135M, INT8 SmoothQuant W8A8, TensorRT-LLM export (the HF exporter has no INT8)."""
+    recipe = ptq_recipe(export_path="outputs/smollm2_135m/ptq_int8_sq", algorithm="int8_sq",
+                        export_format="trtllm", export_dtype="fp16", model_dtype="float32")
+    recipe.quantization_config.sq_alpha = 0.8
+    return recipe
+
+
+@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int4_awq_cpu")
+def smollm2_135m_ptq_int4_awq_cpu() -> run.Partial[ptq]:
+    """SmolLM2-135M, INT4 AWQ weight-only, block 64, TensorRT-LLM export."""
+    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_int4_awq", algorithm="int4_awq", export_format="trtllm",
+                      export_dtype="fp16", awq_block_size=64, model_dtype="float32")
+
+
+@run.cli.factory(target=ptq, name="llama31_8b_ptq_fp8_8gpu_h100_bf16")
+def llama31_8b_ptq_fp8_8gpu_h100_bf16() -> run.Partial[ptq]:
+    """Llama-3.1-8B-Instruct (an HF directory on the cluster), FP8, calibrated at TP=8 in bf16
+    with Transformer Engine norms; FP8 KV cache on by default. Launch with 8 GPUs."""
+    return ptq_recipe(
+        model_path="/models/Llama-3.1-8B-Instruct",
+        export_path="/results/llama31_8b_fp8",
+        algorithm="fp8",
+        calibration_tp=8,
+        calibration_dataset_size=512,
+        calibration_seq_len=4096,
+        model_dtype="bfloat16",
+        transformer_impl="modelopt",
+    )
+
+
+RECIPES = {
+    "ptq_recipe": ptq_recipe,
+    "smollm2_135m_ptq_fp8_cpu": smollm2_135m_ptq_fp8_cpu,
+    "smollm2_135m_ptq_int8_sq_cpu": smollm2_135m_ptq_int8_sq_cpu,
+    "smollm2_135m_ptq_int4_awq_cpu": smollm2_135m_ptq_int4_awq_cpu,
+    "llama31_8b_ptq_fp8_8gpu_h100_bf16": llama31_8b_ptq_fp8_8gpu_h100_bf16,
+}
