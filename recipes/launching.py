@@ -132,7 +132,8 @@ def launch_recipe(
         partial = apply_overrides(partial, overrides)
         validate(partial)
     except (OverrideError, ValueError, TypeError) as error:
-        return fail(f"{recipe}: {error}")
+        # fiddle appends a multi-line "Fiddle context"; the first line is the message
+        return fail(f"{recipe}: {str(error).strip().splitlines()[0]}")
     job_executor = fdl.build(executors[executor]())
     if dryrun:
         print(partial)

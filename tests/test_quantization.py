@@ -1,0 +1,166 @@
+"""PTQ on a tiny real Llama: every CPU format, ModelOpt config forms, save/restore, export
+and its format guard, and bad configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import modelopt.torch.quantization as mtq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_optim import checkpoint, runtime
+from nemo_optim.data.corpus import DataError
+from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.loader import load_model
+from nemo_optim.quantization import modelopt_config
+from nemo_optim.quantization.config import ALGORITHMS, ExportConfig, QuantizationConfig, QuantizationConfigError
+from nemo_optim.quantization.ptq import ptq
+from nemo_optim.quantization.quantizer import ExportVerificationError, Quantizer, verify_export
+from tiny_models import VOCAB_SIZE
+
+CPU_ALGORITHMS = [a for a in ALGORITHMS if a != "nvfp4"]
+
+
+def _tokens(seed=0):
+    return torch.randint(0, VOCAB_SIZE, (4, 33), generator=torch.Generator().manual_seed(seed))
+
+
+def _config(algorithm, **kwargs):
+    return QuantizationConfig(algorithm=algorithm, awq_block_size=32, calibration_dataset_size=8,
+                              calibration_batch_size=4, calibration_seq_len=64, **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", CPU_ALGORITHMS)
+def test_each_cpu_algorithm_quantizes_every_decoder_linear(algorithm, tiny_hf_models, tiny_tokenizer, runtime_single):
+    tokens = _tokens()
+    loaded = load_model(tiny_hf_models["llama"])
+    reference = forward_logits(loaded.model, tokens)
+    quantizer = Quantizer(_config(algorithm))
+    model = quantizer.quantize(loaded.model, tokenizer=tiny_tokenizer)
+    logits = forward_logits(model, tokens)
+    summary = quantizer.summary
+    assert summary.enabled_quantizers >= 8 and summary.quantized_linear_share == 1.0
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item() / tokens.shape[1]
+    assert 0 < (logits - reference).abs().max().item()
+    assert kl < 0.05, f"{algorithm}: KL to fp32 {kl}"
+    # block 32: 4 + 16/32 bits. Per-channel int8: 8 + 32/in_features, weighted by size over
+    # qkv 128x64, proj 64x64, fc1 256x64 (+0.5) and fc2 64x128 (+0.25) = 8 + 16384/36864.
+    expected_bits = {"int4": 4.5, "int4_awq": 4.5, "w4a8_awq": 4.5, "int8_wo": 8 + 16384 / 36864, "fp8": 8.0}
+    if algorithm in expected_bits:
+        assert summary.effective_bits == pytest.approx(expected_bits[algorithm], abs=0.01)
+
+
+def test_our_config_equals_the_raw_modelopt_preset(tiny_hf_models, tiny_tokenizer, runtime_single):
+    """Oracle: ModelOpt's own INT4_AWQ preset through plain mtq.quantize gives the same model."""
+    quantizer = Quantizer(_config("int4_awq"))
+    forward_loop = quantizer.calibration_loop(tiny_tokenizer)
+    tokens = _tokens(1)
+    ours = forward_logits(quantizer.quantize(load_model(tiny_hf_models["llama"]).model, forward_loop), tokens)
+    raw_config = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    raw_config["quant_cfg"]["*weight_quantizer"]["block_sizes"][-1] = 32
+    raw = forward_logits(mtq.quantize(load_model(tiny_hf_models["llama"]).model, raw_config, forward_loop), tokens)
+    torch.testing.assert_close(ours, raw, rtol=0, atol=0)
+
+
+def test_config_forms_round_trip():
+    for preset in ("FP8_DEFAULT_CFG", "INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG", "INT8_SMOOTHQUANT_CFG"):
+        raw = getattr(mtq, preset)["quant_cfg"]
+        entries = modelopt_config.entries_from_modelopt(raw)
+        as_list = modelopt_config.entries_to_modelopt(entries, form="list")
+        assert all("quantizer_name" in entry for entry in as_list)
+        assert modelopt_config.entries_from_modelopt(as_list) == entries
+        assert modelopt_config.entries_to_modelopt(entries, form="dict") == raw
+    listed = modelopt_config.entries_to_modelopt(modelopt_config.preset_entries("FP8_DEFAULT_CFG")[0], form="list")
+    assert {"quantizer_name": "*", "parent_class": "nn.BatchNorm1d", "enable": False} in listed
+
+
+def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models, tiny_tokenizer, runtime_single):
+    tokens = _tokens(2)
+    outputs = []
+    for alpha in (0.1, 0.9):
+        model = Quantizer(_config("int8_sq", sq_alpha=alpha)).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        outputs.append(forward_logits(model, tokens))
+    assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4
+    quantizer = Quantizer(_config("fp8", exclude_modules=["*layers.0.*"]))
+    model = quantizer.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+    assert not model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
+    assert model.decoder.layers[1].mlp.linear_fc1.weight_quantizer.is_enabled
+    assert quantizer.summary.quantized_linear_share == pytest.approx(0.5)
+
+
+def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+    tokens = _tokens(3)
+    loaded = load_model(tiny_hf_models["qwen3"])
+    model = Quantizer(_config("w4a8_awq")).quantize(loaded.model, tokenizer=tiny_tokenizer)
+    expected = forward_logits(model, tokens)
+    checkpoint.save_checkpoint(model, loaded.config, tmp_path / "q", loaded.hf_dir)
+    restored = load_model(tmp_path / "q").model
+    assert restored.decoder.layers[0].mlp.linear_fc1.weight_quantizer[0].is_enabled
+    torch.testing.assert_close(forward_logits(restored, tokens), expected, rtol=0, atol=0)
+
+
+def _ptq(model, path, algorithm, export_format, **kwargs):
+    return ptq(model_path=str(model), export_config=ExportConfig(path=str(path), export_format=export_format),
+               quantization_config=_config(algorithm), **kwargs)
+
+
+def test_fp8_hf_export_passes_the_guard_and_a_tampered_one_fails(tiny_hf_models, tmp_path):
+    export = _ptq(tiny_hf_models["llama"], tmp_path / "fp8", "fp8", "hf")
+    assert json.loads((export / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    assert (tmp_path / "fp8_native" / "manifest.json").is_file()
+    verify_export(export, "hf", "FP8")
+    quant = json.loads((export / "hf_quant_config.json").read_text())
+    quant["quantization"]["quant_algo"] = "W4A16_AWQ"
+    (export / "hf_quant_config.json").write_text(json.dumps(quant))
+    with pytest.raises(ExportVerificationError, match="declares quant_algo='W4A16_AWQ', but 'FP8' was requested"):
+        verify_export(export, "hf", "FP8")
+    (export / "hf_quant_config.json").unlink()
+    with pytest.raises(ExportVerificationError, match="declares no quantization"):
+        verify_export(export, "hf", "FP8")
+
+
+def test_silent_bf16_export_is_caught_and_the_native_checkpoint_avoids_recalibration(tiny_hf_models, tmp_path, capsys):
+    with pytest.raises(ExportVerificationError, match="declares no quantization although W4A16_AWQ was requested"):
+        _ptq(tiny_hf_models["llama"], tmp_path / "awq_hf", "int4_awq", "hf")
+    assert not (tmp_path / "awq_hf").exists() and not list(tmp_path.glob(".*partial"))
+    # calibration was saved before the export: export it again as TensorRT-LLM without recalibrating
+    export = _ptq(tmp_path / "awq_hf_native", tmp_path / "awq_trt", "fp8", "trtllm")
+    assert "already quantized (int4_awq): exporting without recalibration" in capsys.readouterr().out
+    config = json.loads((export / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W4A16_AWQ"
+    assert (export / "rank0.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"algorithm": "fp7"}, "algorithm='fp7' is unknown; choose one of fp8, fp8_pc_pt"),
+    ({"calibration_dataset_size": 0}, "calibration_dataset_size=0 must be at least 1"),
+    ({"awq_block_size": 100}, "awq_block_size=100 must be a power of two"),
+    ({"sq_alpha": 1.5}, "sq_alpha=1.5 must be in"),
+])
+def test_invalid_quantization_configs(kwargs, message):
+    with pytest.raises(QuantizationConfigError, match=message):
+        QuantizationConfig(**kwargs)
+
+
+def test_runtime_checks_fail_before_any_work(tiny_hf_models, tmp_path):
+    if not runtime.use_cuda():
+        with pytest.raises(QuantizationConfigError, match="'nvfp4' needs a CUDA GPU"):
+            _ptq(tiny_hf_models["llama"], tmp_path / "nvfp4", "nvfp4", "hf")
+    with pytest.raises(DataError, match="file not found"):
+        ptq(model_path=str(tiny_hf_models["llama"]), export_config=ExportConfig(path=str(tmp_path / "x")),
+            quantization_config=QuantizationConfig(calibration_dataset=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(QuantizationConfigError, match="export_format='onnx'"):
+        ExportConfig(export_format="onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_errors_are_one_line_and_nonzero(capsys):
+    import launch
+
+    assert launch.main(["smollm2_135m_ptq_fp8_cpu", "quantization_config.algorithm=fp7", "--dryrun"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algorithm='fp7' is unknown" in err[0]
