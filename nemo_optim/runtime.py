@@ -200,6 +200,14 @@ def initialize(config: ParallelConfig) -> None:
         )
     if not use_cuda():
         _install_cpu_adjustments()
+    set_model_parallel_sizes(config)
+
+
+def set_model_parallel_sizes(config: ParallelConfig) -> None:
+    """(Re)builds megatron's TP/PP groups in the existing process group, e.g. to go from
+    TP=2 calibration to a TP=1 export in the same job; data parallel takes the rest."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -207,6 +215,12 @@ def initialize(config: ParallelConfig) -> None:
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
     )
     seed_everything(config.seed)
+
+
+def data_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
 
 
 def shutdown() -> None:

@@ -102,6 +102,11 @@ def ptq(
                           "summary": dataclasses.asdict(summary) if summary else None},
             )
             runtime.print0(f"quantized native checkpoint: {save_path}")
+        if calibration_tp > 1:
+            # ModelOpt's exporters write TP shards into one file: export from a TP=1 reload of
+            # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
+            runtime.set_model_parallel_sizes(dataclasses.replace(parallel, tensor_model_parallel_size=1))
+            model = load_model(save_path).model
         export_path = quantizer.export(model, loaded.hf_dir, loaded.config.hf_architecture)
         runtime.print0(f"{export_config.export_format} export: {export_path}")
         if export_config.generate_sample:

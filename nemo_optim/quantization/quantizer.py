@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,9 @@ class Quantizer:
     def export(self, model: torch.nn.Module, hf_dir: Path, hf_architecture: str) -> Path:
         """Exports to `export_config.path` and verifies the result before it appears there."""
         export = self.export_config
-        with atomic_directory(export.path) as tmp:
+        with atomic_directory(export.path) as shared_tmp, tempfile.TemporaryDirectory() as scratch:
+            # Data-parallel replicas export the same weights: only replica 0 writes the result.
+            tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
             if export.export_format == "hf":
                 from modelopt.torch.export import export_mcore_gpt_to_hf
 

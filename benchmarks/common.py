@@ -1,0 +1,29 @@
+"""Shared pieces of the benchmarks: a JSON + markdown table writer and the held-out text."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from nemo_optim.checkpoint import library_versions
+
+
+def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: str, out_dir: Path) -> Path:
+    """Writes <out_dir>/<name>.json and <name>.md (a table with `columns`: (key, header))."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": platform.platform(), "versions": library_versions(), "notes": notes, "rows": rows}
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    lines = [f"# {name}", "", notes, "", "| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out_dir / f"{name}.md"

@@ -1,0 +1,125 @@
+"""PTQ quality on SmolLM2-135M-Instruct (fp32, CPU): raw ModelOpt presets vs nemo-optim recipes.
+
+Every row calibrates on the same sequences (calibration split of Python's pydoc text) and is
+evaluated on the same held-out text of another domain (standard-library docstrings), against
+the unquantized model: perplexity and its change, KL, top-1 agreement, calibration seconds,
+effective bits per decoder weight (scales included), share of decoder linear weights quantized,
+estimated weight size. Also nemo-optim's PTQ wall time over raw `mtq.quantize` on one config.
+
+    .venv/bin/python -m benchmarks.ptq                    # all rows (~20 min on 2 cores)
+    .venv/bin/python -m benchmarks.ptq --rows fp8 --eval-sequences 4 --calib-sequences 8   # smoke
+Writes benchmarks/results/ptq.json and ptq.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import modelopt.torch.quantization as mtq
+import torch
+
+from benchmarks.common import write_results
+from nemo_optim import runtime
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.data.packing import packed_sequences
+from nemo_optim.evaluation import evaluate_model
+from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.quantization.config import QuantizationConfig
+from nemo_optim.quantization.quantizer import Quantizer, summarize
+
+MODEL = "smollm2-135m-instruct"
+
+# row name -> ("raw", ModelOpt preset) or ("recipe", QuantizationConfig overrides)
+ROWS: dict[str, tuple[str, object]] = {
+    "raw FP8_DEFAULT": ("raw", "FP8_DEFAULT_CFG"),
+    "raw FP8_PER_CHANNEL_PER_TOKEN": ("raw", "FP8_PER_CHANNEL_PER_TOKEN_CFG"),
+    "raw INT8_DEFAULT": ("raw", "INT8_DEFAULT_CFG"),
+    "raw INT8_SMOOTHQUANT": ("raw", "INT8_SMOOTHQUANT_CFG"),
+    "raw INT4_AWQ": ("raw", "INT4_AWQ_CFG"),
+    "raw W4A8_AWQ": ("raw", "W4A8_AWQ_BETA_CFG"),
+    "fp8": ("recipe", {"algorithm": "fp8"}),
+    "fp8_pc_pt": ("recipe", {"algorithm": "fp8_pc_pt"}),
+    "int8_sq alpha 0.8": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.8}),
+    "int4_awq block 64": ("recipe", {"algorithm": "int4_awq", "awq_block_size": 64}),
+    "w4a8_awq block 64": ("recipe", {"algorithm": "w4a8_awq", "awq_block_size": 64}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), help="row names (default: all)")
+    parser.add_argument("--calib-sequences", type=int, default=64)
+    parser.add_argument("--eval-sequences", type=int, default=32)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+
+    rows = []
+    with runtime.parallel_runtime():
+        base = load_model(MODEL)
+        tokenizer = load_tokenizer(base.hf_dir)
+        held_out = packed_sequences(DataConfig(source="embedded:docstrings", seq_length=args.seq_length),
+                                    "validation", tokenizer, args.eval_sequences)
+        reference = evaluate_model(base.model, held_out)
+        calib_rows = packed_sequences(DataConfig(source="embedded:pydoc", seq_length=args.seq_length),
+                                      "calibration", tokenizer, args.calib_sequences)
+        batches = list(calib_rows.split(4))
+
+        def forward_loop(model):
+            for batch in batches:
+                forward_logits(model, batch)
+
+        rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0,
+                     "effective_bits": 32.0, "quantized_share": 0.0})
+        timings = {}
+        for name in args.rows:
+            kind, spec = ROWS[name]
+            model = load_model(MODEL).model
+            began = time.perf_counter()
+            if kind == "raw":
+                model = mtq.quantize(model, copy.deepcopy(getattr(mtq, spec)), forward_loop)
+                summary = summarize(model, spec)
+            else:
+                quantizer = Quantizer(QuantizationConfig(calibration_dataset_size=args.calib_sequences,
+                                                         calibration_seq_len=args.seq_length, **spec))
+                model = quantizer.quantize(model, forward_loop)
+                summary = quantizer.summary
+            seconds = time.perf_counter() - began
+            timings[name] = seconds
+            result = evaluate_model(model, held_out, reference=base.model)
+            num_params = base.config.num_parameters()
+            decoder_linear = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+            size_mb = (decoder_linear * summary.effective_bits + (num_params - decoder_linear) * 16) / 8 / 2**20
+            rows.append({
+                "row": name, "perplexity": result.perplexity,
+                "ppl_change_percent": 100 * (result.perplexity / reference.perplexity - 1),
+                "kl": result.kl_to_reference, "top1_agreement": result.top1_agreement,
+                "calibration_seconds": seconds, "effective_bits": summary.effective_bits,
+                "quantized_share": summary.quantized_linear_share, "estimated_size_mb": size_mb,
+            })
+            print(rows[-1], flush=True)
+            del model
+        overhead = None
+        if "raw FP8_DEFAULT" in timings and "fp8" in timings:
+            overhead = timings["fp8"] / timings["raw FP8_DEFAULT"]
+    notes = (f"SmolLM2-135M-Instruct fp32 on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
+             f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
+             f"docstrings (validation split). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
+             f"nemo-optim fp8 wall time / raw mtq.quantize FP8_DEFAULT: "
+             f"{overhead if overhead is None else round(overhead, 3)}.")
+    write_results("ptq", rows, [
+        ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
+        ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),
+        ("quantized_share", "quantized share"), ("estimated_size_mb", "size MB (est.)"),
+    ], notes, args.out)
+
+
+if __name__ == "__main__":
+    main()
