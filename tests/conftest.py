@@ -17,6 +17,9 @@ def _isolated_cache(tmp_path_factory):
     # GGUF conversions and other caches go to a per-session directory, never $HOME.
     os.environ.setdefault("NEMO_OPTIM_CACHE", str(tmp_path_factory.mktemp("cache")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import nemo_run
+
+    nemo_run.config.set_nemorun_home(str(tmp_path_factory.mktemp("nemo_run_home")))
 
 
 @pytest.fixture(scope="session")

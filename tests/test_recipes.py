@@ -81,3 +81,33 @@ def test_nemo_llm_namespace_is_registered():
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
     assert "/tmp/nowhere" in dry.stdout
     assert not Path("/tmp/nowhere").exists()
+
+
+def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_path, capsys):
+    """Through NeMo-Run's LocalExecutor (a separate process): success exits 0 with the
+    artifact in place; a failing task exits 1 and names its log directory."""
+    export = tmp_path / "fp8"
+    code = launch.main(["ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}",
+                        "quantization_config.calibration_dataset_size=4", "quantization_config.calibration_seq_len=32", "--yes"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert (export / "hf_quant_config.json").is_file() and (tmp_path / "fp8_native" / "manifest.json").is_file()
+    assert "ptq_recipe: SUCCEEDED" in out
+
+    code = launch.main(["ptq_recipe", f"model_path={tmp_path / 'missing'}", f"export_config.path={tmp_path / 'never'}", "--yes"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "ptq_recipe: FAILED (logs: " in captured.out and "task(s) ptq_recipe FAILED" in captured.err
+    assert not (tmp_path / "never").exists()
+
+
+def test_experiment_tasks_are_small_edits_of_recipes():
+    from experiments import smollm2_ptq_formats
+
+    tasks = smollm2_ptq_formats.tasks()
+    assert set(tasks) == {"fp8", "int8_sq", "int4_awq"}
+    for name, task in tasks.items():
+        assert task.quantization_config.calibration_dataset_size == 16
+        assert task.quantization_config.algorithm == name
+        serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
+        assert serializer.deserialize(serializer.serialize(task)) == task
