@@ -100,8 +100,12 @@ def _is_cuda_device(value) -> bool:
     return isinstance(value, str) and value.split(":")[0] == "cuda"
 
 
+_GATHER_INTO_TENSOR = ("all_gather_into_tensor", "all_gather_single")
+
+
 class _CudaToCpuMode(TorchFunctionMode):
-    """Maps `device="cuda"` (and `.cuda()`) in torch calls to the CPU.
+    """Maps `device="cuda"` (and `.cuda()`) in torch calls to the CPU, and lets gloo take the
+    collectives megatron/ModelOpt issue as they would with NCCL.
 
     megatron's pipeline schedules and p2p communication create tensors with
     `device=torch.cuda.current_device()` or `"cuda"`; on a CPU-only machine they must land on
@@ -110,6 +114,10 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", "") in _GATHER_INTO_TENSOR and len(args) >= 2 and args[1].dim() == 0:
+            # NCCL gathers 0-dim tensors into a 1-D output; gloo wants matching chunk shapes
+            # (ModelOpt's layer dropping relies on the former).
+            args = (args[0], args[1].reshape(1), *args[2:])
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         device_arg = kwargs.get("device")
@@ -159,6 +167,41 @@ def _remove_cpu_adjustments() -> None:
     for name, original in _saved_cuda_functions.items():
         setattr(torch.cuda, name, original)
     _saved_cuda_functions.clear()
+
+
+_cpu_norms_registered = False
+
+
+def register_cpu_norms_for_pruning() -> None:
+    """Lets ModelOpt's Minitron pruning shrink the norms of megatron's local spec.
+
+    On CPU megatron builds torch's `nn.RMSNorm` / `nn.LayerNorm` (no Apex/TE). ModelOpt's
+    megatron plugin converts each norm with a shared `num_features` hyperparameter (the hidden
+    size), which only its Fused/TE norm classes accept. Registers both torch norms with a dynamic
+    class that does; applied once per process. (ModelOpt's own `nn.LayerNorm` entry, which owns
+    its hyperparameter, is replaced while this process prunes megatron models.)
+    """
+    global _cpu_norms_registered
+    if _cpu_norms_registered:
+        return
+    from modelopt.torch.nas.modules import _DynamicLayerNorm
+    from modelopt.torch.nas.registry import DMRegistry
+
+    class _DynamicTorchNorm(_DynamicLayerNorm):
+        """torch LayerNorm/RMSNorm whose width is the model's shared hidden-size hyperparameter."""
+
+        def _setup(self, *, num_features):
+            self._register_hparam("num_features", num_features)
+            for attribute in ("weight", "bias"):
+                if getattr(self, attribute, None) is not None:
+                    self._register_dynamic_attribute(attribute, self._cut_to_active_features)
+            self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
+
+    for norm in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+        if norm in DMRegistry:
+            DMRegistry.unregister(norm)
+        DMRegistry.register({norm: f"torch.nn.{norm.__name__}"})(_DynamicTorchNorm)
+    _cpu_norms_registered = True
 
 
 # --- set-up and teardown ---------------------------------------------------------------------

@@ -107,3 +107,15 @@ def test_evaluate_stage_writes_json(tiny_hf_models, tmp_path):
     written = json.loads(output.read_text())
     assert written["perplexity"] == pytest.approx(result.perplexity)
     assert written["top1_agreement"] == 1.0
+
+
+def test_calibration_may_reuse_training_text_but_never_validation_text(tiny_tokenizer):
+    config = DataConfig(source="embedded:pydoc", seq_length=256)
+    calibration = packed_sequences(config, "calibration", tiny_tokenizer, 64)
+    validation_ids = set()
+    for doc in split_documents(config, "validation"):
+        validation_ids.add(tuple(tiny_tokenizer(doc, add_special_tokens=False)["input_ids"][:32]))
+    flat = calibration.flatten().tolist()
+    text = " ".join(map(str, flat))
+    for prefix in validation_ids:
+        assert " ".join(map(str, prefix)) not in text

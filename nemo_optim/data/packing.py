@@ -29,8 +29,14 @@ def packed_sequences(
     tokenizer,
     num_sequences: int | None = None,
 ) -> torch.Tensor:
-    """`[N, seq_length + 1]` token rows of one split; the first `num_sequences` if given."""
+    """`[N, seq_length + 1]` token rows of one split; the first `num_sequences` if given.
+
+    The calibration split is followed by the train split: calibration (PTQ, importance
+    estimation) may reuse training text when it needs more, but never validation text.
+    """
     documents = split_documents(config, split)
+    if split == "calibration":
+        documents += split_documents(config, "train")
     token_ids = tokenizer(documents, add_special_tokens=False)["input_ids"]
     rows = pack_tokens(token_ids, config.seq_length, tokenizer.eos_token_id)
     if num_sequences is not None:
