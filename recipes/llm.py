@@ -13,11 +13,14 @@ import nemo_run as run
 
 from nemo_optim.convert import export_ckpt, import_ckpt
 from nemo_optim.evaluation import evaluate
+from nemo_optim.pruning.prune import prune
 from nemo_optim.quantization.ptq import ptq
-from recipes import convert, executors, ptq as ptq_recipes  # noqa: F401  (registers factories)
+from recipes import convert, executors  # noqa: F401  (registers factories)
+from recipes import prune as prune_recipes
+from recipes import ptq as ptq_recipes
 
-for _stage in (import_ckpt, export_ckpt, evaluate, ptq):
+for _stage in (import_ckpt, export_ckpt, evaluate, ptq, prune):
     if not hasattr(_stage, "cli_entrypoint"):
         run.cli.entrypoint(namespace="llm")(_stage)
 
-RECIPES = {**convert.RECIPES, **ptq_recipes.RECIPES}
+RECIPES = {**convert.RECIPES, **ptq_recipes.RECIPES, **prune_recipes.RECIPES}

@@ -100,6 +100,32 @@ def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTMod
         ) from None
 
 
+def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory: str | Path, dtype: torch.dtype) -> None:
+    """ModelOpt's unified HF exporter into `directory` (collective), then the fixes its output
+    needs to load in transformers: its per-layer index files removed, and `layer_types`
+    (Qwen3 etc.) resized to a pruned model's depth, which the exporter leaves as it was."""
+    from modelopt.torch.export import export_mcore_gpt_to_hf
+
+    from nemo_optim import runtime
+
+    export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(directory))
+    if not runtime.is_main_process():
+        return
+    for stray in Path(directory).glob("model-*-of-*.json"):
+        stray.unlink()
+    config_path = Path(directory) / "config.json"
+    config = json.loads(config_path.read_text())
+    layer_types = config.get("layer_types")
+    if layer_types and len(layer_types) != config["num_hidden_layers"]:
+        if len(set(layer_types)) != 1:
+            raise ModelSourceError(
+                f"{source_hf_dir}: mixed layer_types {sorted(set(layer_types))} cannot be resized to "
+                f"{config['num_hidden_layers']} layers; prune models with uniform attention only."
+            )
+        config["layer_types"] = layer_types[:1] * config["num_hidden_layers"]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_hf(
     model: torch.nn.Module,
     source_hf_dir: str | Path,
@@ -111,17 +137,10 @@ def export_hf(
     `source_hf_dir` supplies config.json and tokenizer; shapes are taken from the model, so a
     pruned model exports with its new sizes. Written to a temp dir, then renamed.
     """
-    from modelopt.torch.export import export_mcore_gpt_to_hf
-
-    from nemo_optim import runtime
     from nemo_optim.checkpoint import atomic_directory
 
     with atomic_directory(export_dir) as tmp_dir:
-        export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(tmp_dir))
-        if runtime.is_main_process():
-            # The exporter's shard index files (*.json beside the shards) are not HF files.
-            for stray in Path(tmp_dir).glob("model-*-of-*.json"):
-                stray.unlink()
+        write_hf_export(model, source_hf_dir, tmp_dir, dtype)
     return Path(export_dir)
 
 

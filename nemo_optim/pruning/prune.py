@@ -60,7 +60,7 @@ def prune_language_model(
         import modelopt.torch.prune as mtp
         from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
-        if forward_loop is None and not (scores_path and Path(scores_path).is_file()):
+        if forward_loop is None and not (scores_path and any(Path(scores_path).glob("rank*.pth"))):
             raise ValueError("Minitron pruning needs a forward_loop (or cached scores in scores_path).")
         if model_config.transformer_impl == "local":
             runtime.register_cpu_norms_for_pruning()
@@ -76,7 +76,8 @@ def prune_language_model(
             mode=[("mcore_minitron", mode_config)],
             constraints={"export_config": export_config},
             dummy_input=None,
-            config={"forward_loop": forward_loop, "scores_path": scores_path},
+            # a path without a suffix is a directory to ModelOpt: one rank<N>.pth per rank
+            config={"forward_loop": forward_loop, "scores_path": str(Path(scores_path)) + "/" if scores_path else None},
         )
     pruned_config = pruning_config.pruned_model_config(model_config)
     return rebuild_static(model, pruned_config), pruned_config
@@ -134,7 +135,9 @@ def prune(
         tp_size / pp_size: parallelism for importance estimation.
         num_train_samples: calibration sequences for importance estimation.
         data: calibration text (default: the embedded corpus); its calibration split is used.
-        scores_path: file to cache importance scores in and reuse them from.
+        scores_path: directory to cache importance scores in (ModelOpt writes rank<N>.pth per
+            rank) and reuse them from: pruning the same model to other targets skips estimation.
+            Keep the same TP/PP when reusing.
         hf_export_path: also export the pruned model to HF here.
     """
     data = data or DataConfig()

@@ -19,6 +19,7 @@ from nemo_optim import runtime
 from nemo_optim.checkpoint import atomic_directory
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_logits, make_batch
+from nemo_optim.models.hf import write_hf_export
 from nemo_optim.quantization import modelopt_config
 from nemo_optim.quantization.config import ALGORITHMS, BLOCKED, ExportConfig, QuantizationConfig, QuantizationConfigError
 
@@ -229,12 +230,7 @@ class Quantizer:
             # Data-parallel replicas export the same weights: only replica 0 writes the result.
             tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
             if export.export_format == "hf":
-                from modelopt.torch.export import export_mcore_gpt_to_hf
-
-                export_mcore_gpt_to_hf(model, str(hf_dir), dtype=export.torch_dtype, export_dir=str(tmp))
-                if runtime.is_main_process():
-                    for stray in Path(tmp).glob("model-*-of-*.json"):  # exporter's index files
-                        stray.unlink()
+                write_hf_export(model, hf_dir, tmp, export.torch_dtype)
             else:
                 from modelopt.torch.export import export_tensorrt_llm_checkpoint
 

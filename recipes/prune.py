@@ -1,0 +1,82 @@
+"""Pruning recipes: `prune_recipe` and named variants (`nemo llm prune --factory NAME`)."""
+
+from typing import Optional
+
+import nemo_run as run
+
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.pruning.config import PruningConfig
+from nemo_optim.pruning.prune import prune
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@run.cli.factory(target=prune)
+def prune_recipe(
+    nemo_checkpoint: str = SMOLLM2,
+    save_path: str = "outputs/smollm2_135m/pruned",
+    target_num_layers: Optional[int] = None,
+    target_hidden_size: Optional[int] = None,
+    target_ffn_hidden_size: Optional[int] = None,
+    target_num_attention_heads: Optional[int] = None,
+    num_train_samples: int = 64,
+    seq_length: int = 256,
+    devices: int = 1,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    hf_export_path: Optional[str] = None,
+) -> run.Partial[prune]:
+    """Minitron pruning (importance on the embedded corpus) to the given targets."""
+    return run.Partial(
+        prune,
+        nemo_checkpoint=nemo_checkpoint,
+        save_path=save_path,
+        pruning_config=run.Config(
+            PruningConfig,
+            target_num_layers=target_num_layers,
+            target_hidden_size=target_hidden_size,
+            target_ffn_hidden_size=target_ffn_hidden_size,
+            target_num_attention_heads=target_num_attention_heads,
+        ),
+        devices=devices,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        num_train_samples=num_train_samples,
+        data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
+        hf_export_path=hf_export_path,
+        overwrite=True,
+    )
+
+
+@run.cli.factory(target=prune, name="smollm2_135m_prune_depth20_cpu")
+def smollm2_135m_prune_depth20_cpu() -> run.Partial[prune]:
+    """SmolLM2-135M, 30 -> 20 layers by Minitron importance (135 M -> 99 M parameters)."""
+    return prune_recipe(save_path="outputs/smollm2_135m/pruned_depth20", target_num_layers=20,
+                        hf_export_path="outputs/smollm2_135m/pruned_depth20_hf")
+
+
+@run.cli.factory(target=prune, name="smollm2_135m_prune_width_cpu")
+def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
+    """SmolLM2-135M width pruning to ~62% of the parameters: hidden 576 -> 448,
+    ffn 1536 -> 1024, heads kept (134.5 M -> 83.9 M)."""
+    return prune_recipe(save_path="outputs/smollm2_135m/pruned_width", target_hidden_size=448,
+                        target_ffn_hidden_size=1024,
+                        hf_export_path="outputs/smollm2_135m/pruned_width_hf")
+
+
+@run.cli.factory(target=prune, name="llama31_8b_prune_width4b_8gpu_h100_bf16")
+def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
+    """Minitron Llama-3.1-8B -> 4B width pruning (hidden 4096 -> 3072, ffn 14336 -> 9216),
+    importance at TP=8 on 1024 sequences. Launch with 8 GPUs."""
+    recipe = prune_recipe(nemo_checkpoint="/models/Llama-3.1-8B-Instruct", save_path="/results/llama31_4b_width",
+                          target_hidden_size=3072, target_ffn_hidden_size=9216, num_train_samples=1024,
+                          seq_length=4096, devices=8, tp_size=8)
+    return recipe
+
+
+RECIPES = {
+    "prune_recipe": prune_recipe,
+    "smollm2_135m_prune_depth20_cpu": smollm2_135m_prune_depth20_cpu,
+    "smollm2_135m_prune_width_cpu": smollm2_135m_prune_width_cpu,
+    "llama31_8b_prune_width4b_8gpu_h100_bf16": llama31_8b_prune_width4b_8gpu_h100_bf16,
+}

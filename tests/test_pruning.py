@@ -1,0 +1,111 @@
+"""Pruning a tiny real Llama / Qwen3: every axis gives the requested shapes, saves, reloads,
+exports to HF and matches transformers; cached scores; invalid configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from nemo_optim import runtime
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.loader import load_model
+from nemo_optim.pruning.config import PruningConfig, PruningConfigError
+from nemo_optim.pruning.prune import prune, prune_language_model
+from tiny_models import VOCAB_SIZE
+
+AXES = {
+    "width": PruningConfig(target_hidden_size=48, target_ffn_hidden_size=96, target_num_attention_heads=2),
+    "ffn_only": PruningConfig(target_ffn_hidden_size=64),
+    "depth_importance": PruningConfig(target_num_layers=1),
+    "drop_layers": PruningConfig(drop_layers=[1]),
+}
+
+
+def _tokens(seed=0):
+    return torch.randint(0, VOCAB_SIZE, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("axis", list(AXES))
+def test_each_axis_prunes_saves_reloads_and_exports(arch, axis, tiny_hf_models, tmp_path):
+    config = AXES[axis]
+    save, export = tmp_path / "pruned", tmp_path / "hf"
+    prune(nemo_checkpoint=str(tiny_hf_models[arch]), save_path=str(save), pruning_config=config,
+          num_train_samples=4, data=DataConfig(seq_length=64), hf_export_path=str(export))
+    tokens = _tokens()
+    with runtime.parallel_runtime():
+        loaded = load_model(save)
+        original = load_model(tiny_hf_models[arch]).config
+        expected = config.pruned_model_config(original)
+        assert loaded.config == expected
+        assert sum(p.numel() for p in loaded.model.parameters()) == expected.num_parameters() < original.num_parameters()
+        layer = loaded.model.decoder.layers[0]
+        assert layer.mlp.linear_fc2.weight.shape == (expected.hidden_size, expected.ffn_hidden_size)
+        assert layer.self_attention.linear_proj.weight.shape == (expected.hidden_size, expected.num_attention_heads * expected.kv_channels)
+        ours = forward_logits(loaded.model, tokens)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+    assert hf_model.config.hidden_size == expected.hidden_size and hf_model.config.num_hidden_layers == expected.num_layers
+    with torch.no_grad():
+        reference = hf_model(tokens[:, :-1]).logits
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_drop_layers_keeps_the_other_layers_weights(tiny_hf_models, runtime_single):
+    loaded = load_model(tiny_hf_models["llama"])
+    kept = loaded.model.decoder.layers[1].mlp.linear_fc1.weight.detach().clone()
+    model, config = prune_language_model(loaded.model, loaded.config, PruningConfig(drop_layers=[1]))
+    assert config.num_layers == 1
+    torch.testing.assert_close(model.decoder.layers[0].mlp.linear_fc1.weight, kept, rtol=0, atol=0)
+
+
+def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+    from nemo_optim.data.packing import packed_sequences
+
+    scores = tmp_path / "scores"
+    batches = packed_sequences(DataConfig(seq_length=64), "calibration", tiny_tokenizer, 4).split(2)
+
+    def forward_loop(model):
+        for batch in batches:
+            forward_logits(model, batch)
+
+    loaded = load_model(tiny_hf_models["llama"])
+    prune_language_model(loaded.model, loaded.config, PruningConfig(target_ffn_hidden_size=96), forward_loop, str(scores))
+    assert (scores / "rank0.pth").is_file()
+    fresh = load_model(tiny_hf_models["llama"])
+    from_scratch, _ = prune_language_model(fresh.model, fresh.config, PruningConfig(target_ffn_hidden_size=64), forward_loop)
+
+    def must_not_run(model):
+        raise AssertionError("importance was recomputed")
+
+    again = load_model(tiny_hf_models["llama"])
+    from_cache, config = prune_language_model(again.model, again.config, PruningConfig(target_ffn_hidden_size=64), must_not_run, str(scores))
+    assert config.ffn_hidden_size == 64
+    tokens = _tokens(1)
+    torch.testing.assert_close(forward_logits(from_cache, tokens), forward_logits(from_scratch, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target_hidden_size": 128}, "target_hidden_size=128 is larger than the model's 64"),
+    ({"target_num_attention_heads": 3}, "target_num_attention_heads=3 must be a multiple of num_query_groups=2"),
+    ({"target_num_query_groups": 1}, "cannot prune query groups"),
+    ({"drop_layers": [3]}, r"drop_layers \[3\] out of range: layers are numbered 1..2"),
+    ({"drop_layers": [1, 2]}, "would remove every layer"),
+])
+def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models, tmp_path):
+    with pytest.raises(PruningConfigError, match=message):
+        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=str(tmp_path / "out"),
+              pruning_config=PruningConfig(**kwargs), num_train_samples=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_config_level_errors():
+    with pytest.raises(PruningConfigError, match="drop_layers cannot be combined with target_"):
+        PruningConfig(drop_layers=[1], target_num_layers=1)
+    with pytest.raises(PruningConfigError, match="set at least one target_"):
+        PruningConfig()
+    with pytest.raises(PruningConfigError, match="target_ffn_hidden_size=0 must be a positive integer"):
+        PruningConfig(target_ffn_hidden_size=0)
