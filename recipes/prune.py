@@ -15,7 +15,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 def prune_recipe(
     nemo_checkpoint: str = SMOLLM2,
     save_path: str = "outputs/smollm2_135m/pruned",
-    target_num_layers: Optional[int] = None,
+    target_num_layers: Optional[int] = 20,
     target_hidden_size: Optional[int] = None,
     target_ffn_hidden_size: Optional[int] = None,
     target_num_attention_heads: Optional[int] = None,
@@ -26,7 +26,8 @@ def prune_recipe(
     pp_size: int = 1,
     hf_export_path: Optional[str] = None,
 ) -> run.Partial[prune]:
-    """Minitron pruning (importance on the embedded corpus) to the given targets."""
+    """Minitron pruning (importance on the embedded corpus) to the given targets; by default
+    SmolLM2's 30 layers to 20."""
     return run.Partial(
         prune,
         nemo_checkpoint=nemo_checkpoint,
@@ -59,7 +60,7 @@ def smollm2_135m_prune_depth20_cpu() -> run.Partial[prune]:
 def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
     """SmolLM2-135M width pruning to ~62% of the parameters: hidden 576 -> 448,
     ffn 1536 -> 1024, heads kept (134.5 M -> 83.9 M)."""
-    return prune_recipe(save_path="outputs/smollm2_135m/pruned_width", target_hidden_size=448,
+    return prune_recipe(save_path="outputs/smollm2_135m/pruned_width", target_num_layers=None, target_hidden_size=448,
                         target_ffn_hidden_size=1024,
                         hf_export_path="outputs/smollm2_135m/pruned_width_hf")
 
@@ -69,7 +70,7 @@ def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
     """Minitron Llama-3.1-8B -> 4B width pruning (hidden 4096 -> 3072, ffn 14336 -> 9216),
     importance at TP=8 on 1024 sequences. Launch with 8 GPUs."""
     recipe = prune_recipe(nemo_checkpoint="/models/Llama-3.1-8B-Instruct", save_path="/results/llama31_4b_width",
-                          target_hidden_size=3072, target_ffn_hidden_size=9216, num_train_samples=1024,
+                          target_num_layers=None, target_hidden_size=3072, target_ffn_hidden_size=9216, num_train_samples=1024,
                           seq_length=4096, devices=8, tp_size=8)
     return recipe
 
