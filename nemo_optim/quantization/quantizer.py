@@ -208,20 +208,30 @@ class Quantizer:
             num_score_steps=len(batches),
         )
         self.summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
-        best = search_state.get("best", {}).get("recipe", {}) if isinstance(search_state, dict) else {}
-        self.summary.per_layer_formats = {str(k): str(v) for k, v in best.items()}
+        best = search_state["best"]
+        for layer, recipe in best["recipe"].items():
+            # ModelOpt names our formats CUSTOM_<index in quantization_formats>, or NONE
+            name = str(recipe).split("(")[0]
+            chosen = formats[int(name.split("_")[1])] if name.startswith("CUSTOM_") else name.lower()
+            self.summary.per_layer_formats[layer.removesuffix(".quant_recipe")] = chosen
+        if not best.get("is_satisfied", True):
+            runtime.print0(f"auto_quantize: {effective_bits} effective bits is not reachable with {formats} "
+                           f"(ModelOpt counts unquantized layers at 16 bits); used the lowest-bit choice.")
         runtime.print0(self.summary.line())
+        for layer, chosen in self.summary.per_layer_formats.items():
+            runtime.print0(f"  {layer}: {chosen}")
         return model
 
     # --- export -------------------------------------------------------------------------------
 
-    def expected_export_algo(self) -> str | None:
+    def expected_export_algos(self) -> set[str] | None:
+        """quant_algo values the export may declare (None: no check, e.g. a custom config)."""
         config = self.quantization_config
-        if config.auto_quantize_bits is not None:
-            return "MIXED_PRECISION"
+        if config.auto_quantize_bits is not None:  # one format everywhere is declared as that format
+            return {"MIXED_PRECISION"} | {ALGORITHMS[fmt][1] for fmt in config.auto_quantize_formats}
         if config.custom_config_path or config.algorithm is None:
             return None
-        return ALGORITHMS[config.algorithm][1]
+        return {ALGORITHMS[config.algorithm][1]}
 
     def export(self, model: torch.nn.Module, hf_dir: Path, hf_architecture: str) -> Path:
         """Exports to `export_config.path` and verifies the result before it appears there."""
@@ -240,7 +250,7 @@ class Quantizer:
                 )
             runtime.barrier()
             if runtime.is_main_process():
-                verify_export(Path(tmp), export.export_format, self.expected_export_algo(), shown_path=export.path)
+                verify_export(Path(tmp), export.export_format, self.expected_export_algos(), shown_path=export.path)
         return Path(export.path)
 
 
@@ -267,20 +277,21 @@ def _safetensors_dtypes(path: Path) -> set[str]:
     return dtypes
 
 
-def verify_export(path: Path, export_format: str, expected_algo: str | None, shown_path: str | None = None) -> None:
+def verify_export(path: Path, export_format: str, expected: set[str] | None, shown_path: str | None = None) -> None:
     """Fails when the export does not carry the requested format (ModelOpt issues #1255, #868:
     exports that silently came out in BF16)."""
     shown = shown_path or str(path)
     declared = declared_quant_algo(path, export_format)
-    if expected_algo is None:
+    if expected is None:
         return
+    wanted = " or ".join(sorted(expected))
     if declared is None:
         raise ExportVerificationError(
-            f"export {shown} declares no quantization although {expected_algo} was requested: the "
+            f"export {shown} declares no quantization although {wanted} was requested: the "
             f"exporter wrote unquantized weights. ModelOpt's megatron HF exporter writes FP8/NVFP4 "
             f"unified checkpoints only; use export_config.export_format=trtllm for this format."
         )
-    if declared != expected_algo:
-        raise ExportVerificationError(f"export {shown} declares quant_algo={declared!r}, but {expected_algo!r} was requested.")
-    if expected_algo.startswith("FP8") and "F8_E4M3" not in _safetensors_dtypes(path):
+    if declared not in expected:
+        raise ExportVerificationError(f"export {shown} declares quant_algo={declared!r}, but {wanted} was requested.")
+    if declared.startswith("FP8") and "F8_E4M3" not in _safetensors_dtypes(path):
         raise ExportVerificationError(f"export {shown} declares {declared} but holds no FP8 (F8_E4M3) tensors.")
