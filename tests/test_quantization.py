@@ -214,3 +214,21 @@ def test_auto_quantize_reports_a_format_per_layer_within_the_budget(tiny_hf_mode
         assert ("is not reachable" in out) != reachable
         declared = json.loads((export / "config.json").read_text())["quantization"]["quant_algo"]
         assert declared in {"MIXED_PRECISION", "FP8", "W4A16_AWQ"}
+
+
+def test_custom_config_file_in_either_form_matches_the_preset(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+    """A JSON ModelOpt config (JSON turns (4, 3) into [4, 3] and -1 keys into "-1") gives the
+    same model as the preset it was written from, in dict and in list form."""
+    tokens = _tokens(5)
+    preset = Quantizer(_config("int4_awq"))
+    reference = forward_logits(preset.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer), tokens)
+    entries, algorithm = modelopt_config.preset_entries("INT4_AWQ_CFG")
+    modelopt_config.set_block_size(entries, 32)
+    for form in ("dict", "list"):
+        path = tmp_path / f"{form}.json"
+        path.write_text(json.dumps({"quant_cfg": modelopt_config.entries_to_modelopt(entries, form=form), "algorithm": algorithm}))
+        model = Quantizer(_config(None, custom_config_path=str(path))).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        torch.testing.assert_close(forward_logits(model, tokens), reference, rtol=0, atol=0)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(QuantizationConfigError, match="not a ModelOpt config"):
+        Quantizer(_config(None, custom_config_path=str(tmp_path / "bad.json"))).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)

@@ -90,3 +90,22 @@ def set_block_size(entries: list[Entry], block_size: int) -> None:
         for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
             if isinstance(cfg.get("block_sizes"), dict) and -1 in cfg["block_sizes"]:
                 cfg["block_sizes"][-1] = block_size
+
+
+def from_json(value: Any) -> Any:
+    """Undoes what JSON does to a ModelOpt config: `num_bits` [4, 3] back to a tuple and
+    block_sizes keys "-1" back to ints."""
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    result = {}
+    for key, item in value.items():
+        if key == "num_bits" and isinstance(item, list):
+            item = tuple(item)
+        elif key == "block_sizes" and isinstance(item, dict):
+            item = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in item.items()}
+        else:
+            item = from_json(item)
+        result[key] = item
+    return result

@@ -125,8 +125,15 @@ class Quantizer:
             path = Path(config.custom_config_path)
             if not path.is_file():
                 raise QuantizationConfigError(f"quantization_config.custom_config_path={str(path)!r}: file not found.")
-            custom = json.loads(path.read_text())
-            entries, algorithm = modelopt_config.entries_from_modelopt(custom["quant_cfg"]), custom.get("algorithm", "max")
+            try:
+                custom = modelopt_config.from_json(json.loads(path.read_text()))
+                quant_cfg = custom["quant_cfg"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise QuantizationConfigError(
+                    f"quantization_config.custom_config_path={str(path)!r}: not a ModelOpt config "
+                    f'({{"quant_cfg": ..., "algorithm": ...}}): {error}'
+                ) from None
+            entries, algorithm = modelopt_config.entries_from_modelopt(quant_cfg), custom.get("algorithm", "max")
         else:
             entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
             if config.algorithm in BLOCKED:
