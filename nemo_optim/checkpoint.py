@@ -198,5 +198,10 @@ def load_checkpoint_weights(model: torch.nn.Module, info: CheckpointInfo) -> tor
     restore_sharded_modelopt_state(wrapped, str(info.weights_dir))
     model = wrapped[0]
     state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(info.weights_dir))
-    model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # _extra_state entries (TE / ModelOpt bookkeeping) may legitimately be absent
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{info.path}: weights do not fit the model built from model_config.json: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
     return model
