@@ -90,6 +90,13 @@ def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models
     assert not model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
     assert model.decoder.layers[1].mlp.linear_fc1.weight_quantizer.is_enabled
     assert quantizer.summary.quantized_linear_share == pytest.approx(0.5)
+    quantizer = Quantizer(_config("fp8", exclude_last_layers=1))
+    model = quantizer.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+    assert model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
+    assert not model.decoder.layers[1].self_attention.linear_qkv.input_quantizer.is_enabled
+    with pytest.raises(QuantizationConfigError, match="leaves none of the 2 layers quantized"):
+        Quantizer(_config("fp8", exclude_first_layers=1, exclude_last_layers=1)).quantize(
+            load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
 
 
 def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):

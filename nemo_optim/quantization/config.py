@@ -53,6 +53,10 @@ class QuantizationConfig:
     kv_cache_qformat: Literal["fp8", "nvfp4"] = "fp8"
     exclude_modules: list[str] = dataclasses.field(default_factory=list)
     """Extra wildcard patterns kept unquantized, e.g. ["*layers.0.*"]."""
+    exclude_first_layers: int = 0
+    """Keep the first N decoder layers unquantized (counted over the whole model, also under PP)."""
+    exclude_last_layers: int = 0
+    """Keep the last N decoder layers unquantized."""
     calibration_dataset: str = "embedded:pydoc"
     """A DataConfig source: embedded[:part], a .txt / .jsonl file, or hf:<name>."""
     calibration_dataset_size: int = 64
@@ -71,6 +75,9 @@ class QuantizationConfig:
             errors.append(f"awq_block_size={self.awq_block_size} must be a power of two >= 8")
         if not 0.0 <= self.sq_alpha <= 1.0:
             errors.append(f"sq_alpha={self.sq_alpha} must be in [0, 1]")
+        for name in ("exclude_first_layers", "exclude_last_layers"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("calibration_dataset_size", "calibration_batch_size", "calibration_seq_len"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be at least 1")

@@ -145,7 +145,21 @@ class Quantizer:
             kv_entries, _ = modelopt_config.preset_entries(kv_preset)
             entries += [e for e in kv_entries if e["quantizer_name"] != "default"]
         entries += [{"quantizer_name": pattern, "enable": False} for pattern in config.exclude_modules]
+        entries += [{"quantizer_name": pattern, "enable": False} for pattern in self.excluded_layer_patterns(model)]
         return {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm}
+
+    def excluded_layer_patterns(self, model: torch.nn.Module) -> list[str]:
+        """Patterns for the first/last N decoder layers. Module names use this pipeline stage's
+        local indices, so layers are picked by their global `layer_number`."""
+        config = self.quantization_config
+        total = model.config.num_layers
+        if config.exclude_first_layers + config.exclude_last_layers >= total:
+            raise QuantizationConfigError(
+                f"quantization_config: exclude_first_layers + exclude_last_layers = "
+                f"{config.exclude_first_layers + config.exclude_last_layers} leaves none of the {total} layers quantized."
+            )
+        keep = set(range(1, config.exclude_first_layers + 1)) | set(range(total - config.exclude_last_layers + 1, total + 1))
+        return [f"decoder.layers.{index}.*" for index, layer in enumerate(model.decoder.layers) if layer.layer_number in keep]
 
     # --- calibration --------------------------------------------------------------------------
 
