@@ -123,14 +123,12 @@ def stored_quantization_config(path: Path) -> Optional[QuantizationConfig]:
 
 @torch.no_grad()
 def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
-    from nemo_optim.models.forward import forward_logits
+    """Greedy decoding without a KV cache (a smoke check of the quantized model, not a server)."""
+    from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for _ in range(new_tokens):
-        tokens = torch.tensor([ids + [0]])  # the last column is the (unused) label
+        tokens = torch.tensor([ids + [0]])  # forward_logits takes [B, S+1]: the last column is a dummy label
         logits = forward_logits(model, tokens)
-        from nemo_optim.models.forward import broadcast_from_last_stage
-
-        next_id = broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None)
-        ids.append(next_id)
+        ids.append(broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None))
     return tokenizer.decode(ids)
