@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import modelopt.torch.quantization as mtq
-import torch
 
 from benchmarks.common import write_results
 from nemo_optim import runtime

@@ -232,7 +232,6 @@ def _init_process_group(backend: Backend) -> None:
 
 def initialize(config: ParallelConfig) -> None:
     """Sets up distributed state for `config`. Prefer the `parallel_runtime` context manager."""
-    from megatron.core import parallel_state
 
     _init_process_group(config.backend)
     if world_size() % config.model_parallel_size != 0:

@@ -3,7 +3,6 @@ exports to HF and matches transformers; cached scores; invalid configs."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import modelopt.torch.quantization as mtq
 import pytest

@@ -21,7 +21,7 @@ import importlib
 import inspect
 import json
 from pathlib import Path
-from typing import Optional, Literal
+from typing import Literal
 
 Split = Literal["train", "validation", "calibration"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "calibration")

@@ -72,7 +72,7 @@ class PruningConfig:
 
     def pruned_model_config(self, model: GPTModelConfig) -> GPTModelConfig:
         """The config the pruned model must have (used to check the result)."""
-        changes = {k: v for k, v in self.export_config(model).items()}
+        changes = self.export_config(model)
         if self.drop_layers:
             changes["num_layers"] = model.num_layers - len(self.drop_layers)
         return dataclasses.replace(model, **changes)

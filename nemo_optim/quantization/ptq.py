@@ -16,7 +16,6 @@ ptq(model_path='smollm2-135m-instruct', export_config=ExportConfig(path='/tmp/fp
 """
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 

@@ -3,9 +3,7 @@ calls ModelOpt, summarises what was quantized, exports, and checks the export.""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import fnmatch
 import json
 import tempfile
 from collections.abc import Callable
