@@ -205,6 +205,7 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
         rotary_base=int(config.rotary_base),
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
-        parallel_output=False,
+        # vocab-parallel logits: what megatron's cross-entropy and ModelOpt's KD losses expect
+        parallel_output=True,
     )
     return model.to(device=runtime.device(), dtype=config.torch_dtype)

@@ -26,9 +26,11 @@ def make_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _forward_step(loss_fn: LossFn, data_iterator, model):
+def _forward_step(loss_fn: LossFn, with_labels: bool, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], None)
+    # with labels, megatron's GPTModel returns the per-token LM loss `[B, S]` instead of logits
+    labels = {"labels": batch["labels"]} if with_labels else {}
+    output = model(batch["input_ids"], batch["position_ids"], None, **labels)
     return output, functools.partial(loss_fn, batch)
 
 
@@ -41,6 +43,7 @@ def run_schedule(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool,
+    with_labels: bool = False,
     adjust_tensor_shapes_fn=None,
 ) -> list[dict[str, Any]]:
     """Runs megatron's forward(-backward) schedule; returns what `loss_fn` reported, one dict
@@ -48,7 +51,7 @@ def run_schedule(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, loss_fn),
+        forward_step_func=functools.partial(_forward_step, loss_fn, with_labels),
         data_iterator=iter(micro_batches),
         model=model,
         num_microbatches=num_micro_batches,
@@ -60,7 +63,11 @@ def run_schedule(
 
 
 def _logits_loss(batch, output):
-    return torch.zeros((), device=output.device), {"logits": output.detach()}
+    from megatron.core import tensor_parallel
+
+    # each TP rank holds a slice of the vocabulary; gather the full distribution
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
+    return torch.zeros((), device=output.device), {"logits": logits}
 
 
 @torch.no_grad()

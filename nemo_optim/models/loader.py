@@ -82,8 +82,26 @@ def load_model(
         model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
     else:
         hf.import_hf_weights(model, hf_dir, config)
+    _sync_tied_output_layer(model)
     runtime.barrier()
     return LoadedModel(model=model, config=config, hf_dir=hf_dir, source=source)
+
+
+def _sync_tied_output_layer(model: torch.nn.Module) -> None:
+    """At PP>1 a tied output layer is a copy of the word embeddings living on the last stage;
+    importers only fill the first stage's copy. Copy it over (megatron's own scheme: zero the
+    copy, all-reduce over the embedding group)."""
+    from megatron.core import parallel_state
+
+    if (parallel_state.get_pipeline_model_parallel_world_size() == 1
+            or not getattr(model, "share_embeddings_and_output_weights", False)
+            or not parallel_state.is_rank_in_embedding_group()):
+        return
+    weight = model.shared_embedding_or_output_weight()
+    with torch.no_grad():
+        if not parallel_state.is_pipeline_first_stage():
+            weight.zero_()
+        torch.distributed.all_reduce(weight.data, group=parallel_state.get_embedding_group())
 
 
 def load_tokenizer(hf_dir: str | Path):

@@ -1,0 +1,1 @@
+"""Knowledge distillation on ModelOpt's megatron plugin (`modelopt.torch.distill.plugins.megatron`)."""
