@@ -219,7 +219,8 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, history, keep: int) -> None:
+def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, history, keep: int,
+                              fingerprint: dict) -> None:
     root = Path(run_dir) / CHECKPOINTS_DIR
     with checkpoint.atomic_directory(root / f"step_{step:07d}") as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -228,15 +229,23 @@ def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, schedu
         runtime.barrier()
         if runtime.is_main_process():
             # meta.json last: with it the directory is complete (and the rename makes it visible)
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "layout": _layout(), "history": history}) + "\n")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "layout": _layout(), "fingerprint": fingerprint,
+                                                          "history": history}) + "\n")
     if runtime.is_main_process() and keep:
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
 
 
-def _load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
+def _load_training_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> tuple[int, list]:
     meta = json.loads((path / "meta.json").read_text())
+    saved = meta.get("fingerprint", {})
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if changed:
+        raise TrainingConfigError(
+            f"{path}: this run's settings differ from the checkpoint's in {', '.join(changed)}; resuming would "
+            f"mix two runs. Use resume=False (starts over) or another run_dir."
+        )
     if meta["layout"] != _layout():
         raise TrainingConfigError(
             f"{path}: saved with {meta['layout']}, this run has {_layout()}; resume with the same "
@@ -312,6 +321,7 @@ def train(
     resume: bool = True,
     adjust_tensor_shapes_fn: Optional[Callable] = None,
     on_step_end: Optional[Callable[[int], None]] = None,
+    fingerprint: Optional[dict] = None,
 ) -> TrainingResult:
     """Trains `model` in place on `[N, S+1]` token rows; every rank calls it.
 
@@ -322,6 +332,7 @@ def train(
     from megatron.core import parallel_state
 
     run_dir = Path(run_dir)
+    fingerprint = json.loads(json.dumps({**(fingerprint or {}), "training": dataclasses.asdict(config)}))
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), runtime.data_parallel_rank()
     num_micro = config.micro_batches_per_step(dp_size)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.use_bf16() else contextlib.nullcontext())
@@ -345,7 +356,7 @@ def train(
     start_step, history, resumed_from = 0, [], None
     newest = newest_checkpoint(run_dir) if resume else None
     if newest is not None:
-        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler)
+        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler, fingerprint)
         resumed_from = start_step
         runtime.print0(f"resumed from {newest} (step {start_step})")
     else:
@@ -415,7 +426,7 @@ def train(
             validate(done)
         if config.checkpoint_interval and (done % config.checkpoint_interval == 0 or done == config.max_steps):
             _save_training_checkpoint(run_dir, done, model, optimizer, scheduler, log.history,
-                                      config.keep_last_checkpoints)
+                                      config.keep_last_checkpoints, fingerprint)
         if on_step_end is not None:
             on_step_end(done)
     if progress is not None:

@@ -81,8 +81,12 @@ def apply_overrides(partial: run.Partial, overrides: list[str]) -> run.Partial:
 
 
 def validate(partial: run.Partial) -> None:
-    """Builds every nested config (their __post_init__ checks run) without running the stage."""
-    fdl.build(partial)
+    """Builds every nested config (their __post_init__ checks run) and runs the stage's own
+    `check_arguments` (files it reads, ...) without running the stage."""
+    built = fdl.build(partial)
+    check = getattr(built.func, "check_arguments", None)
+    if check is not None:
+        check(**built.keywords)
 
 
 def state_name(state) -> str:

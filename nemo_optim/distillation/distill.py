@@ -105,7 +105,10 @@ def distill(
         adjust_fn = get_tensor_shapes_adjust_fn_for_distillation(
             model, seq_length=data.seq_length, micro_batch_size=training.micro_batch_size)
         result = train(model, train_tokens, val_tokens, DistillationLossReduction(model, kd_config), training,
-                       run_dir, resume=resume, adjust_tensor_shapes_fn=adjust_fn)
+                       run_dir, resume=resume, adjust_tensor_shapes_fn=adjust_fn, fingerprint={
+                           "student": str(student_model_path), "teacher": str(teacher_model_path),
+                           "distillation_config": describe(kd_config), "data": dataclasses.asdict(data),
+                           "tp_size": tp_size, "pp_size": pp_size})
 
         student_model = export_student(model)
         checkpoint.save_checkpoint(student_model, student.config, output_path, student.hf_dir, producer={
@@ -119,3 +122,13 @@ def distill(
             export_hf(student_model, student.hf_dir, hf_export_path, dtype=student.config.torch_dtype)
             runtime.print0(f"HF export: {hf_export_path}")
     return result
+
+
+def check_distill_arguments(**arguments) -> None:
+    """What can be checked before any model is loaded (launchers call it before submitting)."""
+    if arguments.get("distillation_config_path") and arguments.get("distillation_config") is not None:
+        raise DistillationConfigError("give distillation_config_path or distillation_config, not both.")
+    load_distillation_config(arguments.get("distillation_config_path") or arguments.get("distillation_config"))
+
+
+distill.check_arguments = check_distill_arguments

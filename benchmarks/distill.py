@@ -1,0 +1,149 @@
+"""Distillation at CPU scale: SmolLM2-135M teacher, a Minitron depth-pruned student (<= 70% of
+the parameters), equal token budgets.
+
+Rows: no training; plain cross-entropy fine-tuning; KD on logits; KD on logits + a cosine loss
+on the final norm's output. Each: held-out perplexity, KL / top-1 agreement to the teacher,
+seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
+
+    .venv/bin/python -m benchmarks.distill            # ~30 min on 2 cores
+Writes benchmarks/results/distill.json and distill.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_results
+from nemo_optim import runtime
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.data.packing import packed_sequences
+from nemo_optim.distillation.config import load_distillation_config
+from nemo_optim.distillation.distill import distill
+from nemo_optim.evaluation import evaluate_model
+from nemo_optim.models.forward import forward_logits, make_batch
+from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.pruning.config import PruningConfig
+from nemo_optim.pruning.prune import prune
+from nemo_optim.training import TrainingConfig, lm_loss_reduction, train
+
+TEACHER = "smollm2-135m-instruct"
+
+
+def _evaluate(model_path, teacher, held_out) -> dict:
+    model = load_model(model_path).model
+    result = evaluate_model(model, held_out, reference=teacher)
+    return {"perplexity": result.perplexity, "kl_to_teacher": result.kl_to_reference,
+            "top1_agreement": result.top1_agreement}
+
+
+def _fine_tune(student_path, output_dir: Path, data: DataConfig, training: TrainingConfig) -> float:
+    """Plain next-token cross-entropy on the same text and budget; returns seconds per step."""
+    from nemo_optim import checkpoint
+
+    with runtime.parallel_runtime():
+        loaded = load_model(student_path)
+        tokenizer = load_tokenizer(loaded.hf_dir)
+        result = train(loaded.model, packed_sequences(data, "train", tokenizer),
+                       packed_sequences(data, "validation", tokenizer, training.num_val_sequences),
+                       lm_loss_reduction, training, output_dir / "ce_run", resume=False)
+        checkpoint.save_checkpoint(loaded.model, loaded.config, output_dir / "ce", loaded.hf_dir)
+    return result.seconds_per_step
+
+
+@torch.no_grad()
+def _teacher_forward_seconds(teacher, tokens, micro_batch_size, repeats=3) -> float:
+    began = time.perf_counter()
+    for _ in range(repeats):
+        for batch in tokens.split(micro_batch_size):
+            forward_logits(teacher, batch)
+    return (time.perf_counter() - began) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student-layers", type=int, default=18)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eval-sequences", type=int, default=32)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = DataConfig(source="embedded", seq_length=args.seq_length)
+    training = TrainingConfig(max_steps=args.steps, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
+                              lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(args.steps // 10, 1),
+                              val_check_interval=0, checkpoint_interval=0, num_val_sequences=8, log_interval=10)
+    tokens_per_row = args.steps * args.global_batch * args.seq_length
+
+    student = work / f"pruned_depth{args.student_layers}"
+    began = time.perf_counter()
+    if not (student / "manifest.json").is_file():
+        prune(nemo_checkpoint=TEACHER, save_path=str(student), overwrite=True, num_train_samples=64, data=data,
+              pruning_config=PruningConfig(target_num_layers=args.student_layers), scores_path=str(work / "scores"))
+    prune_seconds = time.perf_counter() - began
+
+    kd_rows = {
+        "KD logits": {"logit_kl_temperature": args.temperature},
+        "KD logits + final-norm cosine": {"logit_kl_temperature": args.temperature,
+                                          "intermediate_layer_pairs": [["decoder.final_layernorm", "decoder.final_layernorm"]]},
+    }
+    seconds = {"no training": None, "cross-entropy fine-tuning": _fine_tune(student, work, data, training)}
+    for name, fields in kd_rows.items():
+        result = distill(student_model_path=str(student), teacher_model_path=TEACHER, output_path=str(work / name.replace(" ", "_")),
+                         distillation_config=load_distillation_config(fields), data=data, training=training,
+                         resume=False, overwrite=True)
+        seconds[name] = result.seconds_per_step
+
+    rows = []
+    with runtime.parallel_runtime():
+        teacher_loaded = load_model(TEACHER)
+        teacher = teacher_loaded.model
+        tokenizer = load_tokenizer(teacher_loaded.hf_dir)
+        held_out = packed_sequences(data, "validation", tokenizer, args.eval_sequences)
+        teacher_result = evaluate_model(teacher, held_out)
+        teacher_step = _teacher_forward_seconds(teacher, packed_sequences(data, "train", tokenizer, args.global_batch),
+                                                args.micro_batch)
+        rows.append({"model": "teacher (SmolLM2-135M)", "parameters_m": teacher_loaded.config.num_parameters() / 1e6,
+                     "tokens": 0, "perplexity": teacher_result.perplexity, "kl_to_teacher": 0.0, "top1_agreement": 1.0})
+        student_params = load_model(student).config.num_parameters()
+        paths = {"no training": student, "cross-entropy fine-tuning": work / "ce",
+                 **{name: work / name.replace(" ", "_") for name in kd_rows}}
+        for name, path in paths.items():
+            rows.append({"model": f"student {args.student_layers} layers: {name}", "parameters_m": student_params / 1e6,
+                         "tokens": 0 if name == "no training" else tokens_per_row,
+                         **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
+    ce_ppl = rows[2]["perplexity"]
+    for row in rows[1:]:
+        row["ppl_vs_teacher"] = row["perplexity"] / teacher_result.perplexity
+        row["ppl_vs_ce"] = row["perplexity"] / ce_ppl
+    ce_step = seconds["cross-entropy fine-tuning"]
+    ratio = seconds["KD logits"] / (ce_step + teacher_step)
+    notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M), student: Minitron depth pruning to "
+             f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
+             f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
+             f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
+             f"AdamW lr {args.lr} warmup+cosine, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
+             f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
+             f"Step time: KD {seconds['KD logits']:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
+             f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}.")
+    write_results("distill", rows, [
+        ("model", "model"), ("parameters_m", "params (M)"), ("tokens", "train tokens"), ("perplexity", "ppl"),
+        ("ppl_vs_teacher", "ppl / teacher"), ("ppl_vs_ce", "ppl / CE"), ("kl_to_teacher", "KL to teacher"),
+        ("top1_agreement", "top-1 agree"), ("seconds_per_step", "s/step"),
+    ], notes, args.out)
+    print(dataclasses.asdict(training))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Distillation recipes: `distillation_recipe` (NeMo 2's signature) and named variants
+(`nemo llm distill --factory NAME`)."""
+
+from typing import Optional
+
+import nemo_run as run
+
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.distillation.distill import distill
+from nemo_optim.training import TrainingConfig
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@run.cli.factory(target=distill)
+def distillation_recipe(
+    student_model_path: str = "outputs/smollm2_135m/pruned_depth20",
+    teacher_model_path: str = SMOLLM2,
+    distillation_config_path: Optional[str] = None,
+    dir: Optional[str] = None,
+    name: str = "distilled",
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 1,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    max_steps: int = 100,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 2,
+    seq_length: int = 256,
+    lr: float = 1e-4,
+    min_lr: float = 1e-5,
+    warmup_steps: int = 10,
+) -> run.Partial[distill]:
+    """Logit KD from `teacher_model_path` into `student_model_path` on the embedded corpus;
+    the distilled student goes to `<dir>/<name>` (default outputs/smollm2_135m/distilled)."""
+    output = f"{dir or 'outputs/smollm2_135m'}/{name}"
+    return run.Partial(
+        distill,
+        student_model_path=student_model_path,
+        teacher_model_path=teacher_model_path,
+        output_path=output,
+        distillation_config_path=distillation_config_path,
+        data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
+        training=run.Config(TrainingConfig, max_steps=max_steps, global_batch_size=global_batch_size,
+                            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                            val_check_interval=max(max_steps // 4, 1), checkpoint_interval=max(max_steps // 4, 1)),
+        devices=num_gpus_per_node,
+        num_nodes=num_nodes,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        overwrite=True,
+    )
+
+
+@run.cli.factory(target=distill, name="smollm2_135m_distill_depth20_cpu")
+def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
+    """SmolLM2-135M teacher -> its 20-layer Minitron-pruned student (run
+    smollm2_135m_prune_depth20_cpu first), logit KD on the embedded corpus, CPU scale."""
+    return distillation_recipe(name="distilled_depth20", max_steps=60, lr=1e-4)
+
+
+@run.cli.factory(target=distill, name="llama31_8b_distill_4b_8gpu_h100_bf16")
+def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
+    """Minitron Llama-3.1-8B -> 4B (width-pruned) distillation at TP=8, bf16 autocast,
+    seq 4096. Launch with 8 GPUs; point `data.source` at your corpus."""
+    recipe = distillation_recipe(student_model_path="/results/llama31_4b_width", teacher_model_path="/models/Llama-3.1-8B-Instruct",
+                                 dir="/results", name="llama31_4b_distilled", num_gpus_per_node=8, tp_size=8,
+                                 max_steps=30000, global_batch_size=768, micro_batch_size=4, seq_length=4096,
+                                 lr=1e-4, min_lr=1e-5, warmup_steps=100)
+    recipe.training.precision = "bf16"
+    return recipe
+
+
+RECIPES = {
+    "distillation_recipe": distillation_recipe,
+    "smollm2_135m_distill_depth20_cpu": smollm2_135m_distill_depth20_cpu,
+    "llama31_8b_distill_4b_8gpu_h100_bf16": llama31_8b_distill_4b_8gpu_h100_bf16,
+}
