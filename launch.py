@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dryrun", action="store_true", help="print what would run, run nothing")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--list", action="store_true", help="list recipes and executors")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return launch_recipe(args.recipe, args.overrides, executor=args.executor, dryrun=args.dryrun,
                          yes=args.yes, list_only=args.list or not args.recipe)
 

@@ -80,6 +80,32 @@ def apply_overrides(partial: run.Partial, overrides: list[str]) -> run.Partial:
     return partial
 
 
+def executor_with_overrides(factory, overrides: list[str]) -> run.Config:
+    """`name=value` items: the factory's own arguments (account, pvc, ...) first, then any
+    field of the executor it returns (e.g. `retries=2`)."""
+    import inspect
+    import typing
+
+    parameters = inspect.signature(factory).parameters
+    arguments, rest = {}, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in parameters:
+            rest.append(item)
+            continue
+        kinds = typing.get_args(parameters[key].annotation) or (parameters[key].annotation,)
+        try:
+            arguments[key] = int(value) if int in kinds else value
+        except ValueError:
+            raise OverrideError(f"executor override {item!r}: expected an integer") from None
+    config = factory(**arguments)
+    try:
+        return apply_overrides(config, rest)
+    except OverrideError as error:
+        raise OverrideError(f"executor {factory.__name__}: {error}; or one of its arguments: "
+                            f"{', '.join(parameters)}") from None
+
+
 def validate(partial: run.Partial) -> None:
     """Builds every nested config (their __post_init__ checks run) and runs the stage's own
     `check_arguments` (files it reads, ...) without running the stage."""
@@ -104,6 +130,32 @@ def wait_for_terminal_states(exp: run.Experiment, poll_seconds: float = 5.0, tim
         if timeout is not None and time.monotonic() - began > timeout:
             return states
         time.sleep(poll_seconds)
+
+
+def rendered_job(partial: run.Partial, executor: run.Executor, name: str) -> str:
+    """What a scheduler would receive, without submitting: the sbatch script for Slurm, the
+    TrainJob manifest (YAML) for Kubeflow, the command line otherwise."""
+    import yaml
+
+    with run.Experiment(f"{name}-dryrun", executor=executor, log_level="ERROR") as exp:
+        exp.add(partial, name=name)
+        exp.dryrun(log=False, delete_exp_dir=False)
+        job = exp.jobs[0]
+        role = job._executable.roles[0]
+        macros = job.executor.macro_values()
+        if macros:
+            role = macros.apply(role)
+        command = [role.entrypoint, *role.args]
+        if isinstance(job.executor, run.SlurmExecutor):
+            scripts = sorted(Path(job.executor.experiment_dir).glob("*_sbatch.sh"))
+            return scripts[-1].read_text()
+        if type(job.executor).__name__ == "KubeflowExecutor":
+            from nemo_run.run.torchx_backend.schedulers.kubeflow import create_scheduler
+
+            # the scheduler's own dry run: with a work-dir claim the command becomes its launch.sh
+            request = create_scheduler("dryrun")._submit_dryrun(job._executable, job.executor).request
+            return yaml.safe_dump(job.executor.get_job_body(job.executor._trainjob_name(name), request.cmd), sort_keys=False)
+        return " ".join(command)
 
 
 def use_this_python() -> None:
@@ -132,16 +184,24 @@ def launch_recipe(
     if executor not in executors:
         return fail(f"executor {executor!r} is unknown; valid executors: {', '.join(sorted(executors))}.")
     partial = recipes[recipe]()
+    executor_overrides = [item[len("executor."):] for item in overrides if item.startswith("executor.")]
+    overrides = [item for item in overrides if not item.startswith("executor.")]
     try:
         partial = apply_overrides(partial, overrides)
         validate(partial)
-    except (OverrideError, ValueError, TypeError) as error:
+        executor_config = executor_with_overrides(executors[executor], executor_overrides)
+        job_executor = fdl.build(executor_config)
+    except (OverrideError, ValueError, TypeError, ImportError) as error:
         # fiddle appends a multi-line "Fiddle context"; the first line is the message
         return fail(f"{recipe}: {str(error).strip().splitlines()[0]}")
-    job_executor = fdl.build(executors[executor]())
+    except Exception as error:  # noqa: BLE001 - executors raise their clients' errors (kubeconfig, ...)
+        return fail(f"executor {executor!r}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
     if dryrun:
         print(partial)
-        run.dryrun_fn(partial, executor=job_executor)
+        if executor in ("local", "torchrun"):
+            run.dryrun_fn(partial, executor=job_executor)
+        else:
+            print(rendered_job(partial, job_executor, recipe))
         return 0
     if not yes and sys.stdin.isatty():
         print(partial)

@@ -30,12 +30,6 @@ def test_every_recipe_builds_and_serializes(name):
     assert callable(built) and built.func is partial.__fn_or_cls__
 
 
-@pytest.mark.parametrize("name", sorted(EXECUTORS))
-def test_every_executor_builds(name):
-    executor = fdl.build(EXECUTORS[name]())
-    assert isinstance(executor, run.LocalExecutor)
-
-
 def test_overrides_reach_nested_fields():
     partial = apply_overrides(llm.RECIPES["smollm2_135m_import_cpu"](),
                               ["output_path=/tmp/x", "evaluation.num_sequences=3", "evaluation.data.seq_length=64"])
