@@ -237,15 +237,14 @@ def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, schedu
     runtime.barrier()
 
 
-def _load_training_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> tuple[int, list]:
+def _settings_changed(path: Path, fingerprint: dict) -> list[str]:
+    """Which settings of this run differ from the ones the checkpoint at `path` was made with."""
+    saved = json.loads((path / "meta.json").read_text()).get("fingerprint", {})
+    return sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+
+
+def _load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
     meta = json.loads((path / "meta.json").read_text())
-    saved = meta.get("fingerprint", {})
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if changed:
-        raise TrainingConfigError(
-            f"{path}: this run's settings differ from the checkpoint's in {', '.join(changed)}; resuming would "
-            f"mix two runs. Use resume=False (starts over) or another run_dir."
-        )
     if meta["layout"] != _layout():
         raise TrainingConfigError(
             f"{path}: saved with {meta['layout']}, this run has {_layout()}; resume with the same "
@@ -355,8 +354,13 @@ def train(
 
     start_step, history, resumed_from = 0, [], None
     newest = newest_checkpoint(run_dir) if resume else None
+    changed = _settings_changed(newest, fingerprint) if newest is not None else []
+    if changed:
+        # continuing would mix two different runs: this one starts over
+        runtime.print0(f"not resuming from {newest}: settings changed ({', '.join(changed)}); starting over")
+        newest = None
     if newest is not None:
-        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler, fingerprint)
+        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler)
         resumed_from = start_step
         runtime.print0(f"resumed from {newest} (step {start_step})")
     else:

@@ -49,10 +49,12 @@ def evaluate_recipe(
     model_path: str = "outputs/smollm2_135m/native",
     reference_model_path: str | None = SMOLLM2,
     output_path: str = "outputs/smollm2_135m/evaluation.json",
+    num_sequences: int = 16,
+    seq_length: int = 256,
 ) -> run.Partial[evaluate]:
     return run.Partial(
         evaluate, model_path=model_path, reference_model_path=reference_model_path,
-        evaluation=evaluation_config(), output_path=output_path,
+        evaluation=evaluation_config(num_sequences=num_sequences, seq_length=seq_length), output_path=output_path,
     )
 
 

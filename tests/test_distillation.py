@@ -22,7 +22,7 @@ from nemo_optim.distillation.model import DistillationLossReduction, build_disti
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.forward import forward_logits, make_batch
 from nemo_optim.models.loader import load_model
-from nemo_optim.training import TrainingConfig, TrainingConfigError, newest_checkpoint
+from nemo_optim.training import TrainingConfig, newest_checkpoint
 from tiny_models import make_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,13 +184,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kill, pair, kd_yaml, tm
     assert all(torch.equal(clean_weights[k], resumed_weights[k]) for k in clean_weights)
 
 
-def test_resume_with_other_settings_is_refused(pair, tmp_path):
+def test_resume_with_other_settings_starts_over(pair, tmp_path, capsys):
     teacher, student = pair["llama"]
-    kwargs = dict(student_model_path=str(student), teacher_model_path=str(teacher), data=DataConfig(seq_length=32))
-    distill(output_path=str(tmp_path / "a"), training=_training(max_steps=2, checkpoint_interval=1), **kwargs)
-    with pytest.raises(TrainingConfigError, match="differ from the checkpoint's in training"):
-        distill(output_path=str(tmp_path / "a"), run_dir=str(tmp_path / "a_run"), overwrite=True,
-                training=_training(max_steps=2, checkpoint_interval=1, lr=1e-2), **kwargs)
+    kwargs = dict(student_model_path=str(student), teacher_model_path=str(teacher), data=DataConfig(seq_length=32),
+                  output_path=str(tmp_path / "a"), overwrite=True)
+    distill(training=_training(max_steps=2, checkpoint_interval=1), **kwargs)
+    capsys.readouterr()
+    result = distill(training=_training(max_steps=2, checkpoint_interval=1, lr=1e-2), **kwargs)
+    assert "settings changed (training); starting over" in capsys.readouterr().out
+    assert result.resumed_from is None
+    assert json.loads((newest_checkpoint(tmp_path / "a_run") / "meta.json").read_text())["fingerprint"]["training"]["lr"] == 1e-2
 
 
 def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):

@@ -1,0 +1,122 @@
+"""Experiment: the Minitron-style pipeline on SmolLM2-135M, one NeMo-Run experiment.
+
+    prune (Minitron depth) -> distill (logit KD from the original) -> PTQ (FP8, unified HF
+    export) -> export (the distilled student in bf16 HF) -> evaluate every model -> report
+
+    .venv/bin/python -m experiments.compress_smollm2 --yes          # ~15 min on 2 CPU cores
+    .venv/bin/python -m experiments.compress_smollm2 --dryrun
+    .venv/bin/python -m experiments.compress_smollm2 --executor slurm --yes
+
+Every task is a recipe with small edits, wrapped in `run_stage`: a stage whose output is
+complete and was made from the same inputs and settings is skipped, so re-running after a crash
+(or after changing only the last stages) redoes only what is stale; a killed distillation
+resumes from its last training checkpoint. The report (markdown + PNG) is always rewritten.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+
+from nemo_optim.pipeline import run_stage
+from nemo_optim.report import report
+from recipes.convert import evaluate_recipe, export_recipe
+from recipes.distill import distillation_recipe
+from recipes.executors import EXECUTORS
+from recipes.launching import use_this_python, wait_for_terminal_states
+from recipes.prune import prune_recipe
+from recipes.ptq import ptq_recipe
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def _stage(recipe: run.Partial, name: str, output: str, work_dir: str, inputs: list) -> run.Partial:
+    return run.Partial(run_stage, stage=recipe, name=name, output=output, state_dir=f"{work_dir}/state", inputs=inputs)
+
+
+def pipeline_tasks(
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/compress_smollm2",
+    target_num_layers: int = 18,
+    importance_samples: int = 32,
+    distill_steps: int = 40,
+    lr: float = 5e-4,
+    calibration_samples: int = 16,
+    eval_sequences: int = 16,
+    seq_length: int = 256,
+) -> dict[str, run.Partial]:
+    """Task name -> task, in dependency order. Defaults: SmolLM2 at a 2-core CPU scale."""
+    pruned, distilled = f"{work_dir}/pruned", f"{work_dir}/distilled"
+    quantized_hf, student_hf = f"{work_dir}/quantized_fp8_hf", f"{work_dir}/distilled_hf"
+    quantized = f"{quantized_hf}_native"  # ptq saves the calibrated model beside its export
+
+    prune = prune_recipe(nemo_checkpoint=model, save_path=pruned, target_num_layers=target_num_layers,
+                         num_train_samples=importance_samples, seq_length=seq_length)
+    distill = distillation_recipe(student_model_path=pruned, teacher_model_path=model, dir=work_dir, name="distilled",
+                                  max_steps=distill_steps, global_batch_size=4, micro_batch_size=2, seq_length=seq_length,
+                                  lr=lr, min_lr=lr / 10, warmup_steps=max(distill_steps // 10, 1))
+    quantize = ptq_recipe(model_path=distilled, export_path=quantized_hf, algorithm="fp8", model_dtype="float32",
+                          calibration_dataset_size=calibration_samples, calibration_seq_len=seq_length)
+    export = export_recipe(path=distilled, output_path=student_hf)
+    tasks = {
+        "prune": _stage(prune, "prune", pruned, work_dir, [model]),
+        "distill": _stage(distill, "distill", distilled, work_dir, [pruned, model]),
+        "quantize": _stage(quantize, "quantize", quantized_hf, work_dir, [distilled]),
+        "export": _stage(export, "export", student_hf, work_dir, [distilled]),
+    }
+    models = {"original": model, "pruned": pruned, "distilled": distilled, "distilled + FP8": quantized}
+    evaluations = {}
+    for label, path in models.items():
+        key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()
+        evaluations[label] = f"{work_dir}/evaluations/{key}.json"
+        evaluation = evaluate_recipe(model_path=path, reference_model_path=model, output_path=evaluations[label],
+                                     num_sequences=eval_sequences, seq_length=seq_length)
+        tasks[key] = _stage(evaluation, key, evaluations[label], work_dir, [path, model])
+    tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
+                                  distillation_metrics=f"{distilled}_run/metrics.jsonl",
+                                  title=f"Compression of {Path(model).name}: prune -> distill -> FP8")
+    return tasks
+
+
+def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun: bool = False,
+                 name: str = "compress_smollm2") -> int:
+    """One experiment, tasks in order; returns a process exit code (non-zero if a task failed)."""
+    use_this_python()
+    with run.Experiment(name, log_level="WARN") as exp:
+        for task_name, task in tasks.items():
+            exp.add(task, executor=fdl.build(EXECUTORS[executor]()), name=task_name)
+        if dryrun:
+            exp.dryrun()
+            return 0
+        exp.run(sequential=True, detach=False)
+        states = wait_for_terminal_states(exp)
+        for job in exp.jobs:
+            print(f"{job.id}: {states[job.id]} (logs: {job.executor.job_dir})")
+    failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
+    if failed:
+        print(f"error: task(s) {', '.join(failed)} did not succeed; see the logs above.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS))
+    parser.add_argument("--work-dir", default="outputs/compress_smollm2")
+    parser.add_argument("--dryrun", action="store_true")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    args = parser.parse_args(argv)
+    tasks = pipeline_tasks(work_dir=args.work_dir)
+    if not (args.yes or args.dryrun) and sys.stdin.isatty():
+        if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 1
+    code = run_pipeline(tasks, args.executor, args.dryrun)
+    if code == 0 and not args.dryrun:
+        print(f"report: {Path(args.work_dir).resolve() / 'report' / 'report.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The compression report: one row per model of a pipeline (size, parameters, perplexity, KL
+and top-1 agreement to the original, tokens/s) as markdown, plus PNG plots of those numbers
+and of the distillation loss curves.
+
+    python -c "from nemo_optim.report import report; report(...)"
+"""
+
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads report's annotations.
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from nemo_optim import checkpoint
+
+
+def _size_bytes(model_path: str) -> Optional[int]:
+    """Bytes of the weights as stored (a GGUF file, an HF directory, a checkpoint's weights/)."""
+    from nemo_optim.models.loader import resolve_source
+
+    path = resolve_source(model_path).path
+    if path.is_file():
+        return path.stat().st_size
+    weights = path / checkpoint.WEIGHTS_DIR if checkpoint.is_checkpoint(path) else path
+    return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
+
+
+def _parameters(model_path: str) -> int:
+    from nemo_optim.models.loader import read_model_config
+
+    return read_model_config(model_path)[0].num_parameters()
+
+
+def _row(label: str, model_path: str, evaluation_path: str) -> dict:
+    result = json.loads(Path(evaluation_path).read_text())
+    return {
+        "model": label, "path": model_path,
+        "parameters_m": _parameters(model_path) / 1e6,
+        "size_mb": _size_bytes(model_path) / 2**20,
+        "perplexity": result["perplexity"],
+        "kl_to_original": result.get("kl_to_reference"),
+        "top1_agreement": result.get("top1_agreement"),
+        "tokens_per_second": result["tokens_per_second"],
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plots(rows: list[dict], metrics_path: Optional[Path], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    images = []
+    labels = [row["model"] for row in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for axis, key, title in zip(axes, ("parameters_m", "perplexity", "kl_to_original"),
+                                ("parameters (M)", "held-out perplexity", "KL to the original (nats/token)")):
+        axis.bar(labels, [row[key] or 0 for row in rows], color="#4c72b0")
+        axis.set_title(title)
+        axis.tick_params(axis="x", rotation=30)
+    figure.tight_layout()
+    figure.savefig(out_dir / "models.png", dpi=100)
+    plt.close(figure)
+    images.append("models.png")
+
+    if metrics_path is not None and metrics_path.is_file():
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        train = [row for row in history if row["kind"] == "train"]
+        validation = [row for row in history if row["kind"] == "validation"]
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for key in ("logits_loss", "intermediate_loss", "lm_loss"):
+            points = [(row["step"], row[key]) for row in train if row.get(key)]
+            if points:
+                axis.plot(*zip(*points), label=f"train {key}")
+        points = [(row["step"], row["lm_loss"]) for row in validation if "lm_loss" in row]
+        if points:
+            axis.plot(*zip(*points), "o-", label="validation lm_loss")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss (nats)")
+        axis.set_title("distillation")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out_dir / "distillation_loss.png", dpi=100)
+        plt.close(figure)
+        images.append("distillation_loss.png")
+    return images
+
+
+def report(
+    *,
+    output_dir: str,
+    models: dict,
+    evaluations: dict,
+    distillation_metrics: Optional[str] = None,
+    title: str = "Compression report",
+) -> Path:
+    """Writes `<output_dir>/report.md`, `report.json` and PNG plots.
+
+    Args:
+        models: label -> model path (native checkpoint or export), in pipeline order.
+        evaluations: label -> the JSON an `evaluate` stage wrote for that model.
+        distillation_metrics: metrics.jsonl of the distillation run (loss curves).
+    """
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [label for label in models if not Path(evaluations.get(label, "")).is_file()]
+    if missing:
+        raise FileNotFoundError(f"report: no evaluation for {', '.join(missing)}; run their evaluate stages first.")
+    rows = [_row(label, str(path), evaluations[label]) for label, path in models.items()]
+    images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
+    columns = [("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "weights (MiB)"),
+               ("perplexity", "ppl"), ("kl_to_original", "KL to original"), ("top1_agreement", "top-1 agree"),
+               ("tokens_per_second", "tokens/s")]
+    lines = [f"# {title}", "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[key]) for key, _ in columns) + " |" for row in rows]
+    lines += ["", "Paths: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows), ""]
+    lines += [f"![{image}]({image})" for image in images]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "report.json").write_text(json.dumps({"rows": rows, "images": images}, indent=2) + "\n")
+    print(f"report: {out_dir / 'report.md'}", flush=True)
+    return out_dir / "report.md"

@@ -1,0 +1,77 @@
+"""The compress pipeline on a tiny model: every task is a recipe that NeMo-Run serializes; a
+re-run skips what is current; a changed setting re-runs that stage and what depends on it; an
+interrupted distillation resumes; the report has every model and its plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+import pytest
+
+from experiments.compress_smollm2 import pipeline_tasks, run_pipeline
+
+
+def _tasks(model, work_dir, **overrides):
+    settings = dict(target_num_layers=1, importance_samples=4, distill_steps=4, calibration_samples=4,
+                    eval_sequences=4, seq_length=32)
+    return pipeline_tasks(model=str(model), work_dir=str(work_dir), **{**settings, **overrides})
+
+
+def _run_in_process(tasks) -> dict:
+    """Each task exactly as its NeMo-Run process would run it (fdl.build(task)())."""
+    return {name: fdl.build(task)() for name, task in tasks.items()}
+
+
+def test_every_pipeline_task_serializes_and_dry_runs(tiny_hf_models, tmp_path):
+    tasks = _tasks(tiny_hf_models["llama"], tmp_path / "work")
+    assert list(tasks)[:4] == ["prune", "distill", "quantize", "export"] and list(tasks)[-1] == "report"
+    serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
+    for task in tasks.values():
+        assert serializer.deserialize(serializer.serialize(task)) == task
+    assert run_pipeline(tasks, dryrun=True, name="pipeline-test") == 0
+
+
+def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_path):
+    model, work = tiny_hf_models["llama"], tmp_path / "work"
+    first = _run_in_process(_tasks(model, work))
+    stages = [name for name in first if name != "report"]
+    assert all(first[name] == "ran" for name in stages)
+    manifest = json.loads((work / "distilled" / "manifest.json").read_text())
+    assert manifest["pipeline_fingerprint"] == json.loads((work / "state" / "distill.json").read_text())["fingerprint"]
+
+    second = _run_in_process(_tasks(model, work))
+    assert all(second[name] == "skipped" for name in stages)
+
+    # more distillation steps: distill and everything downstream of it, not prune nor the original's evaluation
+    third = _run_in_process(_tasks(model, work, distill_steps=6))
+    assert third["prune"] == "skipped" and third["evaluate_original"] == "skipped"
+    assert all(third[name] == "ran" for name in ("distill", "quantize", "export", "evaluate_distilled",
+                                                   "evaluate_distilled_fp8"))
+
+    report = (work / "report" / "report.md").read_text()
+    for label in ("original", "pruned", "distilled", "distilled + FP8"):
+        assert f"| {label} |" in report
+    rows = json.loads((work / "report" / "report.json").read_text())["rows"]
+    assert rows[1]["parameters_m"] < rows[0]["parameters_m"] and rows[0]["kl_to_original"] == pytest.approx(0, abs=1e-6)
+    assert (work / "report" / "models.png").stat().st_size > 1000
+    assert (work / "report" / "distillation_loss.png").stat().st_size > 1000
+
+
+def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_hf_models, tmp_path, capsys):
+    import shutil
+
+    model, work = tiny_hf_models["llama"], tmp_path / "work"
+    tasks = _tasks(model, work, distill_steps=8)
+    tasks["distill"].stage.training.checkpoint_interval = 3
+    fdl.build(tasks["prune"])()
+    fdl.build(tasks["distill"])()
+    # as if killed after step 6: the output and the last checkpoint never appeared
+    shutil.rmtree(work / "distilled")
+    shutil.rmtree(work / "distilled_run" / "checkpoints" / "step_0000008")
+    (work / "state" / "distill.json").unlink()
+    capsys.readouterr()
+    assert fdl.build(tasks["distill"])() == "ran"
+    assert "resumed from" in capsys.readouterr().out and (work / "distilled" / "manifest.json").is_file()
