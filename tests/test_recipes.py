@@ -68,13 +68,17 @@ def test_nemo_llm_namespace_is_registered():
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune"):
+    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune", "distill"):
         assert command in result.stdout
     dry = subprocess.run([str(nemo), "llm", "import_ckpt", "--factory", "smollm2_135m_import_cpu",
                           "output_path=/tmp/nowhere", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
     assert "/tmp/nowhere" in dry.stdout
     assert not Path("/tmp/nowhere").exists()
+    dry = subprocess.run([str(nemo), "llm", "distill", "--factory", "smollm2_135m_distill_depth20_cpu",
+                          "training.max_steps=7", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert "max_steps=7" in dry.stdout
 
 
 def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_path, capsys):

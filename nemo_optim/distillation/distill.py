@@ -87,11 +87,9 @@ def distill(
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
                                       seed=training.seed)
     with runtime.parallel_runtime(parallel):
-        if runtime.world_size() != devices * num_nodes:
-            raise DistillationConfigError(
-                f"devices x num_nodes = {devices * num_nodes} but {runtime.world_size()} processes were launched; "
-                f"launch with torchrun --nproc_per_node {devices} (or set devices to match)."
-            )
+        mismatch = runtime.launched_processes_message(devices, num_nodes)
+        if mismatch:
+            raise DistillationConfigError(mismatch)
         student = load_model(student_model_path)
         tokenizer = load_tokenizer(tokenizer_path or student.hf_dir)
         teacher_config, _, _ = read_model_config(teacher_model_path)

@@ -147,11 +147,9 @@ def prune(
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size)
     with runtime.parallel_runtime(parallel):
-        if runtime.world_size() != devices * num_nodes:
-            raise PruningConfigError(
-                f"devices x num_nodes = {devices * num_nodes} but {runtime.world_size()} processes were launched; "
-                f"launch with torchrun --nproc_per_node {devices} (or set devices to match)."
-            )
+        mismatch = runtime.launched_processes_message(devices, num_nodes)
+        if mismatch:
+            raise PruningConfigError(mismatch)
         loaded = load_model(nemo_checkpoint)
         pruning_config.validate_against(loaded.config)
         forward_loop = None
