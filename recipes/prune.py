@@ -19,6 +19,7 @@ def prune_recipe(
     target_hidden_size: Optional[int] = None,
     target_ffn_hidden_size: Optional[int] = None,
     target_num_attention_heads: Optional[int] = None,
+    target_params: Optional[float] = None,
     num_train_samples: int = 64,
     seq_length: int = 256,
     devices: int = 1,
@@ -26,8 +27,9 @@ def prune_recipe(
     pp_size: int = 1,
     hf_export_path: Optional[str] = None,
 ) -> run.Partial[prune]:
-    """Minitron pruning (importance on the embedded corpus) to the given targets; by default
-    SmolLM2's 30 layers to 20."""
+    """Minitron pruning (importance on the embedded corpus) to the given targets, or to the
+    best architecture under `target_params` (set the target_* to None); by default SmolLM2's
+    30 layers to 20."""
     return run.Partial(
         prune,
         nemo_checkpoint=nemo_checkpoint,
@@ -38,6 +40,7 @@ def prune_recipe(
             target_hidden_size=target_hidden_size,
             target_ffn_hidden_size=target_ffn_hidden_size,
             target_num_attention_heads=target_num_attention_heads,
+            target_params=target_params,
         ),
         devices=devices,
         tp_size=tp_size,

@@ -93,6 +93,7 @@ def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_model
     ({"target_num_query_groups": 1}, "cannot prune query groups"),
     ({"drop_layers": [3]}, r"drop_layers \[3\] out of range: layers are numbered 1..2"),
     ({"drop_layers": [1, 2]}, "would remove every layer"),
+    ({"target_params": 1e9}, "target_params=1e\\+09 is not below the model's"),
 ])
 def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models, tmp_path):
     with pytest.raises(PruningConfigError, match=message):
@@ -101,7 +102,30 @@ def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models
     assert not list(tmp_path.iterdir())
 
 
+def test_target_params_search_finds_an_architecture_under_the_budget(tiny_hf_models, tmp_path):
+    with runtime.parallel_runtime():
+        original = load_model(tiny_hf_models["llama"]).config
+    budget = 0.8 * original.num_parameters()
+    save, export = tmp_path / "pruned", tmp_path / "hf"
+    prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=str(save), num_train_samples=8,
+          pruning_config=PruningConfig(target_params=budget, top_k=3), data=DataConfig(seq_length=64),
+          hf_export_path=str(export))
+    tokens = _tokens(1)
+    with runtime.parallel_runtime():
+        loaded = load_model(save)
+        count = sum(p.numel() for p in loaded.model.parameters())
+        assert count == loaded.config.num_parameters()
+        # the largest candidates under the budget are the ones scored
+        assert 0.6 * budget <= count <= budget
+        ours = forward_logits(loaded.model, tokens)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ours - hf_model(tokens[:, :-1]).logits).abs().max().item() <= 1e-4
+
+
 def test_config_level_errors():
+    with pytest.raises(PruningConfigError, match="target_params cannot be combined with target_num_layers"):
+        PruningConfig(target_params=1e6, target_num_layers=1)
     with pytest.raises(PruningConfigError, match="drop_layers cannot be combined with target_"):
         PruningConfig(drop_layers=[1], target_num_layers=1)
     with pytest.raises(PruningConfigError, match="set at least one target_"):

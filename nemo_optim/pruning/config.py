@@ -30,16 +30,36 @@ class PruningConfig:
     """Depth pruning by importance (Minitron): the least important layers are removed."""
     drop_layers: list[int] = dataclasses.field(default_factory=list)
     """1-based layer numbers to remove directly (no importance estimation)."""
+    target_params: Optional[float] = None
+    """A parameter budget instead of explicit targets: ModelOpt's Minitron search tries the
+    width/depth grid (within max_width_pruning / max_depth_pruning) for architectures under it
+    and keeps the one that scores best (lowest loss) on held-out calibration text."""
+    max_width_pruning: float = 0.4
+    max_depth_pruning: float = 0.2
+    top_k: int = 5
+    """Candidates (the largest under the budget) scored in the target_params search."""
 
     def __post_init__(self) -> None:
         errors = [f"{name}={getattr(self, name)} must be a positive integer"
                   for name in TARGET_FIELDS if getattr(self, name) is not None and getattr(self, name) < 1]
-        if self.drop_layers and any(getattr(self, name) is not None for name in TARGET_FIELDS):
+        explicit = [name for name in TARGET_FIELDS if getattr(self, name) is not None]
+        if self.drop_layers and explicit:
             errors.append("drop_layers cannot be combined with target_* fields; use one or the other")
+        if self.target_params is not None:
+            if self.target_params <= 0:
+                errors.append(f"target_params={self.target_params} must be positive")
+            if explicit or self.drop_layers:
+                errors.append(f"target_params cannot be combined with {', '.join(explicit) or 'drop_layers'}; "
+                              f"give a parameter budget or explicit targets")
+        for name in ("max_width_pruning", "max_depth_pruning"):
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.top_k < 1:
+            errors.append(f"top_k={self.top_k} must be at least 1")
         if len(set(self.drop_layers)) != len(self.drop_layers):
             errors.append(f"drop_layers={self.drop_layers} lists a layer twice")
-        if not self.drop_layers and all(getattr(self, name) is None for name in TARGET_FIELDS):
-            errors.append("set at least one target_* field or drop_layers")
+        if not self.drop_layers and not explicit and self.target_params is None:
+            errors.append("set at least one target_* field, target_params or drop_layers")
         if errors:
             raise PruningConfigError("pruning_config: " + "; ".join(errors) + ".")
 
@@ -67,6 +87,8 @@ class PruningConfig:
             errors.append(f"drop_layers {bad} out of range: layers are numbered 1..{model.num_layers}")
         if self.drop_layers and len(set(self.drop_layers)) >= model.num_layers:
             errors.append("drop_layers would remove every layer")
+        if self.target_params is not None and self.target_params >= model.num_parameters():
+            errors.append(f"target_params={self.target_params:.4g} is not below the model's {model.num_parameters()} parameters")
         if errors:
             raise PruningConfigError("pruning_config: " + "; ".join(errors) + ".")
 

@@ -26,6 +26,7 @@ import torch
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.config import GPTModelConfig, build_gpt_model
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import export_hf
@@ -43,14 +44,23 @@ def _divisor(original: int, target: Optional[int]) -> int:
     return math.gcd(original, target) if target else original
 
 
+def _search_divisor(size: int) -> int:
+    # the target_params search grid: eighths of the original size (or every size when small)
+    return size // 8 if size % 8 == 0 and size >= 64 else 1
+
+
 def prune_language_model(
     model: torch.nn.Module,
     model_config: GPTModelConfig,
     pruning_config: PruningConfig,
     forward_loop: Optional[Callable[[torch.nn.Module], None]] = None,
     scores_path: Optional[str] = None,
+    score_func: Optional[Callable[[torch.nn.Module], float]] = None,
 ) -> tuple[torch.nn.Module, GPTModelConfig]:
-    """Prunes `model` and returns a fresh, static model with the pruned config."""
+    """Prunes `model` and returns a fresh, static model with the pruned config.
+
+    `score_func(model) -> float` (higher is better) ranks the candidates of a `target_params`
+    search."""
     pruning_config.validate_against(model_config)
     if pruning_config.drop_layers:
         from modelopt.torch.prune.plugins.mcore_minitron import drop_mcore_language_model_layers
@@ -64,21 +74,38 @@ def prune_language_model(
             raise ValueError("Minitron pruning needs a forward_loop (or cached scores in scores_path).")
         if model_config.transformer_impl == "local":
             runtime.register_cpu_norms_for_pruning()
-        export_config = pruning_config.export_config(model_config)
-        mode_config = get_mcore_minitron_config(
-            hidden_size_divisor=_divisor(model_config.hidden_size, export_config.get("hidden_size")),
-            ffn_hidden_size_divisor=_divisor(model_config.ffn_hidden_size, export_config.get("ffn_hidden_size")),
-            num_layers_divisor=1,
-        )
+        search_config = {"forward_loop": forward_loop,
+                         # a path without a suffix is a directory to ModelOpt: one rank<N>.pth per rank
+                         "scores_path": str(Path(scores_path)) + "/" if scores_path else None}
+        if pruning_config.target_params is not None:
+            if score_func is None:
+                raise ValueError("a target_params search needs a score_func to rank its candidates.")
+            constraints = {"params": pruning_config.target_params}
+            search_config.update(score_func=score_func, max_width_pruning=pruning_config.max_width_pruning,
+                                 max_depth_pruning=pruning_config.max_depth_pruning, top_k=pruning_config.top_k)
+            mode_config = get_mcore_minitron_config(
+                hidden_size_divisor=_search_divisor(model_config.hidden_size),
+                ffn_hidden_size_divisor=_search_divisor(model_config.ffn_hidden_size), num_layers_divisor=1)
+        else:
+            export_config = pruning_config.export_config(model_config)
+            constraints = {"export_config": export_config}
+            mode_config = get_mcore_minitron_config(
+                hidden_size_divisor=_divisor(model_config.hidden_size, export_config.get("hidden_size")),
+                ffn_hidden_size_divisor=_divisor(model_config.ffn_hidden_size, export_config.get("ffn_hidden_size")),
+                num_layers_divisor=1,
+            )
         model.eval()
-        model, _ = mtp.prune(
-            model,
-            mode=[("mcore_minitron", mode_config)],
-            constraints={"export_config": export_config},
-            dummy_input=None,
-            # a path without a suffix is a directory to ModelOpt: one rank<N>.pth per rank
-            config={"forward_loop": forward_loop, "scores_path": str(Path(scores_path)) + "/" if scores_path else None},
-        )
+        model, _ = mtp.prune(model, mode=[("mcore_minitron", mode_config)], constraints=constraints,
+                             dummy_input=None, config=search_config)
+    if pruning_config.target_params is not None:
+        # the search chose the shapes; ModelOpt wrote them into the model's megatron config
+        chosen = {name: getattr(model.config, name)
+                  for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers")}
+        pruned_config = dataclasses.replace(model_config, **chosen)
+        if pruned_config.num_parameters() > pruning_config.target_params:
+            raise PruningResultError(f"the search chose {chosen} with {pruned_config.num_parameters()} parameters, "
+                                     f"over target_params={pruning_config.target_params:.4g}.")
+        return rebuild_static(model, pruned_config), pruned_config
     pruned_config = pruning_config.pruned_model_config(model_config)
     return rebuild_static(model, pruned_config), pruned_config
 
@@ -152,16 +179,25 @@ def prune(
             raise PruningConfigError(mismatch)
         loaded = load_model(nemo_checkpoint)
         pruning_config.validate_against(loaded.config)
-        forward_loop = None
+        forward_loop = score_func = None
         if not pruning_config.drop_layers:
             tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
-            batches = packed_sequences(data, "calibration", tokenizer, num_train_samples).split(micro_batch_size)
+            # importance on the first num_train_samples; a target_params search scores its
+            # candidates on the next ones (never on validation text)
+            score_samples = max(num_train_samples // 4, 1) if pruning_config.target_params is not None else 0
+            rows = packed_sequences(data, "calibration", tokenizer, num_train_samples + score_samples)
+            batches = rows[:num_train_samples].split(micro_batch_size)
+            score_batches = rows[num_train_samples:].split(micro_batch_size)
 
             def forward_loop(model):
                 for batch in batches:
                     forward_logits(model, batch)
 
-        model, config = prune_language_model(loaded.model, loaded.config, pruning_config, forward_loop, scores_path)
+            def score_func(model) -> float:
+                return -evaluate_model(model, torch.cat(score_batches), micro_batch_size).loss
+
+        model, config = prune_language_model(loaded.model, loaded.config, pruning_config, forward_loop, scores_path,
+                                             score_func)
         runtime.print0(f"pruned {loaded.config.num_parameters() / 1e6:.1f} M -> {config.num_parameters() / 1e6:.1f} M "
                        f"parameters (layers {config.num_layers}, hidden {config.hidden_size}, ffn {config.ffn_hidden_size}, "
                        f"heads {config.num_attention_heads})")
