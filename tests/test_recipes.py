@@ -48,7 +48,7 @@ def test_unknown_recipe_and_bad_key_list_the_valid_ones(capsys):
     assert launch.main(["smollm2_135m_import_cpu", "evaluation.num_sequences=0", "--dryrun"]) == 2
     assert "num_sequences=0 must be at least 1" in capsys.readouterr().err
     assert launch.main(["smollm2_135m_import_cpu", "--executor", "nowhere", "--yes"]) == 2
-    assert "valid executors: local, torchrun" in capsys.readouterr().err
+    assert "valid executors: dgxcloud, kubeflow, lepton, local, skypilot, slurm, torchrun" in capsys.readouterr().err
 
 
 def test_recipe_names_follow_the_rule():
