@@ -68,6 +68,15 @@ def test_kd_loss_equals_hand_computed_temperature_scaled_kl(temperature, topk, p
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)  # skip_lm_loss: KD only
     assert "lm_loss" not in metrics
 
+    # validation (eval mode) computes the LM loss too; the KD loss must not see logits it overwrote
+    model.eval()
+    with torch.no_grad():
+        output = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+        _, metrics = DistillationLossReduction(model, config)(batch, output)
+    torch.testing.assert_close(metrics["logits_loss"], expected, rtol=1e-5, atol=1e-7)
+    cross_entropy = F.cross_entropy(student_logits.flatten(0, 1), batch["labels"].flatten())
+    torch.testing.assert_close(metrics["lm_loss"], cross_entropy, rtol=1e-5, atol=1e-6)
+
 
 def _training(**overrides):
     values = dict(max_steps=12, global_batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=2, log_interval=1,

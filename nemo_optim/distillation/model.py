@@ -109,17 +109,19 @@ def build_distillation_model(
         "loss_balancer": distillation_config.loss_balancer,
     })])
     adjust_distillation_model_for_mcore(model, distillation_config)
-    if not distillation_config.skip_lm_loss:
-        _lm_loss_on_a_copy_of_the_logits(model)
+    _lm_loss_on_a_copy_of_the_logits(model, distillation_config.skip_lm_loss)
     return model
 
 
-def _lm_loss_on_a_copy_of_the_logits(model: torch.nn.Module) -> None:
-    """megatron's vocab-parallel cross-entropy shifts the logits in place, but the KD loss
-    still needs them (captured by a hook) for its backward: give the LM loss a copy."""
+def _lm_loss_on_a_copy_of_the_logits(model: torch.nn.Module, skip_lm_loss: bool) -> None:
+    """megatron's vocab-parallel cross-entropy overwrites the logits in place (shift, exp), but
+    the KD loss reads them afterwards (captured by a hook): give the LM loss a copy whenever it
+    is computed (always in eval mode; in training unless skip_lm_loss)."""
     adjusted = model.compute_language_model_loss
 
     def compute_language_model_loss(labels, logits):
+        if skip_lm_loss and model.training:
+            return adjusted(labels, logits)  # returns zeros without reading the logits
         return adjusted(labels, logits.clone())
 
     model.compute_language_model_loss = compute_language_model_loss
