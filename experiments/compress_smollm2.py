@@ -41,7 +41,7 @@ def pipeline_tasks(
     work_dir: str = "outputs/compress_smollm2",
     target_num_layers: int = 18,
     importance_samples: int = 32,
-    distill_steps: int = 40,
+    distill_steps: int = 30,
     lr: float = 5e-4,
     calibration_samples: int = 16,
     eval_sequences: int = 16,
@@ -76,6 +76,7 @@ def pipeline_tasks(
         tasks[key] = _stage(evaluation, key, evaluations[label], work_dir, [path, model])
     tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
                                   distillation_metrics=f"{distilled}_run/metrics.jsonl",
+                                  artifacts={"distilled": student_hf, "distilled + FP8": quantized_hf},
                                   title=f"Compression of {Path(model).name}: prune -> distill -> FP8")
     return tasks
 

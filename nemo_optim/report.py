@@ -31,12 +31,12 @@ def _parameters(model_path: str) -> int:
     return read_model_config(model_path)[0].num_parameters()
 
 
-def _row(label: str, model_path: str, evaluation_path: str) -> dict:
+def _row(label: str, model_path: str, evaluation_path: str, artifact: str) -> dict:
     result = json.loads(Path(evaluation_path).read_text())
     return {
-        "model": label, "path": model_path,
+        "model": label, "path": model_path, "artifact": artifact,
         "parameters_m": _parameters(model_path) / 1e6,
-        "size_mb": _size_bytes(model_path) / 2**20,
+        "size_mb": _size_bytes(artifact) / 2**20,
         "perplexity": result["perplexity"],
         "kl_to_original": result.get("kl_to_reference"),
         "top1_agreement": result.get("top1_agreement"),
@@ -98,6 +98,7 @@ def report(
     models: dict,
     evaluations: dict,
     distillation_metrics: Optional[str] = None,
+    artifacts: Optional[dict] = None,
     title: str = "Compression report",
 ) -> Path:
     """Writes `<output_dir>/report.md`, `report.json` and PNG plots.
@@ -106,20 +107,24 @@ def report(
         models: label -> model path (native checkpoint or export), in pipeline order.
         evaluations: label -> the JSON an `evaluate` stage wrote for that model.
         distillation_metrics: metrics.jsonl of the distillation run (loss curves).
+        artifacts: label -> what is deployed (e.g. the FP8 HF export), whose size on disk is
+            reported; default: the model path itself.
     """
+    artifacts = {**models, **(artifacts or {})}
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing = [label for label in models if not Path(evaluations.get(label, "")).is_file()]
     if missing:
         raise FileNotFoundError(f"report: no evaluation for {', '.join(missing)}; run their evaluate stages first.")
-    rows = [_row(label, str(path), evaluations[label]) for label, path in models.items()]
+    rows = [_row(label, str(path), evaluations[label], str(artifacts[label])) for label, path in models.items()]
     images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
-    columns = [("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "weights (MiB)"),
+    columns = [("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "on disk (MiB)"),
                ("perplexity", "ppl"), ("kl_to_original", "KL to original"), ("top1_agreement", "top-1 agree"),
                ("tokens_per_second", "tokens/s")]
     lines = [f"# {title}", "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[key]) for key, _ in columns) + " |" for row in rows]
-    lines += ["", "Paths: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows), ""]
+    lines += ["", "Evaluated: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows),
+              "", "On disk: " + "; ".join(f"{row['model']}: `{row['artifact']}`" for row in rows), ""]
     lines += [f"![{image}]({image})" for image in images]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     (out_dir / "report.json").write_text(json.dumps({"rows": rows, "images": images}, indent=2) + "\n")
