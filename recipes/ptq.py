@@ -22,6 +22,7 @@ def ptq_recipe(
     calibration_dataset_size: int = 64,
     calibration_seq_len: int = 256,
     awq_block_size: int = 128,
+    calibration_algorithm: Optional[str] = None,
     model_dtype: Optional[str] = None,
     transformer_impl: Optional[str] = None,
 ) -> run.Partial[ptq]:
@@ -36,6 +37,7 @@ def ptq_recipe(
             QuantizationConfig,
             algorithm=algorithm,
             awq_block_size=awq_block_size,
+            calibration_algorithm=calibration_algorithm,
             calibration_dataset_size=calibration_dataset_size,
             calibration_seq_len=calibration_seq_len,
         ),

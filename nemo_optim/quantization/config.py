@@ -24,6 +24,19 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4"),
 }
 NEEDS_CUDA = ("nvfp4",)
+# ModelOpt calibration methods `calibration_algorithm` may chain with "+"; "preset" is the
+# preset's own method (NeMo 2's behaviour). ModelOpt 0.43 cannot chain "mse" with gptq_lite.
+CALIBRATION_METHODS = ("preset", "max", "mse", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq_lite")
+# nemo-optim's default per algorithm: the preset's method, then GPTQ-lite error compensation of
+# the weights (SmolLM2-135M, benchmarks/results/ptq.md: FP8 +3.1% -> +1.5% perplexity).
+TUNED_CALIBRATION = {
+    "fp8": "preset+gptq_lite",
+    "fp8_pc_pt": "preset+gptq_lite",
+    "int8": "preset+gptq_lite",
+    "int8_sq": "preset+gptq_lite",
+    "int8_wo": "preset+gptq_lite",
+    "int4": "preset+gptq_lite",
+}
 BLOCKED = ("int4", "int4_awq", "w4a8_awq")
 
 ExportFormat = Literal["hf", "trtllm"]
@@ -44,6 +57,10 @@ class QuantizationConfig:
     w4a8_awq, nvfp4), or None to export without quantizing."""
     custom_config_path: Optional[str] = None
     """A JSON file with a ModelOpt config ({"quant_cfg": ..., "algorithm": ...}, either form); replaces `algorithm`."""
+    calibration_algorithm: Optional[str] = None
+    """ModelOpt calibration methods run in order, joined by "+" (e.g. "smoothquant+gptq_lite");
+    "preset" is the ModelOpt preset's own method (NeMo 2's behaviour). None: nemo-optim's tuned
+    default for `algorithm` (TUNED_CALIBRATION), else "preset"."""
     awq_block_size: int = 128
     """Block size (weights per scale) of int4 / AWQ formats."""
     sq_alpha: float = 0.5
@@ -71,6 +88,13 @@ class QuantizationConfig:
         errors = []
         if self.custom_config_path is None and self.algorithm is not None and self.algorithm not in ALGORITHMS:
             errors.append(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)} (or None)")
+        unknown_methods = [m for m in (self.calibration_algorithm or "preset").split("+") if m not in CALIBRATION_METHODS]
+        if unknown_methods:
+            errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: unknown method {unknown_methods[0]!r}; "
+                          f"join methods from {', '.join(CALIBRATION_METHODS)} with '+'")
+        elif "mse" in self.calibration_methods() and "gptq_lite" in self.calibration_methods():
+            errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: ModelOpt cannot run gptq_lite after mse; "
+                          f"use one of them")
         if self.awq_block_size < 8 or self.awq_block_size & (self.awq_block_size - 1):
             errors.append(f"awq_block_size={self.awq_block_size} must be a power of two >= 8")
         if not 0.0 <= self.sq_alpha <= 1.0:
@@ -86,6 +110,11 @@ class QuantizationConfig:
                 errors.append(f"auto_quantize_formats contains {fmt!r}; choose from {', '.join(ALGORITHMS)}")
         if errors:
             raise QuantizationConfigError("quantization_config: " + "; ".join(errors) + ".")
+
+    def calibration_methods(self) -> list[str]:
+        """The calibration methods in order ("preset" stands for the preset's own)."""
+        chosen = self.calibration_algorithm or TUNED_CALIBRATION.get(self.algorithm or "", "preset")
+        return chosen.split("+")
 
     def calibration_data(self) -> DataConfig:
         return DataConfig(source=self.calibration_dataset, seq_length=self.calibration_seq_len)

@@ -133,11 +133,10 @@ class Quantizer:
                 ) from None
             entries, algorithm = modelopt_config.entries_from_modelopt(quant_cfg), custom.get("algorithm", "max")
         else:
-            entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
+            entries, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
             if config.algorithm in BLOCKED:
                 modelopt_config.set_block_size(entries, config.awq_block_size)
-            if config.algorithm == "int8_sq":
-                algorithm = {"method": "smoothquant", "alpha": config.sq_alpha}
+            algorithm = self.calibration_algorithm(preset_algorithm)
         if self.kv_cache_enabled(model):
             kv_preset = "FP8_KV_CFG" if config.kv_cache_qformat == "fp8" else "NVFP4_KV_CFG"
             kv_entries, _ = modelopt_config.preset_entries(kv_preset)
@@ -145,6 +144,24 @@ class Quantizer:
         entries += [{"quantizer_name": pattern, "enable": False} for pattern in config.exclude_modules]
         entries += [{"quantizer_name": pattern, "enable": False} for pattern in self.excluded_layer_patterns(model)]
         return {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm}
+
+    def calibration_algorithm(self, preset_algorithm: Any) -> Any:
+        """ModelOpt's `algorithm` argument for `calibration_methods()`: one method, or a list
+        that ModelOpt runs in order."""
+        config = self.quantization_config
+        steps = []
+        for method in config.calibration_methods():
+            if method == "preset":
+                step = {"method": preset_algorithm} if isinstance(preset_algorithm, str) else dict(preset_algorithm)
+            else:
+                step = {"method": method}
+            if step["method"] == "smoothquant":
+                step["alpha"] = config.sq_alpha
+            elif step["method"] == "gptq_lite":
+                # GPTQ's update block must hold whole quantization blocks
+                step["block_size"] = max(128, config.awq_block_size)
+            steps.append(step)
+        return steps[0] if len(steps) == 1 else steps
 
     def excluded_layer_patterns(self, model: torch.nn.Module) -> list[str]:
         """Patterns for the first/last N decoder layers. Module names use this pipeline stage's
