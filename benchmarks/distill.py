@@ -2,10 +2,11 @@
 the parameters), equal token budgets.
 
 Rows: no training; plain cross-entropy fine-tuning; KD on logits; KD on logits + a cosine loss
-on the final norm's output. Each: held-out perplexity, KL / top-1 agreement to the teacher,
+on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer). Each: held-out perplexity, KL / top-1 agreement to the teacher,
 seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
 
-    .venv/bin/python -m benchmarks.distill            # ~30 min on 2 cores
+    .venv/bin/python -m benchmarks.distill            # ~70 min on 2 cores (each trained row ~10-25 min)
+    .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
 Writes benchmarks/results/distill.json and distill.md.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -65,19 +67,42 @@ def _teacher_forward_seconds(teacher, tokens, micro_batch_size, repeats=3) -> fl
     return (time.perf_counter() - began) / repeats
 
 
+TRAINED_ROWS = ("cross-entropy fine-tuning", "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss")
+
+
+def _kd_fields(name: str, temperature: float) -> dict:
+    fields = {"logit_kl_temperature": temperature}
+    if "final-norm cosine" in name:
+        fields["intermediate_layer_pairs"] = [["decoder.final_layernorm", "decoder.final_layernorm"]]
+    if "LM loss" in name:
+        # ModelOpt's balancer: LM loss + KD loss rescaled to the LM loss's magnitude
+        fields["skip_lm_loss"] = False
+    return fields
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student-layers", type=int, default=18)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--eval-sequences", type=int, default=32)
+    parser.add_argument("--rows", nargs="*", default=list(TRAINED_ROWS),
+                        help="trained rows to run; the others are kept from the previous results file (same settings)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    unknown = [r for r in args.rows if r not in TRAINED_ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {list(TRAINED_ROWS)}")
+    previous_rows, previous_notes = {}, ""
+    if set(args.rows) != set(TRAINED_ROWS):
+        previous = json.loads((args.out / "distill.json").read_text())
+        previous_rows = {row["model"]: row for row in previous["rows"]}
+        previous_notes = previous["notes"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded", seq_length=args.seq_length)
@@ -93,17 +118,18 @@ def main() -> None:
               pruning_config=PruningConfig(target_num_layers=args.student_layers), scores_path=str(work / "scores"))
     prune_seconds = time.perf_counter() - began
 
-    kd_rows = {
-        "KD logits": {"logit_kl_temperature": args.temperature},
-        "KD logits + final-norm cosine": {"logit_kl_temperature": args.temperature,
-                                          "intermediate_layer_pairs": [["decoder.final_layernorm", "decoder.final_layernorm"]]},
-    }
-    seconds = {"no training": None, "cross-entropy fine-tuning": _fine_tune(student, work, data, training)}
-    for name, fields in kd_rows.items():
+    seconds = {"no training": None}
+    for name in args.rows:
+        if name == "cross-entropy fine-tuning":
+            seconds[name] = _fine_tune(student, work, data, training)
+            continue
         result = distill(student_model_path=str(student), teacher_model_path=TEACHER, output_path=str(work / name.replace(" ", "_")),
-                         distillation_config=load_distillation_config(fields), data=data, training=training,
-                         resume=False, overwrite=True)
+                         distillation_config=load_distillation_config(_kd_fields(name, args.temperature)), data=data,
+                         training=training, resume=False, overwrite=True)
         seconds[name] = result.seconds_per_step
+
+    def label(name):
+        return f"student {args.student_layers} layers: {name}"
 
     rows = []
     with runtime.parallel_runtime():
@@ -117,26 +143,34 @@ def main() -> None:
         rows.append({"model": "teacher (SmolLM2-135M)", "parameters_m": teacher_loaded.config.num_parameters() / 1e6,
                      "tokens": 0, "perplexity": teacher_result.perplexity, "kl_to_teacher": 0.0, "top1_agreement": 1.0})
         student_params = load_model(student).config.num_parameters()
-        paths = {"no training": student, "cross-entropy fine-tuning": work / "ce",
-                 **{name: work / name.replace(" ", "_") for name in kd_rows}}
-        for name, path in paths.items():
-            rows.append({"model": f"student {args.student_layers} layers: {name}", "parameters_m": student_params / 1e6,
+        for name in ("no training", *TRAINED_ROWS):
+            if name != "no training" and name not in args.rows:
+                rows.append(dict(previous_rows[label(name)], reused=True))
+                continue
+            path = student if name == "no training" else work / ("ce" if name == "cross-entropy fine-tuning" else name.replace(" ", "_"))
+            rows.append({"model": label(name), "parameters_m": student_params / 1e6,
                          "tokens": 0 if name == "no training" else tokens_per_row,
                          **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
-    ce_ppl = rows[2]["perplexity"]
+    by_name = {row["model"]: row for row in rows}
+    ce_ppl = by_name[label("cross-entropy fine-tuning")]["perplexity"]
     for row in rows[1:]:
         row["ppl_vs_teacher"] = row["perplexity"] / teacher_result.perplexity
         row["ppl_vs_ce"] = row["perplexity"] / ce_ppl
-    ce_step = seconds["cross-entropy fine-tuning"]
-    ratio = seconds["KD logits"] / (ce_step + teacher_step)
+    ce_step = by_name[label("cross-entropy fine-tuning")]["seconds_per_step"]
+    kd_step = by_name[label("KD logits")]["seconds_per_step"]
+    ratio = kd_step / (ce_step + teacher_step)
+    reused = [row["model"] for row in rows if row.get("reused")]
     notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M), student: Minitron depth pruning to "
              f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
              f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
              f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
              f"AdamW lr {args.lr} warmup+cosine, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
-             f"Step time: KD {seconds['KD logits']:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
+             f"Step time: KD {kd_step:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
              f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}.")
+    if reused:
+        notes += (f" Rows reused from the previous run with the same settings (the pruned student is deterministic): "
+                  f"{', '.join(reused)}. Previous run's notes: {previous_notes}")
     write_results("distill", rows, [
         ("model", "model"), ("parameters_m", "params (M)"), ("tokens", "train tokens"), ("perplexity", "ppl"),
         ("ppl_vs_teacher", "ppl / teacher"), ("ppl_vs_ce", "ppl / CE"), ("kl_to_teacher", "KL to teacher"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -40,9 +41,11 @@ ROWS: dict[str, tuple[str, object]] = {
     "raw INT8_SMOOTHQUANT": ("raw", "INT8_SMOOTHQUANT_CFG"),
     "raw INT4_AWQ": ("raw", "INT4_AWQ_CFG"),
     "raw W4A8_AWQ": ("raw", "W4A8_AWQ_BETA_CFG"),
+    "fp8 (preset calibration)": ("recipe", {"algorithm": "fp8", "calibration_algorithm": "preset"}),
     "fp8": ("recipe", {"algorithm": "fp8"}),
     "fp8_pc_pt": ("recipe", {"algorithm": "fp8_pc_pt"}),
     "int8_sq alpha 0.8": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.8}),
+    "int4 block 32": ("recipe", {"algorithm": "int4", "awq_block_size": 32}),
     "int4_awq block 64": ("recipe", {"algorithm": "int4_awq", "awq_block_size": 64}),
     "w4a8_awq block 64": ("recipe", {"algorithm": "w4a8_awq", "awq_block_size": 64}),
 }
@@ -50,7 +53,8 @@ ROWS: dict[str, tuple[str, object]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), help="row names (default: all)")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS),
+                        help="row names (default: all); with a subset, the other rows are kept from the previous results file")
     parser.add_argument("--calib-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--seq-length", type=int, default=256)
@@ -59,6 +63,11 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+    previous_rows, previous_notes = {}, ""
+    if set(args.rows) != set(ROWS) and (args.out / "ptq.json").is_file():
+        previous = json.loads((args.out / "ptq.json").read_text())
+        previous_rows = {row["row"]: row for row in previous["rows"]}
+        previous_notes = previous["notes"]
 
     rows = []
     with runtime.parallel_runtime():
@@ -107,13 +116,23 @@ def main() -> None:
             print(rows[-1], flush=True)
             del model
         overhead = None
-        if "raw FP8_DEFAULT" in timings and "fp8" in timings:
-            overhead = timings["fp8"] / timings["raw FP8_DEFAULT"]
+        if "raw FP8_DEFAULT" in timings and "fp8 (preset calibration)" in timings:
+            # same ModelOpt config and forward loop: what nemo-optim adds around mtq.quantize
+            overhead = timings["fp8 (preset calibration)"] / timings["raw FP8_DEFAULT"]
+    measured = {row["row"] for row in rows}
+    reused = [name for name in ROWS if name not in measured and name in previous_rows]
+    rows += [dict(previous_rows[name], reused=True) for name in reused]
+    order = ["fp32 (reference)", *ROWS]
+    rows.sort(key=lambda row: order.index(row["row"]) if row["row"] in order else len(order))
     notes = (f"SmolLM2-135M-Instruct fp32 on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
-             f"nemo-optim fp8 wall time / raw mtq.quantize FP8_DEFAULT: "
-             f"{overhead if overhead is None else round(overhead, 3)}.")
+             f"Rows without a suffix use nemo-optim's default calibration (TUNED_CALIBRATION: the preset's method, "
+             f"then GPTQ-lite); 'preset calibration' is ModelOpt's preset method alone. "
+             f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration): "
+             f"{'not measured in this run' if overhead is None else round(overhead, 3)}.")
+    if reused:
+        notes += f" Rows kept from the previous run: {', '.join(reused)}. Previous notes: {previous_notes}"
     write_results("ptq", rows, [
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
         ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),

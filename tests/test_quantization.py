@@ -16,7 +16,7 @@ from nemo_optim.data.corpus import DataError
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization import modelopt_config
-from nemo_optim.quantization.config import ALGORITHMS, ExportConfig, QuantizationConfig, QuantizationConfigError
+from nemo_optim.quantization.config import ALGORITHMS, PRESET_METHODS, ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.quantization.ptq import ptq
 from nemo_optim.quantization.quantizer import ExportVerificationError, Quantizer, verify_export
 from tiny_models import VOCAB_SIZE
@@ -93,6 +93,13 @@ def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tin
     preset = quantized_logits(Quantizer(_config("fp8", calibration_algorithm="preset")))
     torch.testing.assert_close(preset, quantized_logits(raw_config=copy.deepcopy(mtq.FP8_DEFAULT_CFG)), rtol=0, atol=0)
     assert kl(ours) < kl(preset), (kl(ours), kl(preset))
+
+
+def test_preset_methods_table_matches_modelopt():
+    for algorithm, (preset, _) in ALGORITHMS.items():
+        method = getattr(mtq, preset)["algorithm"]
+        method = method if isinstance(method, str) else method["method"]
+        assert PRESET_METHODS.get(algorithm, "max") == method, algorithm
 
 
 def test_config_forms_round_trip():
@@ -177,7 +184,8 @@ def test_silent_bf16_export_is_caught_and_the_native_checkpoint_avoids_recalibra
     ({"awq_block_size": 100}, "awq_block_size=100 must be a power of two"),
     ({"sq_alpha": 1.5}, "sq_alpha=1.5 must be in"),
     ({"calibration_algorithm": "max+gptq"}, "unknown method 'gptq'; join methods from preset, max"),
-    ({"calibration_algorithm": "mse+gptq_lite"}, "cannot run gptq_lite after mse"),
+    ({"calibration_algorithm": "mse+gptq_lite"}, "gptq_lite cannot follow mse; drop gptq_lite or mse"),
+    ({"algorithm": "int8_sq", "calibration_algorithm": "preset+gptq_lite"}, "gptq_lite cannot follow smoothquant"),
 ])
 def test_invalid_quantization_configs(kwargs, message):
     with pytest.raises(QuantizationConfigError, match=message):

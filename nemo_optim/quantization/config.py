@@ -24,16 +24,20 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "nvfp4": ("NVFP4_DEFAULT_CFG", "NVFP4"),
 }
 NEEDS_CUDA = ("nvfp4",)
+# the calibration method of each preset that is not plain "max"
+PRESET_METHODS = {"int8_sq": "smoothquant", "int4_awq": "awq_lite", "w4a8_awq": "awq_lite"}
 # ModelOpt calibration methods `calibration_algorithm` may chain with "+"; "preset" is the
-# preset's own method (NeMo 2's behaviour). ModelOpt 0.43 cannot chain "mse" with gptq_lite.
+# preset's own method (NeMo 2's behaviour).
 CALIBRATION_METHODS = ("preset", "max", "mse", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq_lite")
+# Methods that rescale inputs (pre-quant scales) or leave their calibrator attached: ModelOpt
+# 0.43's gptq_lite cannot follow them (after SmoothQuant, SmolLM2's INT8 went +3.9% -> +31% ppl).
+NOT_BEFORE_GPTQ = ("mse", "smoothquant", "awq_lite", "awq_clip", "awq_full")
 # nemo-optim's default per algorithm: the preset's method, then GPTQ-lite error compensation of
 # the weights (SmolLM2-135M, benchmarks/results/ptq.md: FP8 +3.1% -> +1.5% perplexity).
 TUNED_CALIBRATION = {
     "fp8": "preset+gptq_lite",
     "fp8_pc_pt": "preset+gptq_lite",
     "int8": "preset+gptq_lite",
-    "int8_sq": "preset+gptq_lite",
     "int8_wo": "preset+gptq_lite",
     "int4": "preset+gptq_lite",
 }
@@ -92,9 +96,14 @@ class QuantizationConfig:
         if unknown_methods:
             errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: unknown method {unknown_methods[0]!r}; "
                           f"join methods from {', '.join(CALIBRATION_METHODS)} with '+'")
-        elif "mse" in self.calibration_methods() and "gptq_lite" in self.calibration_methods():
-            errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: ModelOpt cannot run gptq_lite after mse; "
-                          f"use one of them")
+        elif "gptq_lite" in self.calibration_methods():
+            methods = self.calibration_methods()
+            preset_method = PRESET_METHODS.get(self.algorithm or "", "max")
+            before = [preset_method if m == "preset" else m for m in methods[: methods.index("gptq_lite")]]
+            clash = [m for m in before if m in NOT_BEFORE_GPTQ]
+            if clash:
+                errors.append(f"calibration_algorithm={self.calibration_algorithm!r} (algorithm={self.algorithm!r}): "
+                              f"ModelOpt's gptq_lite cannot follow {clash[0]}; drop gptq_lite or {clash[0]}")
         if self.awq_block_size < 8 or self.awq_block_size & (self.awq_block_size - 1):
             errors.append(f"awq_block_size={self.awq_block_size} must be a power of two >= 8")
         if not 0.0 <= self.sq_alpha <= 1.0:
