@@ -116,6 +116,12 @@ def test_config_forms_round_trip():
 
 def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models, tiny_tokenizer, runtime_single):
     tokens = _tokens(2)
+    # Oracle: without sq_alpha, int8_sq is ModelOpt's INT8_SMOOTHQUANT preset (alpha 1.0), as NeMo 2 ran it.
+    quantizer = Quantizer(_config("int8_sq"))
+    forward_loop = quantizer.calibration_loop(tiny_tokenizer)
+    ours = forward_logits(quantizer.quantize(load_model(tiny_hf_models["llama"]).model, forward_loop), tokens)
+    raw = mtq.quantize(load_model(tiny_hf_models["llama"]).model, copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG), forward_loop)
+    torch.testing.assert_close(ours, forward_logits(raw, tokens), rtol=0, atol=0)
     outputs = []
     for alpha in (0.1, 0.9):
         model = Quantizer(_config("int8_sq", sq_alpha=alpha)).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)

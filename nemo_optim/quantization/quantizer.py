@@ -155,7 +155,7 @@ class Quantizer:
                 step = {"method": preset_algorithm} if isinstance(preset_algorithm, str) else dict(preset_algorithm)
             else:
                 step = {"method": method}
-            if step["method"] == "smoothquant":
+            if step["method"] == "smoothquant" and config.sq_alpha is not None:
                 step["alpha"] = config.sq_alpha
             elif step["method"] == "gptq_lite":
                 # GPTQ's update block must hold whole quantization blocks
