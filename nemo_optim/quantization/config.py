@@ -30,7 +30,8 @@ PRESET_METHODS = {"int8_sq": "smoothquant", "int4_awq": "awq_lite", "w4a8_awq": 
 # preset's own method (NeMo 2's behaviour).
 CALIBRATION_METHODS = ("preset", "max", "mse", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq_lite")
 # Methods that rescale inputs (pre-quant scales) or leave their calibrator attached: ModelOpt
-# 0.43's gptq_lite cannot follow them (after SmoothQuant, SmolLM2's INT8 went +3.9% -> +31% ppl).
+# 0.43's gptq_lite cannot follow them (its Hessian hook reads the module's raw input, not the
+# input the pre-quant scale multiplies, so it would optimise the wrong objective).
 NOT_BEFORE_GPTQ = ("mse", "smoothquant", "awq_lite", "awq_clip", "awq_full")
 # nemo-optim's default per algorithm: the preset's method, then GPTQ-lite error compensation of
 # the weights (SmolLM2-135M, benchmarks/results/ptq.md: FP8 +3.1% -> +1.5% perplexity).
