@@ -257,6 +257,27 @@ def test_calibration_at_tp2_or_pp2_exports_the_same_fp8_checkpoint(tp, pp, tiny_
         torch.testing.assert_close(got[name].float(), tensor.float(), rtol=rtol, atol=0, msg=name)
 
 
+def test_trtllm_export_of_a_tied_model_shares_the_embedding_table(tiny_hf_models, tmp_path, capsys):
+    """SmolLM2 ties its output layer to the embedding: ModelOpt's TensorRT-LLM exporter crashed on
+    the output layer's missing weight. The export must share the table instead, holding the HF
+    model's embedding; mixed precision from auto_quantize (a layer left in 16 bits) exports too."""
+    import transformers
+    from safetensors.torch import load_file
+
+    hf_embedding = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_models["llama_tied"]).get_input_embeddings().weight
+    for name, config in (("int8_sq", _config("int8_sq")),
+                         ("auto", _config("int8_sq", auto_quantize_bits=10.0, auto_quantize_formats=["int8_sq"]))):
+        export = ptq(model_path=str(tiny_hf_models["llama_tied"]), quantization_config=config,
+                     export_config=ExportConfig(path=str(tmp_path / name), export_format="trtllm", dtype="fp16"))
+        exported = json.loads((export / "config.json").read_text())
+        weights = load_file(export / "rank0.safetensors")
+        assert exported["share_embedding_table"] is True
+        assert not any("lm_head" in key for key in weights)
+        torch.testing.assert_close(weights["transformer.vocab_embedding.weight"], hf_embedding.half(), rtol=0, atol=0)
+    chosen = [line.rsplit(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  decoder.layers.")]
+    assert "none" in chosen and set(chosen) <= {"int8_sq", "none"}, chosen
+
+
 def test_auto_quantize_reports_a_format_per_layer_within_the_budget(tiny_hf_models, tmp_path, capsys):
     # ModelOpt counts the unquantized output_layer (512x64) at 16 bits: all-int4 is 7.7 bits
     # here, so a 6-bit budget cannot be met and is reported; 10 bits can.

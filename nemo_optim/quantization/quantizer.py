@@ -3,6 +3,7 @@ calls ModelOpt, summarises what was quantized, exports, and checks the export.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -246,9 +247,14 @@ class Quantizer:
         self.summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
         best = search_state["best"]
         for layer, recipe in best["recipe"].items():
-            # ModelOpt names our formats CUSTOM_<index in quantization_formats>, or NONE
+            # ModelOpt names a format by the preset it recognises (INT8_SMOOTHQUANT_CFG), else
+            # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
             name = str(recipe).split("(")[0]
-            chosen = formats[int(name.split("_")[1])] if name.startswith("CUSTOM_") else name.lower()
+            by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
+            if name.startswith("CUSTOM_"):
+                chosen = formats[int(name.split("_")[1])]
+            else:
+                chosen = by_preset.get(name.upper(), name.lower())
             self.summary.per_layer_formats[layer.removesuffix(".quant_recipe")] = chosen
         if not best.get("is_satisfied", True):
             runtime.print0(f"auto_quantize: {effective_bits} effective bits is not reachable with {formats} "
@@ -280,14 +286,33 @@ class Quantizer:
             else:
                 from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-                export_tensorrt_llm_checkpoint(
-                    model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
-                    inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
-                )
+                with tied_embeddings_declared(model):
+                    export_tensorrt_llm_checkpoint(
+                        model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
+                        inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
+                    )
             runtime.barrier()
             if runtime.is_main_process():
                 verify_export(Path(tmp), export.export_format, self.expected_export_algos(), shown_path=export.path)
         return Path(export.path)
+
+
+@contextlib.contextmanager
+def tied_embeddings_declared(model: torch.nn.Module):
+    """ModelOpt's TensorRT-LLM exporter reads `share_embeddings_and_output_weights` from the
+    model's config, where megatron-core does not keep it (the GPTModel does): without it, a tied
+    model's output layer (weight None, e.g. SmolLM2) crashed the export."""
+    config = model.config
+    missing = object()
+    previous = getattr(config, "share_embeddings_and_output_weights", missing)
+    config.share_embeddings_and_output_weights = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del config.share_embeddings_and_output_weights
+        else:
+            config.share_embeddings_and_output_weights = previous
 
 
 def declared_quant_algo(path: Path, export_format: str) -> str | None:
