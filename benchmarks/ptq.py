@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -44,11 +45,34 @@ ROWS: dict[str, tuple[str, object]] = {
     "fp8 (preset calibration)": ("recipe", {"algorithm": "fp8", "calibration_algorithm": "preset"}),
     "fp8": ("recipe", {"algorithm": "fp8"}),
     "fp8_pc_pt": ("recipe", {"algorithm": "fp8_pc_pt"}),
+    "fp8 (preset calibration), weights only": ("recipe", {"algorithm": "fp8", "calibration_algorithm": "preset",
+                                                          "exclude_modules": ["*input_quantizer"]}),
+    "fp8 auto_quantize 8.38 bits": ("recipe", {"algorithm": "fp8", "auto_quantize_bits": 8.38,
+                                               "auto_quantize_formats": ["fp8"]}),
     "int8_sq alpha 0.8": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.8}),
+    "int8_sq auto_quantize 8.38 bits": ("recipe", {"algorithm": "int8_sq", "auto_quantize_bits": 8.38,
+                                                   "auto_quantize_formats": ["int8_sq"]}),
     "int4 block 32": ("recipe", {"algorithm": "int4", "awq_block_size": 32}),
     "int4_awq block 64": ("recipe", {"algorithm": "int4_awq", "awq_block_size": 64}),
     "w4a8_awq block 64": ("recipe", {"algorithm": "w4a8_awq", "awq_block_size": 64}),
 }
+
+
+def _wall_time_ratio(forward_loop, repeats: int) -> float:
+    """Median over alternating runs of Quantizer.quantize / raw mtq.quantize, FP8 with max
+    calibration (the same ModelOpt config), on the same forward loop: nemo-optim's overhead."""
+    raw_seconds, ours_seconds = [], []
+    quantizer = Quantizer(QuantizationConfig(algorithm="fp8", calibration_algorithm="preset"))
+    for _ in range(repeats):
+        for seconds, quantize in ((raw_seconds, lambda m: mtq.quantize(m, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop)),
+                                  (ours_seconds, lambda m: quantizer.quantize(m, forward_loop))):
+            model = load_model(MODEL).model
+            began = time.perf_counter()
+            quantize(model)
+            seconds.append(time.perf_counter() - began)
+            del model
+    print({"raw_seconds": raw_seconds, "nemo_optim_seconds": ours_seconds}, flush=True)
+    return statistics.median(ours_seconds) / statistics.median(raw_seconds)
 
 
 def main() -> None:
@@ -58,16 +82,18 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--note", default="", help="appended to the notes (e.g. what shared the machine)")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="alternating raw / nemo-optim FP8 runs for the wall-time ratio (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    previous_rows, previous_notes = {}, ""
+    previous_rows = {}
     if set(args.rows) != set(ROWS) and (args.out / "ptq.json").is_file():
         previous = json.loads((args.out / "ptq.json").read_text())
         previous_rows = {row["row"]: row for row in previous["rows"]}
-        previous_notes = previous["notes"]
 
     rows = []
     with runtime.parallel_runtime():
@@ -98,7 +124,11 @@ def main() -> None:
             else:
                 quantizer = Quantizer(QuantizationConfig(calibration_dataset_size=args.calib_sequences,
                                                          calibration_seq_len=args.seq_length, **spec))
-                model = quantizer.quantize(model, forward_loop)
+                config = quantizer.quantization_config
+                if config.auto_quantize_bits is not None:  # calibrates on the same rows as forward_loop
+                    model = quantizer.auto_quantize(model, tokenizer, config.auto_quantize_bits, config.auto_quantize_formats)
+                else:
+                    model = quantizer.quantize(model, forward_loop)
                 summary = quantizer.summary
             seconds = time.perf_counter() - began
             timings[name] = seconds
@@ -115,10 +145,7 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
             del model
-        overhead = None
-        if "raw FP8_DEFAULT" in timings and "fp8 (preset calibration)" in timings:
-            # same ModelOpt config and forward loop: what nemo-optim adds around mtq.quantize
-            overhead = timings["fp8 (preset calibration)"] / timings["raw FP8_DEFAULT"]
+        overhead = _wall_time_ratio(forward_loop, args.timing_repeats) if args.timing_repeats else None
     measured = {row["row"] for row in rows}
     reused = [name for name in ROWS if name not in measured and name in previous_rows]
     rows += [dict(previous_rows[name], reused=True) for name in reused]
@@ -128,11 +155,18 @@ def main() -> None:
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
              f"Rows without a suffix use nemo-optim's default calibration (TUNED_CALIBRATION: the preset's method, "
-             f"then GPTQ-lite); 'preset calibration' is ModelOpt's preset method alone. "
-             f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration): "
+             f"then GPTQ-lite); 'preset calibration' is ModelOpt's preset method alone; 'weights only' disables "
+             f"every activation quantizer (an ablation: what the weights alone cost); 'auto_quantize B bits' is "
+             f"ModelOpt's auto_quantize choosing per layer between the format and 16 bits by gradient sensitivity on "
+             f"the calibration rows, under B bits as ModelOpt counts them (format bits, unquantized 16), which keeps "
+             f">= 95% of the decoder's linear weights quantized (see 'quantized share'). "
+             f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration; "
+             f"median of {args.timing_repeats} alternating runs each): "
              f"{'not measured in this run' if overhead is None else round(overhead, 3)}.")
     if reused:
-        notes += f" Rows kept from the previous run: {', '.join(reused)}. Previous notes: {previous_notes}"
+        notes += f" Rows kept from the previous run (same settings): {', '.join(reused)}."
+    if args.note:
+        notes += " " + args.note
     write_results("ptq", rows, [
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
         ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),
