@@ -160,14 +160,18 @@ def main() -> None:
     kd_step = by_name[label("KD logits")]["seconds_per_step"]
     ratio = kd_step / (ce_step + teacher_step)
     reused = [row["model"] for row in rows if row.get("reused")]
+    reused_timing = any(label(name) in reused for name in ("cross-entropy fine-tuning", "KD logits"))
     notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M), student: Minitron depth pruning to "
              f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
              f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
              f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
              f"AdamW lr {args.lr} warmup+cosine, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
-             f"Step time: KD {kd_step:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
-             f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}.")
+             + (f"Step time: KD {kd_step:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
+                f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}."
+                if not reused_timing else
+                "s/step of rows from different runs (and different load on the machine) are not comparable; "
+                "the KD step-time ratio is measured in distill_step_time.md."))
     if reused:
         notes += (f" Rows reused from the previous run with the same settings (the pruned student is deterministic): "
                   f"{', '.join(reused)}. Previous run's notes: {previous_notes}")
