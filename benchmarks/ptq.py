@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
 import time
@@ -49,6 +50,7 @@ ROWS: dict[str, tuple[str, object]] = {
                                                           "exclude_modules": ["*input_quantizer"]}),
     "fp8 auto_quantize 8.38 bits": ("recipe", {"algorithm": "fp8", "auto_quantize_bits": 8.38,
                                                "auto_quantize_formats": ["fp8"]}),
+    "int8_sq alpha 0.5 (NeMo 2's nominal default)": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.5}),
     "int8_sq alpha 0.8": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.8}),
     "int8_sq auto_quantize 8.38 bits": ("recipe", {"algorithm": "int8_sq", "auto_quantize_bits": 8.38,
                                                    "auto_quantize_formats": ["int8_sq"]}),
@@ -142,6 +144,7 @@ def main() -> None:
                 "kl": result.kl_to_reference, "top1_agreement": result.top1_agreement,
                 "calibration_seconds": seconds, "effective_bits": summary.effective_bits,
                 "quantized_share": summary.quantized_linear_share, "estimated_size_mb": size_mb,
+                "measured": datetime.date.today().isoformat(),
             })
             print(rows[-1], flush=True)
             del model
@@ -164,13 +167,14 @@ def main() -> None:
              f"median of {args.timing_repeats} alternating runs each): "
              f"{'not measured in this run' if overhead is None else round(overhead, 3)}.")
     if reused:
-        notes += f" Rows kept from the previous run (same settings): {', '.join(reused)}."
+        notes += (f" Rows kept from an earlier run of this script with the same arguments (the package may have "
+                  f"changed in between: see each row's date): {', '.join(reused)}.")
     if args.note:
         notes += " " + args.note
     write_results("ptq", rows, [
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
         ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),
-        ("quantized_share", "quantized share"), ("estimated_size_mb", "size MB (est.)"),
+        ("quantized_share", "quantized share"), ("estimated_size_mb", "size MB (est.)"), ("measured", "measured"),
     ], notes, args.out)
 
 
