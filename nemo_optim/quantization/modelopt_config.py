@@ -21,6 +21,13 @@ def modelopt_uses_list_form() -> bool:
     return isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list)
 
 
+def gptq_method() -> str:
+    """ModelOpt's name for its GPTQ weight update: "gptq_lite" up to 0.43, "gptq" from 0.44."""
+    from modelopt.torch.quantization.mode import CalibrateModeRegistry
+
+    return "gptq_lite" if "gptq_lite_calibrate" in CalibrateModeRegistry else "gptq"
+
+
 def entries_from_modelopt(quant_cfg: dict | list) -> list[Entry]:
     """Any ModelOpt `quant_cfg` (dict or list form) -> our ordered list of entries."""
     if isinstance(quant_cfg, list):

@@ -159,6 +159,7 @@ class Quantizer:
             if step["method"] == "smoothquant" and config.sq_alpha is not None:
                 step["alpha"] = config.sq_alpha
             elif step["method"] == "gptq_lite":
+                step["method"] = modelopt_config.gptq_method()
                 # GPTQ's update block must hold whole quantization blocks
                 step["block_size"] = max(128, config.awq_block_size)
             steps.append(step)
