@@ -34,7 +34,7 @@ CALIBRATION_METHODS = ("preset", "max", "mse", "smoothquant", "awq_lite", "awq_c
 # input the pre-quant scale multiplies, so it would optimise the wrong objective).
 NOT_BEFORE_GPTQ = ("mse", "smoothquant", "awq_lite", "awq_clip", "awq_full")
 # nemo-optim's default per algorithm: the preset's method, then GPTQ-lite error compensation of
-# the weights (SmolLM2-135M, benchmarks/results/ptq.md: FP8 +3.1% -> +1.5% perplexity).
+# the weights (SmolLM2-135M, benchmarks/results/ptq.md: FP8 +3.1% -> +1.9% perplexity).
 TUNED_CALIBRATION = {
     "fp8": "preset+gptq_lite",
     "fp8_pc_pt": "preset+gptq_lite",
