@@ -10,10 +10,12 @@ from typing import Any
 from nemo_optim.checkpoint import library_versions
 
 
-def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: str, out_dir: Path) -> Path:
-    """Writes <out_dir>/<name>.json and <name>.md (a table with `columns`: (key, header))."""
+def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: str, out_dir: Path,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Writes <out_dir>/<name>.json (with `extra` fields) and <name>.md (a table with `columns`: (key, header))."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": platform.platform(), "versions": library_versions(), "notes": notes, "rows": rows}
+    payload = {"benchmark": name, "machine": platform.platform(), "versions": library_versions(), "notes": notes,
+               **(extra or {}), "rows": rows}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     def cell(value):

@@ -92,10 +92,11 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    previous_rows = {}
+    previous_rows, wall_time = {}, None
     if set(args.rows) != set(ROWS) and (args.out / "ptq.json").is_file():
         previous = json.loads((args.out / "ptq.json").read_text())
         previous_rows = {row["row"]: row for row in previous["rows"]}
+        wall_time = previous.get("wall_time_ratio")  # kept when this run does not time
 
     rows = []
     with runtime.parallel_runtime():
@@ -148,7 +149,9 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
             del model
-        overhead = _wall_time_ratio(forward_loop, args.timing_repeats) if args.timing_repeats else None
+        if args.timing_repeats:
+            wall_time = {"ratio": _wall_time_ratio(forward_loop, args.timing_repeats), "repeats": args.timing_repeats,
+                         "measured": datetime.date.today().isoformat()}
     measured = {row["row"] for row in rows}
     reused = [name for name in ROWS if name not in measured and name in previous_rows]
     rows += [dict(previous_rows[name], reused=True) for name in reused]
@@ -163,9 +166,10 @@ def main() -> None:
              f"ModelOpt's auto_quantize choosing per layer between the format and 16 bits by gradient sensitivity on "
              f"the calibration rows, under B bits as ModelOpt counts them (format bits, unquantized 16), which keeps "
              f">= 95% of the decoder's linear weights quantized (see 'quantized share'). "
-             f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration; "
-             f"median of {args.timing_repeats} alternating runs each): "
-             f"{'not measured in this run' if overhead is None else round(overhead, 3)}.")
+             f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration): "
+             + ("not measured." if wall_time is None else
+                f"{wall_time['ratio']:.3f} (median of {wall_time['repeats']} alternating runs each, "
+                f"measured {wall_time['measured']})."))
     if reused:
         notes += (f" Rows kept from an earlier run of this script with the same arguments (the package may have "
                   f"changed in between: see each row's date): {', '.join(reused)}.")
@@ -175,7 +179,7 @@ def main() -> None:
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
         ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),
         ("quantized_share", "quantized share"), ("estimated_size_mb", "size MB (est.)"), ("measured", "measured"),
-    ], notes, args.out)
+    ], notes, args.out, extra={"wall_time_ratio": wall_time})
 
 
 if __name__ == "__main__":
