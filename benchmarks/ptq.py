@@ -116,7 +116,6 @@ def main() -> None:
 
         rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0,
                      "effective_bits": 32.0, "quantized_share": 0.0})
-        timings = {}
         for name in args.rows:
             kind, spec = ROWS[name]
             model = load_model(MODEL).model
@@ -134,7 +133,6 @@ def main() -> None:
                     model = quantizer.quantize(model, forward_loop)
                 summary = quantizer.summary
             seconds = time.perf_counter() - began
-            timings[name] = seconds
             result = evaluate_model(model, held_out, reference=base.model)
             num_params = base.config.num_parameters()
             decoder_linear = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)

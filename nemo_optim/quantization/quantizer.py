@@ -247,11 +247,11 @@ class Quantizer:
         )
         self.summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
         best = search_state["best"]
+        # ModelOpt names a format by the preset it recognises (INT8_SMOOTHQUANT_CFG), else
+        # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
+        by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
         for layer, recipe in best["recipe"].items():
-            # ModelOpt names a format by the preset it recognises (INT8_SMOOTHQUANT_CFG), else
-            # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
             name = str(recipe).split("(")[0]
-            by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
             if name.startswith("CUSTOM_"):
                 chosen = formats[int(name.split("_")[1])]
             else:
