@@ -2,8 +2,10 @@
 the parameters), equal token budgets.
 
 Rows: no training; plain cross-entropy fine-tuning; KD on logits; KD on logits + a cosine loss
-on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer). Each: held-out perplexity, KL / top-1 agreement to the teacher,
-seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
+on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer); and KD rows from a
+*corrected* teacher (Minitron's teacher correction: the teacher fine-tuned on the same train
+split first, `nemo_optim.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
+original teacher, seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
 
     .venv/bin/python -m benchmarks.distill            # ~70 min on 2 cores (each trained row ~10-25 min)
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
@@ -28,6 +30,7 @@ from nemo_optim.data.packing import packed_sequences
 from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
+from nemo_optim.finetune import finetune
 from nemo_optim.models.forward import forward_logits, make_batch
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
@@ -54,7 +57,8 @@ def _fine_tune(student_path, output_dir: Path, data: DataConfig, training: Train
         result = train(loaded.model, packed_sequences(data, "train", tokenizer),
                        packed_sequences(data, "validation", tokenizer, training.num_val_sequences),
                        lm_loss_reduction, training, output_dir / "ce_run", resume=False)
-        checkpoint.save_checkpoint(loaded.model, loaded.config, output_dir / "ce", loaded.hf_dir)
+        checkpoint.save_checkpoint(loaded.model, loaded.config, output_dir / "ce", loaded.hf_dir,
+                                   producer={"stage": "benchmark CE", "training": dataclasses.asdict(training)})
     return result.seconds_per_step
 
 
@@ -67,17 +71,40 @@ def _teacher_forward_seconds(teacher, tokens, micro_batch_size, repeats=3) -> fl
     return (time.perf_counter() - began) / repeats
 
 
-TRAINED_ROWS = ("cross-entropy fine-tuning", "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss")
+TRAINED_ROWS = ("cross-entropy fine-tuning", "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss",
+                "KD logits, corrected teacher", "KD logits + LM loss, corrected teacher")
+CORRECTED = "corrected teacher"
 
 
 def _kd_fields(name: str, temperature: float) -> dict:
     fields = {"logit_kl_temperature": temperature}
     if "final-norm cosine" in name:
         fields["intermediate_layer_pairs"] = [["decoder.final_layernorm", "decoder.final_layernorm"]]
-    if "LM loss" in name:
+    if "+ LM loss" in name:
         # ModelOpt's balancer: LM loss + KD loss rescaled to the LM loss's magnitude
         fields["skip_lm_loss"] = False
     return fields
+
+
+def _logged_seconds_per_step(run_dir: Path) -> float:
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [row["seconds_per_step"] for row in steps if row["kind"] == "train"]
+    return sum(times) / len(times)
+
+
+def _trained_with(output: Path, training: TrainingConfig, corrected_teacher: bool) -> bool:
+    """Whether `output` is a complete student trained with these settings (and teacher)."""
+    from nemo_optim import checkpoint
+
+    if not checkpoint.is_checkpoint(output):
+        return False
+    producer = checkpoint.read_checkpoint_info(output).manifest.get("producer", {})
+    same_teacher = producer.get("stage") != "distill" or (producer.get("teacher") != TEACHER) == corrected_teacher
+    return producer.get("training") == json.loads(json.dumps(dataclasses.asdict(training))) and same_teacher
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "")
 
 
 def main() -> None:
@@ -89,10 +116,13 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--teacher-correction-lr", type=float, default=1e-4)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--rows", nargs="*", default=list(TRAINED_ROWS),
                         help="trained rows to run; the others are kept from the previous results file (same settings)")
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--reuse-checkpoints", action="store_true",
+                        help="rows whose trained student is already complete in --work-dir are evaluated, not retrained")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     unknown = [r for r in args.rows if r not in TRAINED_ROWS]
@@ -118,12 +148,28 @@ def main() -> None:
               pruning_config=PruningConfig(target_num_layers=args.student_layers), scores_path=str(work / "scores"))
     prune_seconds = time.perf_counter() - began
 
+    # Teacher correction: the teacher's own LM-loss fine-tuning on the same train split and
+    # token budget, at a lower lr (it is a trained model); done once, reused by every such row
+    corrected_teacher = work / "teacher_corrected"
+    correction = dataclasses.replace(training, lr=args.teacher_correction_lr, min_lr=args.teacher_correction_lr / 10)
+    correction_seconds = None
+    if not (corrected_teacher / "manifest.json").is_file():
+        began = time.perf_counter()
+        finetune(model_path=TEACHER, output_path=str(corrected_teacher), data=data, training=correction,
+                 resume=False, overwrite=True)
+        correction_seconds = time.perf_counter() - began
+
     seconds = {"no training": None}
     for name in args.rows:
+        output = work / ("ce" if name == "cross-entropy fine-tuning" else _slug(name))
+        if args.reuse_checkpoints and _trained_with(output, training, CORRECTED in name):
+            seconds[name] = _logged_seconds_per_step(output.parent / f"{output.name}_run")
+            continue
         if name == "cross-entropy fine-tuning":
             seconds[name] = _fine_tune(student, work, data, training)
             continue
-        result = distill(student_model_path=str(student), teacher_model_path=TEACHER, output_path=str(work / name.replace(" ", "_")),
+        teacher_path = str(corrected_teacher) if CORRECTED in name else TEACHER
+        result = distill(student_model_path=str(student), teacher_model_path=teacher_path, output_path=str(work / _slug(name)),
                          distillation_config=load_distillation_config(_kd_fields(name, args.temperature)), data=data,
                          training=training, resume=False, overwrite=True)
         seconds[name] = result.seconds_per_step
@@ -142,12 +188,15 @@ def main() -> None:
                                                 args.micro_batch)
         rows.append({"model": "teacher (SmolLM2-135M)", "parameters_m": teacher_loaded.config.num_parameters() / 1e6,
                      "tokens": 0, "perplexity": teacher_result.perplexity, "kl_to_teacher": 0.0, "top1_agreement": 1.0})
+        rows.append({"model": "teacher corrected (fine-tuned on the train split)", "parameters_m": rows[0]["parameters_m"],
+                     "tokens": tokens_per_row, **_evaluate(corrected_teacher, teacher, held_out),
+                     "seconds_per_step": None})
         student_params = load_model(student).config.num_parameters()
         for name in ("no training", *TRAINED_ROWS):
             if name != "no training" and name not in args.rows:
                 rows.append(dict(previous_rows[label(name)], reused=True))
                 continue
-            path = student if name == "no training" else work / ("ce" if name == "cross-entropy fine-tuning" else name.replace(" ", "_"))
+            path = student if name == "no training" else work / ("ce" if name == "cross-entropy fine-tuning" else _slug(name))
             rows.append({"model": label(name), "parameters_m": student_params / 1e6,
                          "tokens": 0 if name == "no training" else tokens_per_row,
                          **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
@@ -167,6 +216,10 @@ def main() -> None:
              f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
              f"AdamW lr {args.lr} warmup+cosine, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
+             f"Teacher correction (rows '{CORRECTED}'): the teacher fine-tuned with the LM loss on the same train split and "
+             f"budget ({args.steps} steps, lr {args.teacher_correction_lr}"
+             + (f", {correction_seconds:.0f} s" if correction_seconds else ", reused from the work dir")
+             + "), once for all students; KL / top-1 columns are against the original teacher. "
              + (f"Step time: KD {kd_step:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
                 f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}."
                 if not reused_timing else
@@ -174,7 +227,7 @@ def main() -> None:
                 "the KD step-time ratio is measured in distill_step_time.md."))
     if reused:
         notes += (f" Rows reused from the previous run with the same settings (the pruned student is deterministic): "
-                  f"{', '.join(reused)}. Previous run's notes: {previous_notes}")
+                  f"{', '.join(reused)}. Previous run's notes: {previous_notes.split(' Rows reused')[0]}")
     write_results("distill", rows, [
         ("model", "model"), ("parameters_m", "params (M)"), ("tokens", "train tokens"), ("perplexity", "ppl"),
         ("ppl_vs_teacher", "ppl / teacher"), ("ppl_vs_ce", "ppl / CE"), ("kl_to_teacher", "KL to teacher"),

@@ -55,6 +55,8 @@ ROWS: dict[str, tuple[str, object]] = {
     "int8_sq auto_quantize 8.38 bits": ("recipe", {"algorithm": "int8_sq", "auto_quantize_bits": 8.38,
                                                    "auto_quantize_formats": ["int8_sq"]}),
     "int4 block 32": ("recipe", {"algorithm": "int4", "awq_block_size": 32}),
+    "int4 block 128 + int8_wo auto_quantize 4.38 bits": ("recipe", {
+        "algorithm": "int4", "awq_block_size": 128, "auto_quantize_bits": 4.38, "auto_quantize_formats": ["int4", "int8_wo"]}),
     "int4_awq block 64": ("recipe", {"algorithm": "int4_awq", "awq_block_size": 64}),
     "w4a8_awq block 64": ("recipe", {"algorithm": "w4a8_awq", "awq_block_size": 64}),
 }
@@ -128,7 +130,8 @@ def main() -> None:
                                                          calibration_seq_len=args.seq_length, **spec))
                 config = quantizer.quantization_config
                 if config.auto_quantize_bits is not None:  # calibrates on the same rows as forward_loop
-                    model = quantizer.auto_quantize(model, tokenizer, config.auto_quantize_bits, config.auto_quantize_formats)
+                    model = quantizer.auto_quantize(model, tokenizer, config.auto_quantize_bits, config.auto_quantize_formats,
+                                                    fresh_model=lambda: load_model(MODEL).model)
                 else:
                     model = quantizer.quantize(model, forward_loop)
                 summary = quantizer.summary
@@ -162,8 +165,10 @@ def main() -> None:
              f"then GPTQ-lite); 'preset calibration' is ModelOpt's preset method alone; 'weights only' disables "
              f"every activation quantizer (an ablation: what the weights alone cost); 'auto_quantize B bits' is "
              f"ModelOpt's auto_quantize choosing per layer between the format and 16 bits by gradient sensitivity on "
-             f"the calibration rows, under B bits as ModelOpt counts them (format bits, unquantized 16), which keeps "
-             f">= 95% of the decoder's linear weights quantized (see 'quantized share'). "
+             f"the calibration rows, under B bits as ModelOpt counts them (format bits without scales, unquantized 16), "
+             f"which keeps >= 95% of the decoder's linear weights quantized (see 'quantized share'); when every "
+             f"candidate format's default is GPTQ-lite, the chosen formats are then re-calibrated with max + GPTQ-lite "
+             f"on a fresh copy of the model. "
              f"nemo-optim PTQ wall time / raw mtq.quantize on the same config (FP8_DEFAULT, max calibration): "
              + ("not measured." if wall_time is None else
                 f"{wall_time['ratio']:.3f} (median of {wall_time['repeats']} alternating runs each, "

@@ -211,6 +211,12 @@ def _layout() -> dict:
             "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
 
 
+def default_run_dir(output_path: str) -> Path:
+    """Where a stage's training checkpoints, metrics.jsonl and TensorBoard logs go unless given."""
+    path = Path(output_path)
+    return path.parent / f"{path.name}_run"
+
+
 def newest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete training checkpoint. Saves are written to a hidden `.partial`
     directory and renamed when every rank has finished, so a killed save is never found here."""

@@ -296,6 +296,31 @@ def test_auto_quantize_reports_a_format_per_layer_within_the_budget(tiny_hf_mode
         assert declared in {"MIXED_PRECISION", "FP8", "W4A16_AWQ"}
 
 
+def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_models, tiny_tokenizer, runtime_single):
+    """int4 + int8_wo under 9 bits (ModelOpt's count; all-int4 is 7.7 here): the chosen formats
+    are re-calibrated with GPTQ-lite, which must stay closer to fp32 on the calibration text than
+    the search's own max calibration of the same per-layer formats."""
+    reference_model = load_model(tiny_hf_models["llama"]).model
+    results = {}
+    for name, calibration in (("search only", "preset"), ("gptq_lite", None)):
+        config = _config("int4", auto_quantize_bits=9.0, auto_quantize_formats=["int4", "int8_wo"], calibration_algorithm=calibration)
+        quantizer = Quantizer(config)
+        tokens = torch.cat(quantizer.calibration_batches(tiny_tokenizer))
+        model = quantizer.auto_quantize(load_model(tiny_hf_models["llama"]).model, tiny_tokenizer, 9.0, config.auto_quantize_formats,
+                                        fresh_model=lambda: load_model(tiny_hf_models["llama"]).model)
+        logits, reference = forward_logits(model, tokens), forward_logits(reference_model, tokens)
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
+        results[name] = (kl, dict(quantizer.summary.per_layer_formats))
+    formats = results["gptq_lite"][1]
+    assert formats == results["search only"][1] and {"int4", "int8_wo"} <= set(formats.values())
+    # the re-calibrated model keeps the search's choice: 16-bit layers stay unquantized
+    weight_bits = {name.removesuffix(".weight_quantizer"): module.num_bits if module.is_enabled else None
+                   for name, module in model.named_modules() if name.endswith("weight_quantizer")}
+    assert {layer: weight_bits[layer] for layer in formats} == {
+        layer: {"int4": 4, "int8_wo": 8, "none": None}[chosen] for layer, chosen in formats.items()}
+    assert results["gptq_lite"][0] < 0.9 * results["search only"][0], results
+
+
 def test_custom_config_file_in_either_form_matches_the_preset(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
     """A JSON ModelOpt config (JSON turns (4, 3) into [4, 3] and -1 keys into "-1") gives the
     same model as the preset it was written from, in dict and in list form."""

@@ -68,7 +68,7 @@ def test_nemo_llm_namespace_is_registered():
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune", "distill"):
+    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune", "finetune", "distill"):
         assert command in result.stdout
     dry = subprocess.run([str(nemo), "llm", "import_ckpt", "--factory", "smollm2_135m_import_cpu",
                           "output_path=/tmp/nowhere", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)

@@ -30,13 +30,7 @@ from nemo_optim.distillation.model import (
 )
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
-from nemo_optim.training import TrainingConfig, TrainingResult, train
-
-
-def default_run_dir(output_path: str) -> Path:
-    """Where training checkpoints, metrics.jsonl and TensorBoard logs go unless given."""
-    path = Path(output_path)
-    return path.parent / f"{path.name}_run"
+from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
 def distill(

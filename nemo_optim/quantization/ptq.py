@@ -89,8 +89,9 @@ def ptq(
                            f"exporting without recalibration.")
         else:
             if quantization_config.auto_quantize_bits is not None:
-                model = quantizer.auto_quantize(model, tokenizer, quantization_config.auto_quantize_bits,
-                                                quantization_config.auto_quantize_formats)
+                model = quantizer.auto_quantize(
+                    model, tokenizer, quantization_config.auto_quantize_bits, quantization_config.auto_quantize_formats,
+                    fresh_model=lambda: load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl).model)
             else:
                 model = quantizer.quantize(model, tokenizer=tokenizer)
             summary = getattr(quantizer, "summary", None)
