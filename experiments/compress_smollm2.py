@@ -1,7 +1,9 @@
 """Experiment: the Minitron-style pipeline on SmolLM2-135M, one NeMo-Run experiment.
 
-    prune (Minitron depth) -> distill (logit KD from the original) -> PTQ (FP8, unified HF
-    export) -> export (the distilled student in bf16 HF) -> evaluate every model -> report
+    prune (Minitron depth) -> correct the teacher (Minitron's teacher correction: the original
+    fine-tuned on the distillation data) -> distill (logit KD + LM loss from the corrected
+    teacher) -> PTQ (FP8, unified HF export) -> export (the distilled student in bf16 HF) ->
+    evaluate every model -> report
 
     .venv/bin/python -m experiments.compress_smollm2 --yes          # ~15 min on 2 CPU cores
     .venv/bin/python -m experiments.compress_smollm2 --dryrun
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import fiddle as fdl
 import nemo_run as run
+from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
 from nemo_optim.pipeline import run_stage
 from nemo_optim.report import report
 from recipes.convert import evaluate_recipe, export_recipe
 from recipes.distill import distillation_recipe
 from recipes.executors import EXECUTORS
+from recipes.finetune import finetune_recipe
 from recipes.launching import use_this_python, wait_for_terminal_states
 from recipes.prune import prune_recipe
 from recipes.ptq import ptq_recipe
@@ -41,32 +45,44 @@ def pipeline_tasks(
     work_dir: str = "outputs/compress_smollm2",
     target_num_layers: int = 18,
     importance_samples: int = 32,
+    teacher_correction_steps: int = 30,
+    teacher_correction_lr: float = 1e-4,
     distill_steps: int = 30,
     lr: float = 5e-4,
     calibration_samples: int = 16,
     eval_sequences: int = 16,
     seq_length: int = 256,
 ) -> dict[str, run.Partial]:
-    """Task name -> task, in dependency order. Defaults: SmolLM2 at a 2-core CPU scale."""
+    """Task name -> task, in dependency order. Defaults: SmolLM2 at a 2-core CPU scale.
+    `teacher_correction_steps=0` distills from the original model instead of a corrected one."""
     pruned, distilled = f"{work_dir}/pruned", f"{work_dir}/distilled"
+    teacher = f"{work_dir}/teacher_corrected" if teacher_correction_steps else model
     quantized_hf, student_hf = f"{work_dir}/quantized_fp8_hf", f"{work_dir}/distilled_hf"
     quantized = f"{quantized_hf}_native"  # ptq saves the calibrated model beside its export
 
     prune = prune_recipe(nemo_checkpoint=model, save_path=pruned, target_num_layers=target_num_layers,
                          num_train_samples=importance_samples, seq_length=seq_length)
-    distill = distillation_recipe(student_model_path=pruned, teacher_model_path=model, dir=work_dir, name="distilled",
+    correct_teacher = finetune_recipe(model_path=model, dir=work_dir, name="teacher_corrected", max_steps=teacher_correction_steps,
+                                      seq_length=seq_length, lr=teacher_correction_lr, min_lr=teacher_correction_lr / 10,
+                                      warmup_steps=max(teacher_correction_steps // 10, 1))
+    distill = distillation_recipe(student_model_path=pruned, teacher_model_path=teacher, dir=work_dir, name="distilled",
                                   max_steps=distill_steps, global_batch_size=4, micro_batch_size=2, seq_length=seq_length,
                                   lr=lr, min_lr=lr / 10, warmup_steps=max(distill_steps // 10, 1))
+    # the LM loss beside the logit KL (ModelOpt's balancer): benchmarks/results/distill.md
+    distill.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False)
     quantize = ptq_recipe(model_path=distilled, export_path=quantized_hf, algorithm="fp8", model_dtype="float32",
                           calibration_dataset_size=calibration_samples, calibration_seq_len=seq_length)
     export = export_recipe(path=distilled, output_path=student_hf)
-    tasks = {
-        "prune": _stage(prune, "prune", pruned, work_dir, [model]),
-        "distill": _stage(distill, "distill", distilled, work_dir, [pruned, model]),
+    tasks = {"prune": _stage(prune, "prune", pruned, work_dir, [model])}
+    if teacher_correction_steps:
+        tasks["correct_teacher"] = _stage(correct_teacher, "correct_teacher", teacher, work_dir, [model])
+    tasks |= {
+        "distill": _stage(distill, "distill", distilled, work_dir, [pruned, teacher]),
         "quantize": _stage(quantize, "quantize", quantized_hf, work_dir, [distilled]),
         "export": _stage(export, "export", student_hf, work_dir, [distilled]),
     }
-    models = {"original": model, "pruned": pruned, "distilled": distilled, "distilled + FP8": quantized}
+    models = {"original": model, **({"teacher corrected": teacher} if teacher_correction_steps else {}),
+              "pruned": pruned, "distilled": distilled, "distilled + FP8": quantized}
     evaluations = {}
     for label, path in models.items():
         key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()

@@ -7,7 +7,7 @@ import nemo_run as run
 
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.distill import distill
-from nemo_optim.training import TrainingConfig
+from recipes.finetune import training_config
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -41,9 +41,7 @@ def distillation_recipe(
         output_path=output,
         distillation_config_path=distillation_config_path,
         data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
-        training=run.Config(TrainingConfig, max_steps=max_steps, global_batch_size=global_batch_size,
-                            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-                            val_check_interval=max(max_steps // 4, 1), checkpoint_interval=max(max_steps // 4, 1)),
+        training=training_config(max_steps, global_batch_size, micro_batch_size, lr, min_lr, warmup_steps),
         devices=num_gpus_per_node,
         num_nodes=num_nodes,
         tp_size=tp_size,

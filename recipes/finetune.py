@@ -14,6 +14,15 @@ from nemo_optim.training import TrainingConfig
 SMOLLM2 = "smollm2-135m-instruct"
 
 
+def training_config(max_steps: int, global_batch_size: int, micro_batch_size: int, lr: float, min_lr: float,
+                    warmup_steps: int) -> run.Config[TrainingConfig]:
+    """The training loop's settings shared by the finetune and distill recipes: validation and a
+    checkpoint four times per run."""
+    return run.Config(TrainingConfig, max_steps=max_steps, global_batch_size=global_batch_size,
+                      micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                      val_check_interval=max(max_steps // 4, 1), checkpoint_interval=max(max_steps // 4, 1))
+
+
 @run.cli.factory(target=finetune)
 def finetune_recipe(
     model_path: str = SMOLLM2,
@@ -38,9 +47,7 @@ def finetune_recipe(
         model_path=model_path,
         output_path=f"{dir or 'outputs/smollm2_135m'}/{name}",
         data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
-        training=run.Config(TrainingConfig, max_steps=max_steps, global_batch_size=global_batch_size,
-                            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-                            val_check_interval=max(max_steps // 4, 1), checkpoint_interval=max(max_steps // 4, 1)),
+        training=training_config(max_steps, global_batch_size, micro_batch_size, lr, min_lr, warmup_steps),
         devices=num_gpus_per_node,
         num_nodes=num_nodes,
         tp_size=tp_size,

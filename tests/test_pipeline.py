@@ -15,7 +15,7 @@ from experiments.compress_smollm2 import pipeline_tasks, run_pipeline
 
 
 def _tasks(model, work_dir, **overrides):
-    settings = dict(target_num_layers=1, importance_samples=4, distill_steps=4, calibration_samples=4,
+    settings = dict(target_num_layers=1, importance_samples=4, teacher_correction_steps=2, distill_steps=4, calibration_samples=4,
                     eval_sequences=4, seq_length=32)
     return pipeline_tasks(model=str(model), work_dir=str(work_dir), **{**settings, **overrides})
 
@@ -27,7 +27,9 @@ def _run_in_process(tasks) -> dict:
 
 def test_every_pipeline_task_serializes_and_dry_runs(tiny_hf_models, tmp_path):
     tasks = _tasks(tiny_hf_models["llama"], tmp_path / "work")
-    assert list(tasks)[:4] == ["prune", "distill", "quantize", "export"] and list(tasks)[-1] == "report"
+    assert list(tasks)[:5] == ["prune", "correct_teacher", "distill", "quantize", "export"] and list(tasks)[-1] == "report"
+    assert tasks["distill"].stage.teacher_model_path == str(tmp_path / "work" / "teacher_corrected")
+    assert list(_tasks(tiny_hf_models["llama"], tmp_path / "work", teacher_correction_steps=0))[:2] == ["prune", "distill"]
     serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
     for task in tasks.values():
         assert serializer.deserialize(serializer.serialize(task)) == task
@@ -45,17 +47,20 @@ def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_pa
     second = _run_in_process(_tasks(model, work))
     assert all(second[name] == "skipped" for name in stages)
 
-    # more distillation steps: distill and everything downstream of it, not prune nor the original's evaluation
+    # more distillation steps: distill and everything downstream of it, not prune, the teacher
+    # correction nor the original's evaluation
     third = _run_in_process(_tasks(model, work, distill_steps=6))
-    assert third["prune"] == "skipped" and third["evaluate_original"] == "skipped"
+    assert third["prune"] == "skipped" and third["correct_teacher"] == "skipped" and third["evaluate_original"] == "skipped"
     assert all(third[name] == "ran" for name in ("distill", "quantize", "export", "evaluate_distilled",
                                                    "evaluate_distilled_fp8"))
 
     report = (work / "report" / "report.md").read_text()
-    for label in ("original", "pruned", "distilled", "distilled + FP8"):
+    for label in ("original", "teacher corrected", "pruned", "distilled", "distilled + FP8"):
         assert f"| {label} |" in report
-    rows = json.loads((work / "report" / "report.json").read_text())["rows"]
-    assert rows[1]["parameters_m"] < rows[0]["parameters_m"] and rows[0]["kl_to_original"] == pytest.approx(0, abs=1e-6)
+    rows = {row["model"]: row for row in json.loads((work / "report" / "report.json").read_text())["rows"]}
+    assert rows["pruned"]["parameters_m"] < rows["original"]["parameters_m"]
+    assert rows["original"]["kl_to_original"] == pytest.approx(0, abs=1e-6)
+    assert rows["teacher corrected"]["parameters_m"] == rows["original"]["parameters_m"]
     assert (work / "report" / "models.png").stat().st_size > 1000
     assert (work / "report" / "distillation_loss.png").stat().st_size > 1000
 
@@ -64,7 +69,7 @@ def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_hf_models, tm
     import shutil
 
     model, work = tiny_hf_models["llama"], tmp_path / "work"
-    tasks = _tasks(model, work, distill_steps=8)
+    tasks = _tasks(model, work, teacher_correction_steps=0, distill_steps=8)
     tasks["distill"].stage.training.checkpoint_interval = 3
     fdl.build(tasks["prune"])()
     fdl.build(tasks["distill"])()
