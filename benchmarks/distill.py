@@ -7,8 +7,9 @@ on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer); an
 split first, `nemo_optim.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
 original teacher, seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
 
-    .venv/bin/python -m benchmarks.distill            # ~70 min on 2 cores (each trained row ~10-25 min)
+    .venv/bin/python -m benchmarks.distill            # ~90 min on 2 cores (each trained row 5-10 min alone)
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
+    .venv/bin/python -m benchmarks.distill --rows "cross-entropy fine-tuning @ lr 0.001" --work-dir W --reuse-checkpoints
 Writes benchmarks/results/distill.json and distill.md.
 """
 
@@ -35,7 +36,7 @@ from nemo_optim.models.forward import forward_logits, make_batch
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.pruning.prune import prune
-from nemo_optim.training import TrainingConfig, lm_loss_reduction, train
+from nemo_optim.training import TrainingConfig
 
 TEACHER = "smollm2-135m-instruct"
 
@@ -47,18 +48,10 @@ def _evaluate(model_path, teacher, held_out) -> dict:
             "top1_agreement": result.top1_agreement}
 
 
-def _fine_tune(student_path, output_dir: Path, data: DataConfig, training: TrainingConfig) -> float:
+def _fine_tune(student_path, output: Path, data: DataConfig, training: TrainingConfig) -> float:
     """Plain next-token cross-entropy on the same text and budget; returns seconds per step."""
-    from nemo_optim import checkpoint
-
-    with runtime.parallel_runtime():
-        loaded = load_model(student_path)
-        tokenizer = load_tokenizer(loaded.hf_dir)
-        result = train(loaded.model, packed_sequences(data, "train", tokenizer),
-                       packed_sequences(data, "validation", tokenizer, training.num_val_sequences),
-                       lm_loss_reduction, training, output_dir / "ce_run", resume=False)
-        checkpoint.save_checkpoint(loaded.model, loaded.config, output_dir / "ce", loaded.hf_dir,
-                                   producer={"stage": "benchmark CE", "training": dataclasses.asdict(training)})
+    result = finetune(model_path=str(student_path), output_path=str(output), data=data, training=training,
+                      resume=False, overwrite=True)
     return result.seconds_per_step
 
 
@@ -71,9 +64,19 @@ def _teacher_forward_seconds(teacher, tokens, micro_batch_size, repeats=3) -> fl
     return (time.perf_counter() - began) / repeats
 
 
-TRAINED_ROWS = ("cross-entropy fine-tuning", "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss",
-                "KD logits, corrected teacher", "KD logits + LM loss, corrected teacher")
+CE = "cross-entropy fine-tuning"
 CORRECTED = "corrected teacher"
+TRAINED_ROWS = (CE, "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss",
+                "KD logits, corrected teacher", "KD logits + LM loss, corrected teacher")
+# A small lr sweep for the baseline and for the best KD recipe, so that each is compared at
+# its best lr (the others run at --lr): row "<name> @ lr <lr>"
+LR_SWEEP = {CE: (2.5e-4, 1e-3), "KD logits + LM loss, corrected teacher": (1e-3, 2e-3)}
+ALL_ROWS = TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs)
+
+
+def _split_row(row: str, default_lr: float) -> tuple[str, float]:
+    name, _, lr = row.partition(" @ lr ")
+    return name, float(lr) if lr else default_lr
 
 
 def _kd_fields(name: str, temperature: float) -> dict:
@@ -103,8 +106,8 @@ def _trained_with(output: Path, training: TrainingConfig, corrected_teacher: boo
     return producer.get("training") == json.loads(json.dumps(dataclasses.asdict(training))) and same_teacher
 
 
-def _slug(name: str) -> str:
-    return name.replace(" ", "_").replace(",", "")
+def _slug(row: str) -> str:
+    return row.replace(" @ lr ", "_lr").replace(" ", "_").replace(",", "")
 
 
 def main() -> None:
@@ -118,18 +121,18 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--teacher-correction-lr", type=float, default=1e-4)
     parser.add_argument("--eval-sequences", type=int, default=32)
-    parser.add_argument("--rows", nargs="*", default=list(TRAINED_ROWS),
+    parser.add_argument("--rows", nargs="*", default=list(ALL_ROWS),
                         help="trained rows to run; the others are kept from the previous results file (same settings)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--reuse-checkpoints", action="store_true",
                         help="rows whose trained student is already complete in --work-dir are evaluated, not retrained")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    unknown = [r for r in args.rows if r not in TRAINED_ROWS]
+    unknown = [r for r in args.rows if r not in ALL_ROWS]
     if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(TRAINED_ROWS)}")
+        parser.error(f"unknown rows {unknown}; valid: {list(ALL_ROWS)}")
     previous_rows, previous_notes = {}, ""
-    if set(args.rows) != set(TRAINED_ROWS):
+    if set(args.rows) != set(ALL_ROWS):
         previous = json.loads((args.out / "distill.json").read_text())
         previous_rows = {row["model"]: row for row in previous["rows"]}
         previous_notes = previous["notes"]
@@ -160,19 +163,21 @@ def main() -> None:
         correction_seconds = time.perf_counter() - began
 
     seconds = {"no training": None}
-    for name in args.rows:
-        output = work / ("ce" if name == "cross-entropy fine-tuning" else _slug(name))
-        if args.reuse_checkpoints and _trained_with(output, training, CORRECTED in name):
-            seconds[name] = _logged_seconds_per_step(output.parent / f"{output.name}_run")
+    for row in args.rows:
+        name, lr = _split_row(row, args.lr)
+        row_training = dataclasses.replace(training, lr=lr, min_lr=lr / 10)
+        output = work / _slug(row)
+        if args.reuse_checkpoints and _trained_with(output, row_training, CORRECTED in name):
+            seconds[row] = _logged_seconds_per_step(output.parent / f"{output.name}_run")
             continue
-        if name == "cross-entropy fine-tuning":
-            seconds[name] = _fine_tune(student, work, data, training)
+        if name == CE:
+            seconds[row] = _fine_tune(student, output, data, row_training)
             continue
         teacher_path = str(corrected_teacher) if CORRECTED in name else TEACHER
-        result = distill(student_model_path=str(student), teacher_model_path=teacher_path, output_path=str(work / _slug(name)),
+        result = distill(student_model_path=str(student), teacher_model_path=teacher_path, output_path=str(output),
                          distillation_config=load_distillation_config(_kd_fields(name, args.temperature)), data=data,
-                         training=training, resume=False, overwrite=True)
-        seconds[name] = result.seconds_per_step
+                         training=row_training, resume=False, overwrite=True)
+        seconds[row] = result.seconds_per_step
 
     def label(name):
         return f"student {args.student_layers} layers: {name}"
@@ -192,34 +197,37 @@ def main() -> None:
                      "tokens": tokens_per_row, **_evaluate(corrected_teacher, teacher, held_out),
                      "seconds_per_step": None})
         student_params = load_model(student).config.num_parameters()
-        for name in ("no training", *TRAINED_ROWS):
+        for name in ("no training", *ALL_ROWS):
             if name != "no training" and name not in args.rows:
-                rows.append(dict(previous_rows[label(name)], reused=True))
+                if label(name) in previous_rows:
+                    rows.append(dict(previous_rows[label(name)], reused=True))
                 continue
-            path = student if name == "no training" else work / ("ce" if name == "cross-entropy fine-tuning" else _slug(name))
+            path = student if name == "no training" else work / _slug(name)
             rows.append({"model": label(name), "parameters_m": student_params / 1e6,
                          "tokens": 0 if name == "no training" else tokens_per_row,
                          **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
     by_name = {row["model"]: row for row in rows}
-    ce_ppl = by_name[label("cross-entropy fine-tuning")]["perplexity"]
+    # the baseline is CE at its best lr of the sweep
+    ce_ppl = min(row["perplexity"] for row in rows if row["model"].startswith(label(CE)))
     for row in rows[1:]:
         row["ppl_vs_teacher"] = row["perplexity"] / teacher_result.perplexity
         row["ppl_vs_ce"] = row["perplexity"] / ce_ppl
-    ce_step = by_name[label("cross-entropy fine-tuning")]["seconds_per_step"]
+    ce_step = by_name[label(CE)]["seconds_per_step"]
     kd_step = by_name[label("KD logits")]["seconds_per_step"]
     ratio = kd_step / (ce_step + teacher_step)
     reused = [row["model"] for row in rows if row.get("reused")]
-    reused_timing = any(label(name) in reused for name in ("cross-entropy fine-tuning", "KD logits"))
+    reused_timing = any(label(name) in reused for name in (CE, "KD logits"))
     notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M), student: Minitron depth pruning to "
              f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
              f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
              f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
-             f"AdamW lr {args.lr} warmup+cosine, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
+             f"AdamW lr {args.lr} (unless the row says another) warmup+cosine to lr/10, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
              f"Teacher correction (rows '{CORRECTED}'): the teacher fine-tuned with the LM loss on the same train split and "
              f"budget ({args.steps} steps, lr {args.teacher_correction_lr}"
              + (f", {correction_seconds:.0f} s" if correction_seconds else ", reused from the work dir")
-             + "), once for all students; KL / top-1 columns are against the original teacher. "
+             + "), once for all students; KL / top-1 columns are against the original teacher. 'ppl / CE' divides by "
+             f"the best cross-entropy row (the lowest perplexity over its lrs: {ce_ppl:.2f}). "
              + (f"Step time: KD {kd_step:.2f} s, CE (student fwd+bwd) {ce_step:.2f} s, teacher forward "
                 f"{teacher_step:.2f} s -> KD / (student fwd+bwd + teacher fwd) = {ratio:.3f}."
                 if not reused_timing else
