@@ -71,7 +71,9 @@ TRAINED_ROWS = (CE, "KD logits", "KD logits + final-norm cosine", "KD logits + L
 # A small lr sweep for the baseline and for the best KD recipe, so that each is compared at
 # its best lr (the others run at --lr): row "<name> @ lr <lr>"
 LR_SWEEP = {CE: (2.5e-4, 1e-3), "KD logits + LM loss, corrected teacher": (1e-3, 2e-3)}
-ALL_ROWS = TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs)
+# the KD share of the loss raised (ModelOpt's kd_loss_scale: LM loss + 3 x KD scaled to the LM loss)
+EXTRA_ROWS = ("KD logits + LM loss (KD x3), corrected teacher @ lr 0.001",)
+ALL_ROWS = TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs) + EXTRA_ROWS
 
 
 def _split_row(row: str, default_lr: float) -> tuple[str, float]:
@@ -83,6 +85,8 @@ def _kd_fields(name: str, temperature: float) -> dict:
     fields = {"logit_kl_temperature": temperature}
     if "final-norm cosine" in name:
         fields["intermediate_layer_pairs"] = [["decoder.final_layernorm", "decoder.final_layernorm"]]
+    if "(KD x" in name:
+        fields["kd_loss_scale"] = float(name.split("(KD x")[1].split(")")[0])
     if "+ LM loss" in name:
         # ModelOpt's balancer: LM loss + KD loss rescaled to the LM loss's magnitude
         fields["skip_lm_loss"] = False
@@ -107,7 +111,7 @@ def _trained_with(output: Path, training: TrainingConfig, corrected_teacher: boo
 
 
 def _slug(row: str) -> str:
-    return row.replace(" @ lr ", "_lr").replace(" ", "_").replace(",", "")
+    return row.replace(" @ lr ", "_lr").replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
 
 
 def main() -> None:
