@@ -48,7 +48,7 @@ def pipeline_tasks(
     teacher_correction_steps: int = 30,
     teacher_correction_lr: float = 1e-4,
     distill_steps: int = 30,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     calibration_samples: int = 16,
     eval_sequences: int = 16,
     seq_length: int = 256,

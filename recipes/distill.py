@@ -57,7 +57,7 @@ def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
     smollm2_135m_prune_depth20_cpu first): logit KD + LM loss on the embedded corpus, CPU scale,
     the settings of the best row in benchmarks/results/distill.md. Set
     teacher_model_path=outputs/smollm2_135m/teacher_corrected after smollm2_135m_finetune_teacher_cpu."""
-    recipe = distillation_recipe(name="distilled_depth20", max_steps=60, global_batch_size=4, lr=5e-4, min_lr=5e-5,
+    recipe = distillation_recipe(name="distilled_depth20", max_steps=60, global_batch_size=4, lr=1e-3, min_lr=1e-4,
                                  warmup_steps=6)
     recipe.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False)
     return recipe
