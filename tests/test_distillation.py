@@ -283,6 +283,13 @@ def test_cli_rejects_bad_yaml_in_one_line_before_launching(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("skip_lm_loss: maybe\n")
+    code = launch.main(["distillation_recipe", f"distillation_config_path={bad}", "--dryrun"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "skip_lm_loss='maybe' must be true or false" in err[0]
+    # the SmolLM2 variant sets its config in code: a YAML beside it is refused with the way out
     code = launch.main(["smollm2_135m_distill_depth20_cpu", f"distillation_config_path={bad}", "--dryrun"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "distillation_config=None to use the YAML" in err[0]
+    code = launch.main(["smollm2_135m_distill_depth20_cpu", f"distillation_config_path={bad}", "distillation_config=None", "--dryrun"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "skip_lm_loss='maybe' must be true or false" in err[0]

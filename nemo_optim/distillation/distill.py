@@ -73,7 +73,8 @@ def distill(
     data = data or DataConfig()
     training = training or TrainingConfig()
     if distillation_config_path and distillation_config is not None:
-        raise DistillationConfigError("give distillation_config_path or distillation_config, not both.")
+        raise DistillationConfigError(
+            "both distillation_config_path and distillation_config are set; keep one (on the CLI: distillation_config=None to use the YAML).")
     kd_config = load_distillation_config(distillation_config_path or distillation_config)
     if Path(output_path).exists() and not overwrite:
         raise DistillationConfigError(f"output_path={output_path!r} exists; pass overwrite=True or choose another path.")
@@ -119,7 +120,8 @@ def distill(
 def check_distill_arguments(**arguments) -> None:
     """What can be checked before any model is loaded (launchers call it before submitting)."""
     if arguments.get("distillation_config_path") and arguments.get("distillation_config") is not None:
-        raise DistillationConfigError("give distillation_config_path or distillation_config, not both.")
+        raise DistillationConfigError(
+            "both distillation_config_path and distillation_config are set; keep one (on the CLI: distillation_config=None to use the YAML).")
     load_distillation_config(arguments.get("distillation_config_path") or arguments.get("distillation_config"))
 
 
