@@ -33,6 +33,10 @@ from nemo_optim.models.loader import load_model, load_tokenizer, read_model_conf
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
+BOTH_CONFIGS = ("both distillation_config_path and distillation_config are set; keep one "
+                "(on the CLI: distillation_config=None to use the YAML).")
+
+
 def distill(
     *,
     student_model_path: str,
@@ -73,8 +77,7 @@ def distill(
     data = data or DataConfig()
     training = training or TrainingConfig()
     if distillation_config_path and distillation_config is not None:
-        raise DistillationConfigError(
-            "both distillation_config_path and distillation_config are set; keep one (on the CLI: distillation_config=None to use the YAML).")
+        raise DistillationConfigError(BOTH_CONFIGS)
     kd_config = load_distillation_config(distillation_config_path or distillation_config)
     if Path(output_path).exists() and not overwrite:
         raise DistillationConfigError(f"output_path={output_path!r} exists; pass overwrite=True or choose another path.")
@@ -120,8 +123,7 @@ def distill(
 def check_distill_arguments(**arguments) -> None:
     """What can be checked before any model is loaded (launchers call it before submitting)."""
     if arguments.get("distillation_config_path") and arguments.get("distillation_config") is not None:
-        raise DistillationConfigError(
-            "both distillation_config_path and distillation_config are set; keep one (on the CLI: distillation_config=None to use the YAML).")
+        raise DistillationConfigError(BOTH_CONFIGS)
     load_distillation_config(arguments.get("distillation_config_path") or arguments.get("distillation_config"))
 
 
