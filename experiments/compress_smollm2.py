@@ -5,7 +5,7 @@
     teacher) -> PTQ (FP8, unified HF export) -> export (the distilled student in bf16 HF) ->
     evaluate every model -> report
 
-    .venv/bin/python -m experiments.compress_smollm2 --yes          # ~20 min on 2 CPU cores
+    .venv/bin/python -m experiments.compress_smollm2 --yes          # ~16 min on 2 CPU cores
     .venv/bin/python -m experiments.compress_smollm2 --dryrun
     .venv/bin/python -m experiments.compress_smollm2 --executor slurm --yes
 
@@ -93,7 +93,8 @@ def pipeline_tasks(
     tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
                                   distillation_metrics=f"{distilled}_run/metrics.jsonl",
                                   artifacts={"distilled": student_hf, "distilled + FP8": quantized_hf},
-                                  title=f"Compression of {Path(model).name}: prune -> distill -> FP8")
+                                  title=f"Compression of {Path(model).name}: prune -> "
+                                  + ("correct teacher -> " if teacher_correction_steps else "") + "distill -> FP8")
     return tasks
 
 
