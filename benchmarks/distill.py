@@ -6,6 +6,8 @@ on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer); an
 *corrected* teacher (Minitron's teacher correction: the teacher fine-tuned on the same train
 split first, `nemo_optim.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
 original teacher, seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
+CE and the best KD recipe are also run at other lrs (rows "<row> @ lr X"); 'ppl / CE' divides by
+CE at its best lr.
 
     .venv/bin/python -m benchmarks.distill            # ~90 min on 2 cores (each trained row 5-10 min alone)
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
@@ -32,7 +34,7 @@ from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.finetune import finetune
-from nemo_optim.models.forward import forward_logits, make_batch
+from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.pruning.prune import prune
