@@ -227,7 +227,8 @@ class Quantizer:
 
         `fresh_model` loads the unquantized model again: the chosen formats are then quantized
         and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
-        searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled)."""
+        searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled). The caller
+        still holds the searched model, so memory peaks at two copies of the model."""
         import modelopt.torch.quantization as mtq
         from megatron.core import parallel_state
 
@@ -266,7 +267,6 @@ class Quantizer:
                 warnings.filterwarnings("ignore", message="get_auto_quantize_config")  # "uses algorithm='max'": replaced here
                 chosen = mtq.get_auto_quantize_config(search_state)
             chosen["algorithm"] = recalibration
-            del model
             model = fresh_model()
             model.eval()
             model = mtq.quantize(model, chosen, self.calibration_loop(tokenizer))
