@@ -55,8 +55,6 @@ ROWS: dict[str, tuple[str, object]] = {
     "int8_sq auto_quantize 8.38 bits": ("recipe", {"algorithm": "int8_sq", "auto_quantize_bits": 8.38,
                                                    "auto_quantize_formats": ["int8_sq"]}),
     "int4 block 32": ("recipe", {"algorithm": "int4", "awq_block_size": 32}),
-    "int4 block 128 + int8_wo auto_quantize 4.38 bits": ("recipe", {
-        "algorithm": "int4", "awq_block_size": 128, "auto_quantize_bits": 4.38, "auto_quantize_formats": ["int4", "int8_wo"]}),
     "int4_awq block 64": ("recipe", {"algorithm": "int4_awq", "awq_block_size": 64}),
     "w4a8_awq block 64": ("recipe", {"algorithm": "w4a8_awq", "awq_block_size": 64}),
 }

@@ -210,6 +210,12 @@ def test_runtime_checks_fail_before_any_work(tiny_hf_models, tmp_path):
             quantization_config=QuantizationConfig(calibration_dataset=str(tmp_path / "missing.jsonl")))
     with pytest.raises(QuantizationConfigError, match="export_format='onnx'"):
         ExportConfig(export_format="onnx")
+    # the tiny model's hidden size 64 (SmolLM2's 576) is not a multiple of 128: ModelOpt would
+    # calibrate, then fail while packing INT4 at export
+    with pytest.raises(QuantizationConfigError, match=r"awq_block_size=128 does not divide .*hidden 64.*"
+                                                      r"use awq_block_size=64"):
+        ptq(model_path=str(tiny_hf_models["llama"]), export_config=ExportConfig(path=str(tmp_path / "int4")),
+            quantization_config=QuantizationConfig(algorithm="int4_awq", awq_block_size=128))
     assert not list(tmp_path.iterdir())
 
 

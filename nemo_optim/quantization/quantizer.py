@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -98,6 +99,28 @@ def summarize(model: torch.nn.Module, algorithm: str | None) -> QuantizationSumm
 def attention_has_kv_quantizers(model: torch.nn.Module) -> bool:
     """Only Transformer Engine attention gets KV-cache quantizers in ModelOpt's megatron plugin."""
     return any(type(m).__name__ == "TEDotProductAttention" for m in model.modules())
+
+
+def check_block_size(model: torch.nn.Module, block_size: int, formats: list[str]) -> None:
+    """Blocked INT4 formats need `block_size` to divide every linear layer's input size: ModelOpt
+    calibrates a ragged last block but its INT4 packing at export fails (SmolLM2's hidden size
+    576 and block 128). Checked before calibration, so no work is lost."""
+    blocked = [fmt for fmt in formats if fmt in BLOCKED]
+    config = getattr(model, "config", None)
+    if not blocked or config is None:
+        return
+    inputs = {"hidden": config.hidden_size, "attention": config.num_attention_heads * config.kv_channels,
+              "MLP": config.ffn_hidden_size}
+    if all(size % block_size == 0 for size in inputs.values()):
+        return
+    common = math.gcd(*inputs.values())
+    largest = common & -common  # the largest power of two that divides every input size
+    sizes = ", ".join(f"{name} {size}" for name, size in inputs.items())
+    fix = (f"use awq_block_size={min(largest, 128)} or another power of two dividing them" if largest >= 8 else
+           "no block size >= 8 does: use a per-channel format (int8_wo, fp8)")
+    raise QuantizationConfigError(
+        f"quantization_config.awq_block_size={block_size} does not divide the input sizes of the model's linear "
+        f"layers ({sizes}), so the {'/'.join(blocked)} export would fail; {fix}.")
 
 
 class Quantizer:
@@ -211,6 +234,8 @@ class Quantizer:
         config = self.quantization_config
         if config.algorithm is None and not config.custom_config_path:
             return model
+        if config.algorithm is not None:
+            check_block_size(model, config.awq_block_size, [config.algorithm])
         if forward_loop is None:
             if tokenizer is None:
                 raise ValueError("Quantizer.quantize needs a forward_loop or a tokenizer to build one.")
@@ -234,6 +259,7 @@ class Quantizer:
 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise QuantizationConfigError("auto_quantize_bits needs calibration_pp=1.")
+        check_block_size(model, self.quantization_config.awq_block_size, formats)
         format_configs = []
         for fmt in formats:
             entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[fmt][0])
