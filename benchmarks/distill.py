@@ -7,7 +7,8 @@ on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer); an
 split first, `nemo_optim.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
 original teacher, seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
 CE and the best KD recipe are also run at other lrs (rows "<row> @ lr X"); 'ppl / CE' divides by
-CE at its best lr.
+CE at its best lr. Both are repeated at their best lr with other seeds (rows "... , seed S": other
+samples of the train split) and the notes give KD / CE per seed and of the means.
 
     .venv/bin/python -m benchmarks.distill            # ~90 min on 2 cores (each trained row 5-10 min alone)
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
@@ -72,21 +73,36 @@ TRAINED_ROWS = (CE, "KD logits", "KD logits + final-norm cosine", "KD logits + L
                 "KD logits, corrected teacher", "KD logits + LM loss, corrected teacher")
 # A small lr sweep for the baseline and for the best KD recipe, so that each is compared at
 # its best lr (the others run at --lr): row "<name> @ lr <lr>"
-LR_SWEEP = {CE: (2.5e-4, 1e-3), "KD logits + LM loss, corrected teacher": (1e-3, 2e-3)}
+LR_SWEEP = {CE: (2.5e-4, 7e-4, 1e-3), "KD logits + LM loss, corrected teacher": (1e-3, 1.4e-3, 2e-3)}
 # the KD share of the loss raised (ModelOpt's kd_loss_scale: LM loss + 3 x KD scaled to the LM loss)
-EXTRA_ROWS = ("KD logits + LM loss (KD x3), corrected teacher @ lr 0.001",)
-ALL_ROWS = TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs) + EXTRA_ROWS
+# and the KD temperature raised (logit_kl_temperature; the balancer rescales the KD loss to the
+# LM loss, so no T^2 factor is needed)
+EXTRA_ROWS = ("KD logits + LM loss (KD x3), corrected teacher @ lr 0.001",
+              "KD logits + LM loss (T 2), corrected teacher @ lr 0.001")
+# One 60-step run is noisy (neighbouring lrs differ by up to 1 ppl), so CE and the best KD recipe
+# are repeated with other seeds (another sample of the train split; for KD the teacher is
+# corrected again on that seed's tokens): rows "<name> @ lr X, seed S"
+BEST_LRS = {CE: 5e-4, "KD logits + LM loss (T 2), corrected teacher": 1e-3}
+DEFAULT_SEED = TrainingConfig.seed
+REPEAT_SEEDS = (1, 2)
+SEED_ROWS = tuple(f"{name} @ lr {lr:g}, seed {seed}" for name, lr in BEST_LRS.items() for seed in REPEAT_SEEDS)
+ALL_ROWS = (TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs) + EXTRA_ROWS
+            + SEED_ROWS)
 
 
-def _split_row(row: str, default_lr: float) -> tuple[str, float]:
-    name, _, lr = row.partition(" @ lr ")
-    return name, float(lr) if lr else default_lr
+def _split_row(row: str, default_lr: float) -> tuple[str, float, int]:
+    """(method, lr, seed) of a row name "<method>[ @ lr X[, seed S]]"."""
+    name, _, rest = row.partition(" @ lr ")
+    lr, _, seed = rest.partition(", seed ")
+    return name, float(lr) if lr else default_lr, int(seed) if seed else DEFAULT_SEED
 
 
 def _kd_fields(name: str, temperature: float) -> dict:
     fields = {"logit_kl_temperature": temperature}
     if "final-norm cosine" in name:
         fields["intermediate_layer_pairs"] = [["decoder.final_layernorm", "decoder.final_layernorm"]]
+    if "(T " in name:
+        fields["logit_kl_temperature"] = float(name.split("(T ")[1].split(")")[0])
     if "(KD x" in name:
         fields["kd_loss_scale"] = float(name.split("(KD x")[1].split(")")[0])
     if "+ LM loss" in name:
@@ -113,7 +129,28 @@ def _trained_with(output: Path, training: TrainingConfig, corrected_teacher: boo
 
 
 def _slug(row: str) -> str:
-    return row.replace(" @ lr ", "_lr").replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    return (row.replace(" @ lr ", "_lr").replace(", seed ", "_seed").replace(" ", "_").replace(",", "")
+            .replace("(", "").replace(")", ""))
+
+
+def _seed_summary(rows: list[dict], label, default_lr: float) -> dict:
+    """Perplexity of CE and of the best KD recipe (each at its best lr) over every seed, and
+    KD / CE per seed (same tokens) and of the means."""
+    by_name = {row["model"]: row["perplexity"] for row in rows}
+    summary = {}
+    for name, lr in BEST_LRS.items():
+        base = label(name if lr == default_lr else f"{name} @ lr {lr:g}")
+        per_seed = {DEFAULT_SEED: by_name.get(base)}
+        per_seed.update({seed: by_name.get(label(f"{name} @ lr {lr:g}, seed {seed}")) for seed in REPEAT_SEEDS})
+        summary[name] = {"lr": lr, "perplexity_by_seed": per_seed}
+    ce, kd = (summary[name]["perplexity_by_seed"] for name in BEST_LRS)
+    seeds = [seed for seed in ce if ce[seed] is not None and kd[seed] is not None]
+    if seeds:
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        summary["seeds"] = seeds
+        summary["kd_over_ce_by_seed"] = {seed: kd[seed] / ce[seed] for seed in seeds}
+        summary["kd_over_ce_of_means"] = mean([kd[s] for s in seeds]) / mean([ce[s] for s in seeds])
+    return summary
 
 
 def main() -> None:
@@ -159,19 +196,26 @@ def main() -> None:
 
     # Teacher correction: the teacher's own LM-loss fine-tuning on the same train split and
     # token budget, at a lower lr (it is a trained model); done once, reused by every such row
-    corrected_teacher = work / "teacher_corrected"
-    correction = dataclasses.replace(training, lr=args.teacher_correction_lr, min_lr=args.teacher_correction_lr / 10)
     correction_seconds = None
-    if not (corrected_teacher / "manifest.json").is_file():
-        began = time.perf_counter()
-        finetune(model_path=TEACHER, output_path=str(corrected_teacher), data=data, training=correction,
-                 resume=False, overwrite=True)
-        correction_seconds = time.perf_counter() - began
 
+    def corrected_teacher(seed: int) -> Path:
+        nonlocal correction_seconds
+        path = work / ("teacher_corrected" if seed == DEFAULT_SEED else f"teacher_corrected_seed{seed}")
+        if not (path / "manifest.json").is_file():
+            correction = dataclasses.replace(training, lr=args.teacher_correction_lr,
+                                             min_lr=args.teacher_correction_lr / 10, seed=seed)
+            began = time.perf_counter()
+            finetune(model_path=TEACHER, output_path=str(path), data=data, training=correction,
+                     resume=False, overwrite=True)
+            if seed == DEFAULT_SEED:
+                correction_seconds = time.perf_counter() - began
+        return path
+
+    corrected_teacher(DEFAULT_SEED)
     seconds = {"no training": None}
     for row in args.rows:
-        name, lr = _split_row(row, args.lr)
-        row_training = dataclasses.replace(training, lr=lr, min_lr=lr / 10)
+        name, lr, seed = _split_row(row, args.lr)
+        row_training = dataclasses.replace(training, lr=lr, min_lr=lr / 10, seed=seed)
         output = work / _slug(row)
         if args.reuse_checkpoints and _trained_with(output, row_training, CORRECTED in name):
             seconds[row] = _logged_seconds_per_step(output.parent / f"{output.name}_run")
@@ -179,7 +223,7 @@ def main() -> None:
         if name == CE:
             seconds[row] = _fine_tune(student, output, data, row_training)
             continue
-        teacher_path = str(corrected_teacher) if CORRECTED in name else TEACHER
+        teacher_path = str(corrected_teacher(seed)) if CORRECTED in name else TEACHER
         result = distill(student_model_path=str(student), teacher_model_path=teacher_path, output_path=str(output),
                          distillation_config=load_distillation_config(_kd_fields(name, args.temperature)), data=data,
                          training=row_training, resume=False, overwrite=True)
@@ -200,7 +244,7 @@ def main() -> None:
         rows.append({"model": "teacher (SmolLM2-135M)", "parameters_m": teacher_loaded.config.num_parameters() / 1e6,
                      "tokens": 0, "perplexity": teacher_result.perplexity, "kl_to_teacher": 0.0, "top1_agreement": 1.0})
         rows.append({"model": "teacher corrected (fine-tuned on the train split)", "parameters_m": rows[0]["parameters_m"],
-                     "tokens": tokens_per_row, **_evaluate(corrected_teacher, teacher, held_out),
+                     "tokens": tokens_per_row, **_evaluate(corrected_teacher(DEFAULT_SEED), teacher, held_out),
                      "seconds_per_step": None})
         student_params = load_model(student).config.num_parameters()
         for name in ("no training", *ALL_ROWS):
@@ -213,8 +257,9 @@ def main() -> None:
                          "tokens": 0 if name == "no training" else tokens_per_row,
                          **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
     by_name = {row["model"]: row for row in rows}
-    # the baseline is CE at its best lr of the sweep
-    ce_ppl = min(row["perplexity"] for row in rows if row["model"].startswith(label(CE)))
+    # the baseline is CE at its best lr of the sweep (seed repeats are summarised apart)
+    ce_ppl = min(row["perplexity"] for row in rows if row["model"].startswith(label(CE)) and ", seed " not in row["model"])
+    seeds = _seed_summary(rows, label, args.lr)
     for row in rows[1:]:
         row["ppl_vs_teacher"] = row["perplexity"] / teacher_result.perplexity
         row["ppl_vs_ce"] = row["perplexity"] / ce_ppl
@@ -239,14 +284,24 @@ def main() -> None:
                 if not reused_timing else
                 "s/step of rows from different runs (and different load on the machine) are not comparable; "
                 "the KD step-time ratio is measured in distill_step_time.md."))
+    if "kd_over_ce_of_means" in seeds:
+        ce_by_seed, kd_by_seed = (seeds[name]["perplexity_by_seed"] for name in BEST_LRS)
+        notes += (f" Seeds {seeds['seeds']} (each a different sample of the train split; KD's teacher corrected on "
+                  f"the same seed's tokens): CE ppl {[round(ce_by_seed[s], 2) for s in seeds['seeds']]}, KD ppl "
+                  f"{[round(kd_by_seed[s], 2) for s in seeds['seeds']]}, KD / CE per seed "
+                  f"{[round(r, 3) for r in seeds['kd_over_ce_by_seed'].values()]}, of the means "
+                  f"{seeds['kd_over_ce_of_means']:.3f}.")
     if reused:
         notes += (f" Rows reused from the previous run with the same settings (the pruned student is deterministic): "
-                  f"{', '.join(reused)}. Previous run's notes: {previous_notes.split(' Rows reused')[0]}")
+                  f"{', '.join(reused)}.")
+        earlier = previous_notes.split(" Rows reused")[0]
+        if earlier != notes.split(" Rows reused")[0]:
+            notes += f" Previous run's notes: {earlier}"
     write_results("distill", rows, [
         ("model", "model"), ("parameters_m", "params (M)"), ("tokens", "train tokens"), ("perplexity", "ppl"),
         ("ppl_vs_teacher", "ppl / teacher"), ("ppl_vs_ce", "ppl / CE"), ("kl_to_teacher", "KL to teacher"),
         ("top1_agreement", "top-1 agree"), ("seconds_per_step", "s/step"),
-    ], notes, args.out)
+    ], notes, args.out, extra={"seed_summary": seeds})
     print(dataclasses.asdict(training))
 
 
