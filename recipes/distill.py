@@ -54,12 +54,12 @@ def distillation_recipe(
 @run.cli.factory(target=distill, name="smollm2_135m_distill_depth20_cpu")
 def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
     """SmolLM2-135M teacher -> its 20-layer Minitron-pruned student (run
-    smollm2_135m_prune_depth20_cpu first): logit KD + LM loss on the embedded corpus, CPU scale,
-    the settings of the best row in benchmarks/results/distill.md. Set
+    smollm2_135m_prune_depth20_cpu first): logit KD at temperature 2 + LM loss on the embedded
+    corpus, CPU scale, the settings of the best row in benchmarks/results/distill.md. Set
     teacher_model_path=outputs/smollm2_135m/teacher_corrected after smollm2_135m_finetune_teacher_cpu."""
     recipe = distillation_recipe(name="distilled_depth20", max_steps=60, global_batch_size=4, lr=1e-3, min_lr=1e-4,
                                  warmup_steps=6)
-    recipe.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False)
+    recipe.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False, logit_kl_temperature=2.0)
     return recipe
 
 
