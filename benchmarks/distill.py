@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -150,10 +151,9 @@ def _seed_summary(rows: list[dict], label, default_lr: float) -> dict:
     ce, kd = (summary[name]["perplexity_by_seed"] for name in BEST_LRS)
     seeds = [seed for seed in ce if ce[seed] is not None and kd[seed] is not None]
     if seeds:
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
         summary["seeds"] = seeds
         summary["kd_over_ce_by_seed"] = {seed: kd[seed] / ce[seed] for seed in seeds}
-        summary["kd_over_ce_of_means"] = mean([kd[s] for s in seeds]) / mean([ce[s] for s in seeds])
+        summary["kd_over_ce_of_means"] = statistics.fmean(kd[s] for s in seeds) / statistics.fmean(ce[s] for s in seeds)
     return summary
 
 
