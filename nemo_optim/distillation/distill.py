@@ -33,8 +33,13 @@ from nemo_optim.models.loader import load_model, load_tokenizer, read_model_conf
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
-BOTH_CONFIGS = ("both distillation_config_path and distillation_config are set; keep one "
-                "(on the CLI: distillation_config=None to use the YAML).")
+def chosen_distillation_config(path: Optional[str], config: Optional[DistillationConfig]) -> DistillationConfig:
+    """The checked config from the YAML `path` or the code `config` (one of them, or neither
+    for ModelOpt's defaults)."""
+    if path and config is not None:
+        raise DistillationConfigError("both distillation_config_path and distillation_config are set; keep one "
+                                      "(on the CLI: distillation_config=None to use the YAML).")
+    return load_distillation_config(path or config)
 
 
 def distill(
@@ -76,9 +81,7 @@ def distill(
     """
     data = data or DataConfig()
     training = training or TrainingConfig()
-    if distillation_config_path and distillation_config is not None:
-        raise DistillationConfigError(BOTH_CONFIGS)
-    kd_config = load_distillation_config(distillation_config_path or distillation_config)
+    kd_config = chosen_distillation_config(distillation_config_path, distillation_config)
     if Path(output_path).exists() and not overwrite:
         raise DistillationConfigError(f"output_path={output_path!r} exists; pass overwrite=True or choose another path.")
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
@@ -122,9 +125,7 @@ def distill(
 
 def check_distill_arguments(**arguments) -> None:
     """What can be checked before any model is loaded (launchers call it before submitting)."""
-    if arguments.get("distillation_config_path") and arguments.get("distillation_config") is not None:
-        raise DistillationConfigError(BOTH_CONFIGS)
-    load_distillation_config(arguments.get("distillation_config_path") or arguments.get("distillation_config"))
+    chosen_distillation_config(arguments.get("distillation_config_path"), arguments.get("distillation_config"))
 
 
 distill.check_arguments = check_distill_arguments
