@@ -132,6 +132,15 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path, GPTModelConfig.load(path / MODEL_CONFIG), manifest)
 
 
+def stored_quantization_settings(path: str | Path) -> dict[str, Any] | None:
+    """The quantization settings a native checkpoint's quantizers were calibrated with: written
+    by `ptq`, and passed on by stages that train a quantized model further (QAT, QAD). None for
+    an unquantized model and for anything that is not a native checkpoint."""
+    if not (Path(path) / MANIFEST).is_file():
+        return None
+    return read_checkpoint_info(path).manifest.get("producer", {}).get("quantization_config")
+
+
 HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",

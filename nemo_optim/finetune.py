@@ -72,6 +72,8 @@ def finetune(
         checkpoint.save_checkpoint(loaded.model, loaded.config, output_path, loaded.hf_dir, producer={
             "stage": "finetune", "model": str(model_path), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"), "run_dir": str(run_dir),
+            # a quantized model (QAT) keeps its calibration settings: ptq exports it with them
+            "quantization_config": checkpoint.stored_quantization_settings(model_path),
         })
         runtime.print0(f"fine-tuned native checkpoint: {output_path} (metrics: {run_dir / 'metrics.jsonl'})")
         if hf_export_path:

@@ -223,6 +223,12 @@ def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
         assert not torch.equal(fc1_before.weight, fc1_after.weight)
         # the calibrated scales came along
         torch.testing.assert_close(fc1_after.input_quantizer.amax, fc1_before.input_quantizer.amax)
+    # ptq exports the QAD student with the settings it was calibrated with, whatever it is given
+    export = ptq(model_path=str(tmp_path / "qad"), quantization_config=QuantizationConfig(algorithm="int8"),
+                 export_config=ExportConfig(path=str(tmp_path / "qad_hf"), export_format="hf", dtype="float32"))
+    quant_config = json.loads((export / "hf_quant_config.json").read_text())
+    assert quant_config["quantization"]["quant_algo"] == "FP8"
+    assert not (tmp_path / "qad_hf_native").exists()  # nothing recalibrated, nothing saved again
 
 
 @pytest.mark.parametrize("source,message", [

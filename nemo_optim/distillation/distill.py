@@ -115,6 +115,8 @@ def distill(
             "distillation_config": describe(kd_config), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"),
             "run_dir": str(run_dir),
+            # a quantized student (QAD) keeps its calibration settings: ptq exports it with them
+            "quantization_config": checkpoint.stored_quantization_settings(student_model_path),
         })
         runtime.print0(f"distilled native checkpoint: {output_path} (metrics: {run_dir / 'metrics.jsonl'})")
         if hf_export_path:

@@ -115,9 +115,8 @@ def ptq(
 
 
 def stored_quantization_config(path: Path) -> Optional[QuantizationConfig]:
-    """The QuantizationConfig a `ptq` native checkpoint was made with (its manifest)."""
-    producer = checkpoint.read_checkpoint_info(path).manifest.get("producer", {})
-    stored = producer.get("quantization_config") if producer.get("stage") == "ptq" else None
+    """The QuantizationConfig a quantized native checkpoint was calibrated with (its manifest)."""
+    stored = checkpoint.stored_quantization_settings(path)
     return QuantizationConfig(**stored) if stored else None
 
 
