@@ -36,7 +36,7 @@ from recipes.ptq import ptq_recipe
 SMOLLM2 = "smollm2-135m-instruct"
 
 
-def _stage(recipe: run.Partial, name: str, output: str, work_dir: str, inputs: list) -> run.Partial:
+def stage_task(recipe: run.Partial, name: str, output: str, work_dir: str, inputs: list) -> run.Partial:
     return run.Partial(run_stage, stage=recipe, name=name, output=output, state_dir=f"{work_dir}/state", inputs=inputs)
 
 
@@ -74,13 +74,13 @@ def pipeline_tasks(
     quantize = ptq_recipe(model_path=distilled, export_path=quantized_hf, algorithm="fp8", model_dtype="float32",
                           calibration_dataset_size=calibration_samples, calibration_seq_len=seq_length)
     export = export_recipe(path=distilled, output_path=student_hf)
-    tasks = {"prune": _stage(prune, "prune", pruned, work_dir, [model])}
+    tasks = {"prune": stage_task(prune, "prune", pruned, work_dir, [model])}
     if teacher_correction_steps:
-        tasks["correct_teacher"] = _stage(correct_teacher, "correct_teacher", teacher, work_dir, [model])
+        tasks["correct_teacher"] = stage_task(correct_teacher, "correct_teacher", teacher, work_dir, [model])
     tasks |= {
-        "distill": _stage(distill, "distill", distilled, work_dir, [pruned, teacher]),
-        "quantize": _stage(quantize, "quantize", quantized_hf, work_dir, [distilled]),
-        "export": _stage(export, "export", student_hf, work_dir, [distilled]),
+        "distill": stage_task(distill, "distill", distilled, work_dir, [pruned, teacher]),
+        "quantize": stage_task(quantize, "quantize", quantized_hf, work_dir, [distilled]),
+        "export": stage_task(export, "export", student_hf, work_dir, [distilled]),
     }
     models = {"original": model, **({"teacher corrected": teacher} if teacher_correction_steps else {}),
               "pruned": pruned, "distilled": distilled, "distilled + FP8": quantized}
@@ -90,7 +90,7 @@ def pipeline_tasks(
         evaluations[label] = f"{work_dir}/evaluations/{key}.json"
         evaluation = evaluate_recipe(model_path=path, reference_model_path=model, output_path=evaluations[label],
                                      num_sequences=eval_sequences, seq_length=seq_length)
-        tasks[key] = _stage(evaluation, key, evaluations[label], work_dir, [path, model])
+        tasks[key] = stage_task(evaluation, key, evaluations[label], work_dir, [path, model])
     tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
                                   distillation_metrics=f"{distilled}_run/metrics.jsonl",
                                   artifacts={"distilled": student_hf, "distilled + FP8": quantized_hf},

@@ -11,6 +11,8 @@ from nemo_optim.distillation.distill import distill
 from recipes.finetune import training_config
 
 SMOLLM2 = "smollm2-135m-instruct"
+# QAD of SmolLM2 INT4 on CPU (benchmarks/results/qad.md)
+QAD_STEPS, QAD_LR = 120, 1e-4
 
 
 @run.cli.factory(target=distill)
@@ -63,6 +65,20 @@ def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
     return recipe
 
 
+@run.cli.factory(target=distill, name="smollm2_135m_distill_qad_int4_cpu")
+def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
+    """Quantization-aware distillation: the INT4 PTQ checkpoint of smollm2_135m_ptq_int4_cpu
+    (run it first) learns from the unquantized SmolLM2-135M through its fake quantizers (logit KD,
+    calibrated scales kept). Export the result with `nemo llm ptq --factory smollm2_135m_ptq_int4_cpu
+    model_path=outputs/smollm2_135m/qad_int4 export_config.path=...`: a quantized checkpoint is
+    exported in its own format, without recalibration. Settings: benchmarks/results/qad.md."""
+    recipe = distillation_recipe(student_model_path="outputs/smollm2_135m/ptq_int4_native", name="qad_int4",
+                                 max_steps=QAD_STEPS, global_batch_size=4, lr=QAD_LR, min_lr=QAD_LR / 10,
+                                 warmup_steps=QAD_STEPS // 10)
+    recipe.data.source = "embedded:pydoc"  # the calibration text
+    return recipe
+
+
 @run.cli.factory(target=distill, name="llama31_8b_distill_4b_8gpu_h100_bf16")
 def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
     """Minitron Llama-3.1-8B -> 4B (width-pruned) distillation at TP=8, bf16 autocast,
@@ -78,5 +94,6 @@ def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
 RECIPES = {
     "distillation_recipe": distillation_recipe,
     "smollm2_135m_distill_depth20_cpu": smollm2_135m_distill_depth20_cpu,
+    "smollm2_135m_distill_qad_int4_cpu": smollm2_135m_distill_qad_int4_cpu,
     "llama31_8b_distill_4b_8gpu_h100_bf16": llama31_8b_distill_4b_8gpu_h100_bf16,
 }

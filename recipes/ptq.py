@@ -72,6 +72,16 @@ def smollm2_135m_ptq_int4_awq_cpu() -> run.Partial[ptq]:
                       export_dtype="fp16", awq_block_size=64, model_dtype="float32")
 
 
+@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int4_cpu")
+def smollm2_135m_ptq_int4_cpu() -> run.Partial[ptq]:
+    """SmolLM2-135M, INT4 weight-only, block 32 (4.5 effective bits), max + GPTQ-lite,
+    TensorRT-LLM export: the best INT4 PTQ row of benchmarks/results/ptq.md. Its native
+    checkpoint (outputs/smollm2_135m/ptq_int4_native) is the student of
+    smollm2_135m_distill_qad_int4_cpu."""
+    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_int4", algorithm="int4", export_format="trtllm",
+                      export_dtype="fp16", awq_block_size=32, model_dtype="float32")
+
+
 @run.cli.factory(target=ptq, name="llama31_8b_ptq_fp8_8gpu_h100_bf16")
 def llama31_8b_ptq_fp8_8gpu_h100_bf16() -> run.Partial[ptq]:
     """Llama-3.1-8B-Instruct (an HF directory on the cluster), FP8, calibrated at TP=8 in bf16
@@ -93,5 +103,6 @@ RECIPES = {
     "smollm2_135m_ptq_fp8_cpu": smollm2_135m_ptq_fp8_cpu,
     "smollm2_135m_ptq_int8_sq_cpu": smollm2_135m_ptq_int8_sq_cpu,
     "smollm2_135m_ptq_int4_awq_cpu": smollm2_135m_ptq_int4_awq_cpu,
+    "smollm2_135m_ptq_int4_cpu": smollm2_135m_ptq_int4_cpu,
     "llama31_8b_ptq_fp8_8gpu_h100_bf16": llama31_8b_ptq_fp8_8gpu_h100_bf16,
 }

@@ -1,0 +1,95 @@
+"""Experiment: quantization-aware distillation (QAD) of SmolLM2-135M to INT4, one NeMo-Run experiment.
+
+    PTQ (INT4 block 32, max + GPTQ-lite; the native checkpoint is kept) -> QAD (the `distill`
+    stage with that checkpoint as student and the unquantized model as teacher: the weights train
+    through the fake quantizers) -> export (the `ptq` stage on the QAD checkpoint: exported in its
+    own format, no recalibration) -> evaluate PTQ and QAD on held-out text -> report
+
+    .venv/bin/python -m experiments.qad_smollm2 --yes       # ~25 min on 2 CPU cores
+    .venv/bin/python -m experiments.qad_smollm2 --dryrun
+
+Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import nemo_run as run
+
+from experiments.compress_smollm2 import run_pipeline, stage_task
+from nemo_optim.report import report
+from recipes.convert import evaluate_recipe
+from recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
+from recipes.executors import EXECUTORS
+from recipes.ptq import smollm2_135m_ptq_int4_cpu
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def qad_tasks(
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/qad_smollm2",
+    steps: int = QAD_STEPS,
+    lr: float = QAD_LR,
+    calibration_samples: int = 64,
+    eval_sequences: int = 32,
+    seq_length: int = 256,
+) -> dict[str, run.Partial]:
+    """Task name -> task, in dependency order."""
+    ptq_export, qad_export = f"{work_dir}/ptq_int4", f"{work_dir}/qad_int4_trtllm"
+    quantized, distilled = f"{ptq_export}_native", f"{work_dir}/qad_int4"  # ptq saves its model beside the export
+
+    quantize = smollm2_135m_ptq_int4_cpu()
+    quantize.model_path, quantize.export_config.path = model, ptq_export
+    quantize.quantization_config.calibration_dataset_size = calibration_samples
+    quantize.quantization_config.calibration_seq_len = seq_length
+    qad = smollm2_135m_distill_qad_int4_cpu()
+    qad.student_model_path, qad.teacher_model_path, qad.output_path = quantized, model, distilled
+    qad.training.max_steps, qad.training.warmup_steps = steps, max(steps // 10, 1)
+    qad.training.lr, qad.training.min_lr = lr, lr / 10
+    qad.data.seq_length = seq_length
+    export = smollm2_135m_ptq_int4_cpu()
+    export.model_path, export.export_config.path = distilled, qad_export
+
+    tasks = {
+        "quantize": stage_task(quantize, "quantize", ptq_export, work_dir, [model]),
+        "qad": stage_task(qad, "qad", distilled, work_dir, [quantized, model]),
+        "export": stage_task(export, "export", qad_export, work_dir, [distilled]),
+    }
+    models = {"original": model, "INT4 PTQ": quantized, "INT4 PTQ + QAD": distilled}
+    evaluations = {}
+    for label, path in models.items():
+        key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()
+        evaluations[label] = f"{work_dir}/evaluations/{key}.json"
+        evaluation = evaluate_recipe(model_path=path, reference_model_path=model, output_path=evaluations[label],
+                                     num_sequences=eval_sequences, seq_length=seq_length)
+        # QAD trains on pydoc text only: any docstrings are held out (benchmarks/ptq.py's text)
+        evaluation.evaluation.data.source, evaluation.evaluation.split = "embedded:docstrings", "train"
+        tasks[key] = stage_task(evaluation, key, evaluations[label], work_dir, [path, model])
+    tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
+                                  distillation_metrics=f"{distilled}_run/metrics.jsonl",
+                                  artifacts={"INT4 PTQ": ptq_export, "INT4 PTQ + QAD": qad_export},
+                                  title=f"INT4 quantization-aware distillation of {Path(model).name}")
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS))
+    parser.add_argument("--work-dir", default="outputs/qad_smollm2")
+    parser.add_argument("--dryrun", action="store_true")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    args = parser.parse_args(argv)
+    tasks = qad_tasks(work_dir=args.work_dir)
+    if not (args.yes or args.dryrun) and sys.stdin.isatty():
+        if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 1
+    code = run_pipeline(tasks, args.executor, args.dryrun, name="qad_smollm2")
+    if code == 0 and not args.dryrun:
+        print(f"report: {Path(args.work_dir).resolve() / 'report' / 'report.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
