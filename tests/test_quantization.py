@@ -187,6 +187,20 @@ def test_silent_bf16_export_is_caught_and_the_native_checkpoint_avoids_recalibra
     assert (export / "rank0.safetensors").is_file()
 
 
+def test_per_channel_fp8_refuses_the_hf_export_before_calibrating_and_exports_to_trtllm(tiny_hf_models, tmp_path):
+    # ModelOpt's HF exporter raised a RuntimeError (a reshape of the QKV scales) after calibration
+    with pytest.raises(QuantizationConfigError, match="algorithm='fp8_pc_pt' cannot be exported with "
+                                                      "export_config.export_format='hf'.*use export_format=trtllm"):
+        _ptq(tiny_hf_models["llama"], tmp_path / "pcpt", "fp8_pc_pt", "hf")
+    assert not list(tmp_path.iterdir())
+    export = _ptq(tiny_hf_models["llama"], tmp_path / "pcpt_trt", "fp8_pc_pt", "trtllm")
+    assert json.loads((export / "config.json").read_text())["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    # a saved fp8_pc_pt checkpoint is refused too, whatever algorithm the call names
+    with pytest.raises(QuantizationConfigError, match="algorithm='fp8_pc_pt' cannot be exported"):
+        _ptq(tmp_path / "pcpt_trt_native", tmp_path / "pcpt_hf", "fp8", "hf")
+    assert not (tmp_path / "pcpt_hf").exists()
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"algorithm": "fp7"}, "algorithm='fp7' is unknown; choose one of fp8, fp8_pc_pt"),
     ({"calibration_dataset_size": 0}, "calibration_dataset_size=0 must be at least 1"),

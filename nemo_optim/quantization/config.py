@@ -43,6 +43,8 @@ TUNED_CALIBRATION = {
     "int4": "preset+gptq_lite",
 }
 BLOCKED = ("int4", "int4_awq", "w4a8_awq")
+# algorithm -> why ModelOpt's megatron HF exporter crashes on it (seen in ModelOpt 0.43 and 0.44)
+NO_HF_EXPORT = {"fp8_pc_pt": "it reshapes the fused QKV layer's per-channel weight scales as if they were per block"}
 
 ExportFormat = Literal["hf", "trtllm"]
 DTYPE_BITS = {16: torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -141,6 +143,16 @@ class QuantizationConfig:
             raise QuantizationConfigError(
                 f"quantization_config.algorithm={needs[0]!r} needs a CUDA GPU (NVFP4/MX kernels); this "
                 f"machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."
+            )
+
+
+    def check_export_format(self, export_format: str) -> None:
+        """Export formats known to crash after calibration fail here, before it."""
+        reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None
+        if reason:
+            raise QuantizationConfigError(
+                f"quantization_config.algorithm={self.algorithm!r} cannot be exported with export_config.export_format='hf': "
+                f"ModelOpt's megatron HF exporter fails on it ({reason}); use export_format=trtllm."
             )
 
 

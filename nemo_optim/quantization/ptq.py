@@ -67,6 +67,7 @@ def ptq(
     save_path = save_path or f"{export_config.path.rstrip('/')}_native"
     # 1. everything that can be checked before loading a model
     quantization_config.check_hardware(runtime.use_cuda())
+    quantization_config.check_export_format(export_config.export_format)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
     for field, path in (("export_config.path", export_config.path), ("save_path", save_path)):
@@ -84,6 +85,7 @@ def ptq(
         if is_quantized(model):
             stored = stored_quantization_config(loaded.source.path) if loaded.source.kind == "native" else None
             if stored is not None:
+                stored.check_export_format(export_config.export_format)
                 quantizer = Quantizer(stored, export_config)
             runtime.print0(f"{model_path} is already quantized ({quantizer.quantization_config.algorithm}): "
                            f"exporting without recalibration.")
