@@ -7,7 +7,7 @@ trains that checkpoint's weights through ModelOpt's fake quantizers (calibrated 
 with logit KD from the unquantized model, on pydoc text only: QAD never sees the held-out
 domain. Evaluation as in benchmarks/ptq.py: 32 x 256 tokens of standard-library docstrings.
 
-    .venv/bin/python -m benchmarks.qad               # all rows (~1 h on 2 cores)
+    .venv/bin/python -m benchmarks.qad               # all rows (~75 min on 2 cores)
     .venv/bin/python -m benchmarks.qad --rows "int4 block 32 + QAD @ lr 0.0002" --steps 2 --eval-sequences 4  # smoke
 Writes benchmarks/results/qad.json and qad.md.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import tempfile
 import time
@@ -41,7 +42,7 @@ FORMATS = {
     "int4 block 32": ({"algorithm": "int4", "awq_block_size": 32}, "trtllm"),
     "fp8_pc_pt": ({"algorithm": "fp8_pc_pt"}, "trtllm"),  # ModelOpt 0.43's HF exporter fails on it
 }
-QAD_LRS = {"int4 block 32": (2e-4, 5e-4), "fp8_pc_pt": (2e-5, 5e-5)}
+QAD_LRS = {"int4 block 32": (2e-4, 5e-4, 1e-3), "fp8_pc_pt": (2e-5, 5e-5, 2e-4)}
 ROWS = tuple(f"{fmt} + QAD @ lr {lr:g}" for fmt, lrs in QAD_LRS.items() for lr in lrs)
 
 
@@ -65,7 +66,9 @@ def _quantized(fmt: str, work: Path, args) -> tuple[Path, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"QAD rows (default: all of {list(ROWS)})")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS),
+                        help=f"QAD rows (default: all of {list(ROWS)}); with a subset, the other rows are kept from the "
+                             f"previous results file")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -79,6 +82,9 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+    previous_rows = {}
+    if set(args.rows) != set(ROWS) and (args.out / "qad.json").is_file():
+        previous_rows = {row["row"]: row for row in json.loads((args.out / "qad.json").read_text())["rows"]}
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="qad-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded:pydoc", seq_length=args.seq_length)
@@ -108,17 +114,22 @@ def main() -> None:
                                     "train", tokenizer, args.eval_sequences)
         reference = evaluate_model(base.model, held_out)
         rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
-        for fmt in formats:
-            for name, path in [(f"{fmt} (PTQ)", natives[fmt])] + [(r, work / _slug(r)) for r in args.rows if r.startswith(fmt)]:
+        for fmt in FORMATS:
+            native = natives.get(fmt)
+            for name, path in [(f"{fmt} (PTQ)", native)] + [(r, work / _slug(r)) for r in ROWS if r.startswith(fmt)]:
+                if name not in args.rows and (native is None or path != native):
+                    if name in previous_rows:
+                        rows.append(dict(previous_rows[name], reused=True))
+                    continue
                 result = evaluate_model(load_model(path).model, held_out, reference=base.model)
-                summary = checkpoint.read_checkpoint_info(natives[fmt]).manifest["producer"]["summary"]
+                summary = checkpoint.read_checkpoint_info(native).manifest["producer"]["summary"]
                 rows.append({
                     "row": name, "perplexity": result.perplexity,
                     "ppl_change_percent": 100 * (result.perplexity / reference.perplexity - 1),
                     "kl": result.kl_to_reference, "top1_agreement": result.top1_agreement,
                     "effective_bits": summary["effective_bits"], "quantized_share": summary["quantized_linear_share"],
-                    "ptq_seconds": ptq_seconds[fmt] if path == natives[fmt] else None,
-                    "qad_tokens": 0 if path == natives[fmt] else tokens, **qad.get(name, {}),
+                    "ptq_seconds": ptq_seconds[fmt] if path == native else None,
+                    "qad_tokens": 0 if path == native else tokens, **qad.get(name, {}),
                     "measured": datetime.date.today().isoformat(),
                 })
                 print(rows[-1], flush=True)
@@ -129,7 +140,9 @@ def main() -> None:
              f"only, {args.steps} steps x {args.global_batch} x {args.seq_length} = {tokens} tokens of pydoc text "
              f"(train split; never the held-out domain), AdamW at the row's lr, warmup + cosine to lr/10. Held out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of standard-library docstrings (ptq.md's). PTQ seconds "
-             f"include the export; '-' where the PTQ checkpoint was reused from the work dir. {args.note}").strip()
+             f"include the export; '-' where the PTQ checkpoint was reused from the work dir. "
+             + (f"Rows kept from an earlier run of this script: {', '.join(r['row'] for r in rows if r.get('reused'))}. "
+                if any(r.get("reused") for r in rows) else "") + args.note).strip()
     write_results("qad", rows, [
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),
         ("top1_agreement", "top-1"), ("effective_bits", "bits/weight"), ("quantized_share", "quantized share"),

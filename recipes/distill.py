@@ -12,7 +12,7 @@ from recipes.finetune import training_config
 
 SMOLLM2 = "smollm2-135m-instruct"
 # QAD of SmolLM2 INT4 on CPU (benchmarks/results/qad.md)
-QAD_STEPS, QAD_LR = 60, 2e-4
+QAD_STEPS, QAD_LR = 60, 1e-3
 
 
 @run.cli.factory(target=distill)
