@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a JSON + markdown table writer and the held-out text."""
+"""Shared pieces of the benchmarks: a JSON + markdown table writer and the quantization benchmarks' held-out text."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from nemo_optim.checkpoint import library_versions
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.data.packing import packed_sequences
+
+
+def docstrings_held_out(tokenizer, seq_length: int, num_sequences: int):
+    """The held-out text of benchmarks/ptq.py and qad.py: standard-library docstrings. Their
+    calibration and training text is pydoc's, so any split of the docstrings is held out;
+    "train" is the largest."""
+    return packed_sequences(DataConfig(source="embedded:docstrings", seq_length=seq_length), "train", tokenizer,
+                            num_sequences)
 
 
 def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: str, out_dir: Path,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import modelopt.torch.quantization as mtq
 
-from benchmarks.common import write_results
+from benchmarks.common import docstrings_held_out, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -102,9 +102,7 @@ def main() -> None:
     with runtime.parallel_runtime():
         base = load_model(MODEL)
         tokenizer = load_tokenizer(base.hf_dir)
-        # Calibration never sees docstrings, so any split of them is held out; "train" is the largest.
-        held_out = packed_sequences(DataConfig(source="embedded:docstrings", seq_length=args.seq_length),
-                                    "train", tokenizer, args.eval_sequences)
+        held_out = docstrings_held_out(tokenizer, args.seq_length, args.eval_sequences)
         reference = evaluate_model(base.model, held_out)
         calib_rows = packed_sequences(DataConfig(source="embedded:pydoc", seq_length=args.seq_length),
                                       "calibration", tokenizer, args.calib_sequences)

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import docstrings_held_out, write_results
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
-from nemo_optim.data.packing import packed_sequences
 from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
@@ -110,8 +109,7 @@ def main() -> None:
     with runtime.parallel_runtime():
         base = load_model(MODEL)
         tokenizer = load_tokenizer(base.hf_dir)
-        held_out = packed_sequences(DataConfig(source="embedded:docstrings", seq_length=args.seq_length),
-                                    "train", tokenizer, args.eval_sequences)
+        held_out = docstrings_held_out(tokenizer, args.seq_length, args.eval_sequences)
         reference = evaluate_model(base.model, held_out)
         rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
         for fmt in FORMATS:

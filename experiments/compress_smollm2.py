@@ -120,21 +120,26 @@ def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def experiment_main(argv: list[str] | None, make_tasks, name: str, default_work_dir: str, description: str) -> int:
+    """The command line of a pipeline experiment: --executor, --work-dir, --dryrun, --yes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS))
-    parser.add_argument("--work-dir", default="outputs/compress_smollm2")
+    parser.add_argument("--work-dir", default=default_work_dir)
     parser.add_argument("--dryrun", action="store_true")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     args = parser.parse_args(argv)
-    tasks = pipeline_tasks(work_dir=args.work_dir)
+    tasks = make_tasks(work_dir=args.work_dir)
     if not (args.yes or args.dryrun) and sys.stdin.isatty():
         if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
-    code = run_pipeline(tasks, args.executor, args.dryrun)
+    code = run_pipeline(tasks, args.executor, args.dryrun, name=name)
     if code == 0 and not args.dryrun:
         print(f"report: {Path(args.work_dir).resolve() / 'report' / 'report.md'}")
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return experiment_main(argv, pipeline_tasks, "compress_smollm2", "outputs/compress_smollm2", __doc__)
 
 
 if __name__ == "__main__":

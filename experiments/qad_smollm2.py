@@ -11,17 +11,15 @@
 Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import nemo_run as run
 
-from experiments.compress_smollm2 import run_pipeline, stage_task
+from experiments.compress_smollm2 import experiment_main, stage_task
 from nemo_optim.report import report
 from recipes.convert import evaluate_recipe
 from recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
-from recipes.executors import EXECUTORS
 from recipes.ptq import smollm2_135m_ptq_int4_cpu
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -75,20 +73,7 @@ def qad_tasks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS))
-    parser.add_argument("--work-dir", default="outputs/qad_smollm2")
-    parser.add_argument("--dryrun", action="store_true")
-    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    args = parser.parse_args(argv)
-    tasks = qad_tasks(work_dir=args.work_dir)
-    if not (args.yes or args.dryrun) and sys.stdin.isatty():
-        if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):
-            return 1
-    code = run_pipeline(tasks, args.executor, args.dryrun, name="qad_smollm2")
-    if code == 0 and not args.dryrun:
-        print(f"report: {Path(args.work_dir).resolve() / 'report' / 'report.md'}")
-    return code
+    return experiment_main(argv, qad_tasks, "qad_smollm2", "outputs/qad_smollm2", __doc__)
 
 
 if __name__ == "__main__":
