@@ -12,12 +12,19 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 
 
-def docstrings_held_out(tokenizer, seq_length: int, num_sequences: int):
-    """The held-out text of benchmarks/ptq.py and qad.py: standard-library docstrings. Their
-    calibration and training text is pydoc's, so any split of the docstrings is held out;
-    "train" is the largest."""
-    return packed_sequences(DataConfig(source="embedded:docstrings", seq_length=seq_length), "train", tokenizer,
-                            num_sequences)
+def reference_on_held_out(model_name: str, seq_length: int, num_sequences: int):
+    """(loaded fp32 model, tokenizer, held-out tokens, its evaluation) for benchmarks/ptq.py and
+    qad.py. The held-out text is standard-library docstrings: their calibration and training text
+    is pydoc's, so any split of the docstrings is held out; "train" is the largest. Call inside
+    `runtime.parallel_runtime()`."""
+    from nemo_optim.evaluation import evaluate_model
+    from nemo_optim.models.loader import load_model, load_tokenizer
+
+    base = load_model(model_name)
+    tokenizer = load_tokenizer(base.hf_dir)
+    held_out = packed_sequences(DataConfig(source="embedded:docstrings", seq_length=seq_length), "train", tokenizer,
+                                num_sequences)
+    return base, tokenizer, held_out, evaluate_model(base.model, held_out)
 
 
 def write_results(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: str, out_dir: Path,

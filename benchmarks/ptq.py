@@ -23,13 +23,13 @@ from pathlib import Path
 
 import modelopt.torch.quantization as mtq
 
-from benchmarks.common import docstrings_held_out, write_results
+from benchmarks.common import reference_on_held_out, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.forward import forward_logits
-from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import QuantizationConfig
 from nemo_optim.quantization.quantizer import Quantizer, summarize
 
@@ -100,10 +100,7 @@ def main() -> None:
 
     rows = []
     with runtime.parallel_runtime():
-        base = load_model(MODEL)
-        tokenizer = load_tokenizer(base.hf_dir)
-        held_out = docstrings_held_out(tokenizer, args.seq_length, args.eval_sequences)
-        reference = evaluate_model(base.model, held_out)
+        base, tokenizer, held_out, reference = reference_on_held_out(MODEL, args.seq_length, args.eval_sequences)
         calib_rows = packed_sequences(DataConfig(source="embedded:pydoc", seq_length=args.seq_length),
                                       "calibration", tokenizer, args.calib_sequences)
         batches = list(calib_rows.split(4))

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import docstrings_held_out, write_results
+from benchmarks.common import reference_on_held_out, write_results
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
-from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
 from nemo_optim.quantization.ptq import ptq
 from nemo_optim.training import TrainingConfig
@@ -107,10 +107,7 @@ def main() -> None:
 
     rows = []
     with runtime.parallel_runtime():
-        base = load_model(MODEL)
-        tokenizer = load_tokenizer(base.hf_dir)
-        held_out = docstrings_held_out(tokenizer, args.seq_length, args.eval_sequences)
-        reference = evaluate_model(base.model, held_out)
+        base, tokenizer, held_out, reference = reference_on_held_out(MODEL, args.seq_length, args.eval_sequences)
         rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
         for fmt in FORMATS:
             native = natives.get(fmt)

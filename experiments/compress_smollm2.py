@@ -40,6 +40,24 @@ def stage_task(recipe: run.Partial, name: str, output: str, work_dir: str, input
     return run.Partial(run_stage, stage=recipe, name=name, output=output, state_dir=f"{work_dir}/state", inputs=inputs)
 
 
+def evaluation_tasks(models: dict[str, str], reference_model: str, work_dir: str, num_sequences: int, seq_length: int,
+                     source: str | None = None, split: str | None = None) -> tuple[dict[str, str], dict[str, run.Partial]]:
+    """An `evaluate` task per model against `reference_model`: (label -> its JSON, task name -> task).
+    `source` / `split`: other evaluation text than the recipe's (the embedded corpus's validation split)."""
+    evaluations, tasks = {}, {}
+    for label, path in models.items():
+        key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()
+        evaluations[label] = f"{work_dir}/evaluations/{key}.json"
+        evaluation = evaluate_recipe(model_path=path, reference_model_path=reference_model,
+                                     output_path=evaluations[label], num_sequences=num_sequences, seq_length=seq_length)
+        if source is not None:
+            evaluation.evaluation.data.source = source
+        if split is not None:
+            evaluation.evaluation.split = split
+        tasks[key] = stage_task(evaluation, key, evaluations[label], work_dir, [path, reference_model])
+    return evaluations, tasks
+
+
 def pipeline_tasks(
     model: str = SMOLLM2,
     work_dir: str = "outputs/compress_smollm2",
@@ -84,13 +102,8 @@ def pipeline_tasks(
     }
     models = {"original": model, **({"teacher corrected": teacher} if teacher_correction_steps else {}),
               "pruned": pruned, "distilled": distilled, "distilled + FP8": quantized}
-    evaluations = {}
-    for label, path in models.items():
-        key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()
-        evaluations[label] = f"{work_dir}/evaluations/{key}.json"
-        evaluation = evaluate_recipe(model_path=path, reference_model_path=model, output_path=evaluations[label],
-                                     num_sequences=eval_sequences, seq_length=seq_length)
-        tasks[key] = stage_task(evaluation, key, evaluations[label], work_dir, [path, model])
+    evaluations, evaluate_tasks = evaluation_tasks(models, model, work_dir, eval_sequences, seq_length)
+    tasks |= evaluate_tasks
     tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
                                   distillation_metrics=f"{distilled}_run/metrics.jsonl",
                                   artifacts={"distilled": student_hf, "distilled + FP8": quantized_hf},

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import nemo_run as run
 
-from experiments.compress_smollm2 import experiment_main, stage_task
+from experiments.compress_smollm2 import evaluation_tasks, experiment_main, stage_task
 from nemo_optim.report import report
-from recipes.convert import evaluate_recipe
 from recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
 from recipes.ptq import smollm2_135m_ptq_int4_cpu
 
@@ -56,15 +55,10 @@ def qad_tasks(
         "export": stage_task(export, "export", qad_export, work_dir, [distilled]),
     }
     models = {"original": model, "INT4 PTQ": quantized, "INT4 PTQ + QAD": distilled}
-    evaluations = {}
-    for label, path in models.items():
-        key = "evaluate_" + label.replace(" + ", "_").replace(" ", "_").lower()
-        evaluations[label] = f"{work_dir}/evaluations/{key}.json"
-        evaluation = evaluate_recipe(model_path=path, reference_model_path=model, output_path=evaluations[label],
-                                     num_sequences=eval_sequences, seq_length=seq_length)
-        # QAD trains on pydoc text only: any docstrings are held out (benchmarks/ptq.py's text)
-        evaluation.evaluation.data.source, evaluation.evaluation.split = "embedded:docstrings", "train"
-        tasks[key] = stage_task(evaluation, key, evaluations[label], work_dir, [path, model])
+    # QAD trains on pydoc text only: any docstrings are held out (benchmarks/ptq.py's text)
+    evaluations, evaluate_tasks = evaluation_tasks(models, model, work_dir, eval_sequences, seq_length,
+                                                   source="embedded:docstrings", split="train")
+    tasks |= evaluate_tasks
     tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models=models, evaluations=evaluations,
                                   distillation_metrics=f"{distilled}_run/metrics.jsonl",
                                   artifacts={"INT4 PTQ": ptq_export, "INT4 PTQ + QAD": qad_export},
