@@ -145,7 +145,6 @@ class QuantizationConfig:
                 f"machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."
             )
 
-
     def check_export_format(self, export_format: str) -> None:
         """Export formats known to crash after calibration fail here, before it."""
         reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None

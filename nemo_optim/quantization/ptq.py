@@ -83,7 +83,7 @@ def ptq(
         quantizer = Quantizer(quantization_config, export_config)
         model = loaded.model
         if is_quantized(model):
-            stored = stored_quantization_config(loaded.source.path) if loaded.source.kind == "native" else None
+            stored = stored_quantization_config(loaded.source.path)
             if stored is not None:
                 stored.check_export_format(export_config.export_format)
                 quantizer = Quantizer(stored, export_config)
@@ -117,7 +117,8 @@ def ptq(
 
 
 def stored_quantization_config(path: Path) -> Optional[QuantizationConfig]:
-    """The QuantizationConfig a quantized native checkpoint was calibrated with (its manifest)."""
+    """The QuantizationConfig a quantized native checkpoint was calibrated with (its manifest);
+    None for other model sources."""
     stored = checkpoint.stored_quantization_settings(path)
     return QuantizationConfig(**stored) if stored else None
 
