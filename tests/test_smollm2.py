@@ -45,7 +45,7 @@ def test_smollm2_perplexity_on_embedded_corpus(runtime_single):
 
 
 def test_smollm2_qad_recovers_part_of_the_int4_ptq_loss(tmp_path):
-    """The QAD experiment at a small budget (~9 min): INT4 block 32 PTQ, then 30 KD steps on
+    """The QAD experiment at a small budget (~11 min): INT4 block 32 PTQ, then 30 KD steps on
     pydoc text, evaluated on held-out docstrings: KL to the fp32 model drops by >= 15%, and the
     export is INT4 (benchmarks/results/qad.md has the full-budget numbers)."""
     import json
