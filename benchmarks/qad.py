@@ -110,9 +110,11 @@ def main() -> None:
         base, tokenizer, held_out, reference = reference_on_held_out(MODEL, args.seq_length, args.eval_sequences)
         rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
         for fmt in FORMATS:
-            native = natives.get(fmt)
-            for name, path in [(f"{fmt} (PTQ)", native)] + [(r, work / _slug(r)) for r in ROWS if r.startswith(fmt)]:
-                if name not in args.rows and (native is None or path != native):
+            native = natives.get(fmt)  # None: no row of this format ran now
+            candidates = [(f"{fmt} (PTQ)", native, native is not None)]
+            candidates += [(r, work / _slug(r), r in args.rows) for r in ROWS if r.startswith(fmt)]
+            for name, path, ran_now in candidates:
+                if not ran_now:
                     if name in previous_rows:
                         rows.append(dict(previous_rows[name], reused=True))
                     continue
