@@ -6,7 +6,7 @@ the unquantized model: perplexity and its change, KL, top-1 agreement, calibrati
 effective bits per decoder weight (scales included), share of decoder linear weights quantized,
 estimated weight size. Also nemo-optim's PTQ wall time over raw `mtq.quantize` on one config.
 
-    .venv/bin/python -m benchmarks.ptq                    # all rows (~20 min on 2 cores)
+    .venv/bin/python -m benchmarks.ptq                    # all rows (~2 h on 2 cores; --rows for a subset)
     .venv/bin/python -m benchmarks.ptq --rows fp8 --eval-sequences 4 --calib-sequences 8   # smoke
 Writes benchmarks/results/ptq.json and ptq.md.
 """
@@ -48,8 +48,14 @@ ROWS: dict[str, tuple[str, object]] = {
     "fp8_pc_pt": ("recipe", {"algorithm": "fp8_pc_pt"}),
     "fp8 (preset calibration), weights only": ("recipe", {"algorithm": "fp8", "calibration_algorithm": "preset",
                                                           "exclude_modules": ["*input_quantizer"]}),
+    "fp8_pc_pt, weights only": ("recipe", {"algorithm": "fp8_pc_pt", "exclude_modules": ["*input_quantizer"]}),
+    "fp8_pc_pt (preset calibration), activations only": ("recipe", {"algorithm": "fp8_pc_pt",
+                                                                    "calibration_algorithm": "preset",
+                                                                    "exclude_modules": ["*weight_quantizer"]}),
     "fp8 auto_quantize 8.38 bits": ("recipe", {"algorithm": "fp8", "auto_quantize_bits": 8.38,
                                                "auto_quantize_formats": ["fp8"]}),
+    "fp8_pc_pt auto_quantize 8.38 bits": ("recipe", {"algorithm": "fp8_pc_pt", "auto_quantize_bits": 8.38,
+                                                     "auto_quantize_formats": ["fp8_pc_pt"]}),
     "int8_sq alpha 0.5 (NeMo 2's nominal default)": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.5}),
     "int8_sq alpha 0.8": ("recipe", {"algorithm": "int8_sq", "sq_alpha": 0.8}),
     "int8_sq auto_quantize 8.38 bits": ("recipe", {"algorithm": "int8_sq", "auto_quantize_bits": 8.38,
@@ -156,7 +162,8 @@ def main() -> None:
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
              f"Rows without a suffix use nemo-optim's default calibration (TUNED_CALIBRATION: the preset's method, "
              f"then GPTQ-lite); 'preset calibration' is ModelOpt's preset method alone; 'weights only' disables "
-             f"every activation quantizer (an ablation: what the weights alone cost); 'auto_quantize B bits' is "
+             f"every activation quantizer and 'activations only' every weight quantizer (ablations: what the weights or the "
+             f"activations alone cost; with activations only the weights stay fp32, so the quantized share is 0); 'auto_quantize B bits' is "
              f"ModelOpt's auto_quantize choosing per layer between the format and 16 bits by gradient sensitivity on "
              f"the calibration rows, under B bits as ModelOpt counts them (format bits without scales, unquantized 16), "
              f"which keeps >= 95% of the decoder's linear weights quantized (see 'quantized share'); when every "

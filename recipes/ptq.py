@@ -53,6 +53,15 @@ def smollm2_135m_ptq_fp8_cpu() -> run.Partial[ptq]:
     return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8", algorithm="fp8", model_dtype="float32")
 
 
+@run.cli.factory(target=ptq, name="smollm2_135m_ptq_fp8_pc_pt_cpu")
+def smollm2_135m_ptq_fp8_pc_pt_cpu() -> run.Partial[ptq]:
+    """SmolLM2-135M, FP8 W8A8 with per-channel weight and per-token activation scales, max +
+    GPTQ-lite: the best FP8 row of benchmarks/results/ptq.md (+1.6% perplexity; per-tensor
+    `fp8` +1.9%). TensorRT-LLM export: ModelOpt's megatron HF exporter cannot write this format."""
+    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8_pc_pt", algorithm="fp8_pc_pt", export_format="trtllm",
+                      export_dtype="fp16", model_dtype="float32")
+
+
 @run.cli.factory(target=ptq, name="smollm2_135m_ptq_int8_sq_cpu")
 def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT8 SmoothQuant W8A8, TensorRT-LLM export (the HF exporter has no INT8).
@@ -101,6 +110,7 @@ def llama31_8b_ptq_fp8_8gpu_h100_bf16() -> run.Partial[ptq]:
 RECIPES = {
     "ptq_recipe": ptq_recipe,
     "smollm2_135m_ptq_fp8_cpu": smollm2_135m_ptq_fp8_cpu,
+    "smollm2_135m_ptq_fp8_pc_pt_cpu": smollm2_135m_ptq_fp8_pc_pt_cpu,
     "smollm2_135m_ptq_int8_sq_cpu": smollm2_135m_ptq_int8_sq_cpu,
     "smollm2_135m_ptq_int4_awq_cpu": smollm2_135m_ptq_int4_awq_cpu,
     "smollm2_135m_ptq_int4_cpu": smollm2_135m_ptq_int4_cpu,
