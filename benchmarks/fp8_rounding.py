@@ -75,8 +75,8 @@ def main() -> None:
         errors = [squared_error[n] / squared_norm[n] for n in squared_error if n.endswith(kind)]
         rows.append({"row": f"SmolLM2 {kind} inputs ({len(errors)} layers)", "min": min(errors),
                      "median": statistics.median(errors), "max": max(errors)})
-    gaussian = [relative_error(quantizer, torch.randn(args.seq_length, hidden, generator=torch.Generator().manual_seed(s)))
-                for s in range(8)]
+    draws = [torch.randn(args.seq_length, hidden, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    gaussian = [relative_error(quantizer, x) for x in draws]
     rows.append({"row": f"Gaussian tokens ({hidden} wide, 8 draws)", "min": min(gaussian),
                  "median": statistics.median(gaussian), "max": max(gaussian)})
     notes = (f"Relative rounding error ||Q(x) - x||^2 / ||x||^2 of ModelOpt's FP8_PER_CHANNEL_PER_TOKEN input "
