@@ -7,7 +7,7 @@ trains that checkpoint's weights through ModelOpt's fake quantizers (calibrated 
 with logit KD from the unquantized model, on pydoc text only: QAD never sees the held-out
 domain. Evaluation as in benchmarks/ptq.py: 32 x 256 tokens of standard-library docstrings.
 
-    .venv/bin/python -m benchmarks.qad               # all rows (~75 min on 2 cores)
+    .venv/bin/python -m benchmarks.qad               # all rows (~100 min on 2 cores)
     .venv/bin/python -m benchmarks.qad --rows "int4 block 32 + QAD @ lr 0.0002" --steps 2 --eval-sequences 4  # smoke
 Writes benchmarks/results/qad.json and qad.md.
 """
@@ -41,8 +41,13 @@ FORMATS = {
     "int4 block 32": ({"algorithm": "int4", "awq_block_size": 32}, "trtllm"),
     "fp8_pc_pt": ({"algorithm": "fp8_pc_pt"}, "trtllm"),  # ModelOpt 0.43's HF exporter fails on it
 }
-QAD_LRS = {"int4 block 32": (2e-4, 5e-4, 1e-3), "fp8_pc_pt": (2e-5, 5e-5, 2e-4)}
-ROWS = tuple(f"{fmt} + QAD @ lr {lr:g}" for fmt, lrs in QAD_LRS.items() for lr in lrs)
+DEFAULT_STEPS = 60
+# format -> (lr, steps) of its QAD rows
+QAD_RUNS = {"int4 block 32": [(2e-4, 60), (5e-4, 60), (1e-3, 60)],
+            "fp8_pc_pt": [(2e-5, 60), (5e-5, 60), (2e-4, 60), (1e-4, 150)]}
+# row name -> (format, lr, steps)
+ROWS = {f"{fmt} + QAD @ lr {lr:g}" + ("" if steps == DEFAULT_STEPS else f", {steps} steps"): (fmt, lr, steps)
+        for fmt, runs in QAD_RUNS.items() for lr, steps in runs}
 
 
 def _slug(name: str) -> str:
@@ -68,7 +73,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS),
                         help=f"QAD rows (default: all of {list(ROWS)}); with a subset, the other rows are kept from the "
                              f"previous results file")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None, help="every row's QAD steps (default: the row's own)")
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=256)
@@ -87,23 +92,24 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="qad-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded:pydoc", seq_length=args.seq_length)
-    tokens = args.steps * args.global_batch * args.seq_length
 
-    formats = list(dict.fromkeys(row.split(" + QAD")[0] for row in args.rows))
+    formats = list(dict.fromkeys(ROWS[row][0] for row in args.rows))
     ptq_seconds, natives, qad = {}, {}, {}
     for fmt in formats:
         natives[fmt], ptq_seconds[fmt] = _quantized(fmt, work, args)
     for row in args.rows:
-        fmt, lr = row.split(" + QAD")[0], float(row.rpartition(" @ lr ")[2])
-        training = TrainingConfig(max_steps=args.steps, global_batch_size=args.global_batch,
+        fmt, lr, steps = ROWS[row]
+        steps = args.steps or steps
+        training = TrainingConfig(max_steps=steps, global_batch_size=args.global_batch,
                                   micro_batch_size=args.micro_batch, lr=lr, min_lr=lr / 10,
-                                  warmup_steps=max(args.steps // 10, 1), val_check_interval=0, checkpoint_interval=0,
+                                  warmup_steps=max(steps // 10, 1), val_check_interval=0, checkpoint_interval=0,
                                   num_val_sequences=8, log_interval=10)
         began = time.perf_counter()
         result = distill(student_model_path=str(natives[fmt]), teacher_model_path=MODEL, output_path=str(work / _slug(row)),
                          distillation_config=load_distillation_config({}), data=data, training=training,
                          resume=False, overwrite=True)
-        qad[row] = {"seconds_per_step": result.seconds_per_step, "qad_seconds": time.perf_counter() - began}
+        qad[row] = {"seconds_per_step": result.seconds_per_step, "qad_seconds": time.perf_counter() - began,
+                    "qad_tokens": steps * args.global_batch * args.seq_length}
 
     rows = []
     with runtime.parallel_runtime():
@@ -112,7 +118,7 @@ def main() -> None:
         for fmt in FORMATS:
             native = natives.get(fmt)  # None: no row of this format ran now
             candidates = [(f"{fmt} (PTQ)", native, native is not None)]
-            candidates += [(r, work / _slug(r), r in args.rows) for r in ROWS if r.startswith(fmt)]
+            candidates += [(r, work / _slug(r), r in args.rows) for r, (row_fmt, _, _) in ROWS.items() if row_fmt == fmt]
             for name, path, ran_now in candidates:
                 if not ran_now:
                     if name in previous_rows:
@@ -126,7 +132,7 @@ def main() -> None:
                     "kl": result.kl_to_reference, "top1_agreement": result.top1_agreement,
                     "effective_bits": summary["effective_bits"], "quantized_share": summary["quantized_linear_share"],
                     "ptq_seconds": ptq_seconds[fmt] if path == native else None,
-                    "qad_tokens": 0 if path == native else tokens, **qad.get(name, {}),
+                    "qad_tokens": 0, **qad.get(name, {}),
                     "measured": datetime.date.today().isoformat(),
                 })
                 print(rows[-1], flush=True)
@@ -134,8 +140,10 @@ def main() -> None:
              f"format (max + GPTQ-lite), {args.calib_sequences} x {args.seq_length} calibration tokens of pydoc text, "
              f"as in ptq.md. QAD: the `distill` stage with the PTQ checkpoint as student (fake quantizers and "
              f"calibrated scales kept, weights trained through them) and the unquantized model as teacher, logit KL "
-             f"only, {args.steps} steps x {args.global_batch} x {args.seq_length} = {tokens} tokens of pydoc text "
-             f"(train split; never the held-out domain), AdamW at the row's lr, warmup + cosine to lr/10. Held out: "
+             f"only, steps x {args.global_batch} x {args.seq_length} tokens of pydoc text (column 'QAD tokens'; "
+             f"{DEFAULT_STEPS} steps unless the row says otherwise; train split, never the held-out domain; more "
+             f"than its ~97k tokens repeat it), AdamW at the row's lr, warmup (a tenth of the steps) + cosine to "
+             f"lr/10. Held out: "
              f"{args.eval_sequences} x {args.seq_length} tokens of standard-library docstrings (ptq.md's). PTQ seconds "
              f"include the export; '-' where the PTQ checkpoint was reused from the work dir. "
              + (f"Rows kept from an earlier run of this script: {', '.join(r['row'] for r in rows if r.get('reused'))}. "
