@@ -143,8 +143,8 @@ def main() -> None:
              f"only, steps x {args.global_batch} x {args.seq_length} tokens of pydoc text (column 'QAD tokens'; "
              f"{DEFAULT_STEPS} steps unless the row says otherwise; train split, never the held-out domain; more "
              f"than its ~97k tokens repeat it), AdamW at the row's lr, warmup (a tenth of the steps) + cosine to "
-             f"lr/10. Held out: "
-             f"{args.eval_sequences} x {args.seq_length} tokens of standard-library docstrings (ptq.md's). PTQ seconds "
+             f"lr/10. Held out: {args.eval_sequences} x {args.seq_length} tokens of standard-library docstrings "
+             f"(ptq.md's). PTQ seconds "
              f"include the export; '-' where the PTQ checkpoint was reused from the work dir. "
              + (f"Rows kept from an earlier run of this script: {', '.join(r['row'] for r in rows if r.get('reused'))}. "
                 if any(r.get("reused") for r in rows) else "") + args.note).strip()
