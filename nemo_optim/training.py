@@ -327,12 +327,14 @@ def train(
     adjust_tensor_shapes_fn: Optional[Callable] = None,
     on_step_end: Optional[Callable[[int], None]] = None,
     fingerprint: Optional[dict] = None,
+    forward_backward: Callable[..., list] = run_schedule,
 ) -> TrainingResult:
     """Trains `model` in place on `[N, S+1]` token rows; every rank calls it.
 
     `loss_fn(batch, output)` gets the model's per-token LM loss as `output` (labels are passed
     to the model) and returns `(scalar loss, {name: scalar})`. `resume=True` continues from the
-    newest complete checkpoint in `run_dir`, if there is one.
+    newest complete checkpoint in `run_dir`, if there is one. `forward_backward` is megatron's
+    schedule (`run_schedule`) or, for a model outside megatron, `run_micro_batches`.
     """
     from megatron.core import parallel_state
 
@@ -389,7 +391,7 @@ def train(
         with torch.no_grad(), autocast:
             for start in range(0, len(val_tokens), config.micro_batch_size):
                 batch = make_batch(val_tokens[start : start + config.micro_batch_size])
-                outputs += run_schedule(model, [batch], loss_fn, num_micro_batches=1, seq_length=seq_length,
+                outputs += forward_backward(model, [batch], loss_fn, num_micro_batches=1, seq_length=seq_length,
                                         micro_batch_size=config.micro_batch_size, forward_only=True, with_labels=True,
                                         adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
         metrics = _mean_metrics(outputs)
@@ -410,7 +412,7 @@ def train(
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            outputs = run_schedule(model, micro_batches(step), loss_fn, num_micro_batches=num_micro,
+            outputs = forward_backward(model, micro_batches(step), loss_fn, num_micro_batches=num_micro,
                                    seq_length=seq_length, micro_batch_size=config.micro_batch_size,
                                    forward_only=False, with_labels=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
         _reduce_gradients(model, params)

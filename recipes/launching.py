@@ -60,6 +60,18 @@ def _check_key(partial: run.Partial, key: str):
     return annotation
 
 
+def _expected(annotation) -> str:
+    """`one of 'a', 'b'` for a Literal (also inside Optional), else `a value of type T`."""
+    import typing
+
+    choices = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(choices) == 1:
+        return _expected(choices[0]) + " or None"
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(choice) for choice in choices)
+    return f"a value of type {getattr(annotation, '__name__', str(annotation))}"
+
+
 def apply_overrides(partial: run.Partial, overrides: list[str]) -> run.Partial:
     """`key=value` / `a.b=value` overrides; values are parsed by NeMo-Run's own CLI parser."""
     import logging
@@ -75,8 +87,7 @@ def apply_overrides(partial: run.Partial, overrides: list[str]) -> run.Partial:
         try:
             partial = parse_cli_args(partial, [item])
         except Exception:  # noqa: BLE001 - nemo_run raises several types, all with nested messages
-            expected = getattr(annotation, "__name__", str(annotation))
-            raise OverrideError(f"override {item!r}: expected a value of type {expected}, got {value!r}") from None
+            raise OverrideError(f"override {item!r}: expected {_expected(annotation)}, got {value!r}") from None
     return partial
 
 

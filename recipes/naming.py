@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-STAGES = ("import", "export", "evaluate", "ptq", "prune", "finetune", "distill", "compress")
+STAGES = ("import", "export", "evaluate", "ptq", "prune", "finetune", "distill", "speculative", "compress")
 _PART = re.compile(r"^[a-z0-9]+(?:[a-z0-9.]*[a-z0-9])?$")
 _NAME = re.compile(
     r"^(?P<model>[a-z0-9_.]+?)_(?P<stage>" + "|".join(STAGES) + r")(?:_(?P<variant>[a-z0-9_.]+?))?"

@@ -62,6 +62,28 @@ def run_schedule(
     )
 
 
+def run_micro_batches(
+    model: torch.nn.Module,
+    micro_batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    *,
+    num_micro_batches: int,
+    forward_only: bool,
+    **_schedule_arguments,
+) -> list[dict[str, Any]]:
+    """`run_schedule`'s contract for a model outside megatron (a transformers model, one
+    process): forward each micro-batch with its labels, backward `loss / num_micro_batches`
+    (what megatron's schedule does), return what `loss_fn` reported."""
+    reported = []
+    for batch in micro_batches:
+        output = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        loss, metrics = loss_fn(batch, output)
+        if not forward_only:
+            (loss / num_micro_batches).backward()
+        reported.append(metrics)
+    return reported
+
+
 def _logits_loss(batch, output):
     from megatron.core import tensor_parallel
 

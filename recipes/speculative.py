@@ -1,0 +1,95 @@
+"""Speculative-decoding recipes: `speculative_recipe` and named variants
+(`nemo llm speculative --factory NAME`)."""
+
+from typing import Optional
+
+import nemo_run as run
+
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.speculative.config import SpeculativeConfig
+from nemo_optim.speculative.data import SelfDistillationConfig
+from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
+from nemo_optim.speculative.speculative import speculative
+from recipes.finetune import training_config
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@run.cli.factory(target=speculative)
+def speculative_recipe(
+    model_path: str = SMOLLM2,
+    algorithm: str = "eagle3",
+    num_draft_tokens: int = 4,
+    dir: Optional[str] = None,
+    name: str = "eagle3",
+    self_distillation_prompts: int = 0,
+    max_steps: int = 100,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 4,
+    seq_length: int = 256,
+    lr: float = 1e-3,
+    min_lr: float = 1e-4,
+    warmup_steps: int = 10,
+) -> run.Partial[speculative]:
+    """Draft heads (`algorithm`: eagle3, eagle1 or medusa) for the frozen `model_path`, trained
+    on the embedded corpus (or on the model's own continuations of `self_distillation_prompts`
+    prompts from it), measured on held-out prompts; the draft goes to `<dir>/<name>` and its
+    serving export to `<dir>/<name>_export` (default outputs/smollm2_135m/eagle3)."""
+    output = f"{dir or 'outputs/smollm2_135m'}/{name}"
+    return run.Partial(
+        speculative,
+        model_path=model_path,
+        output_path=output,
+        export_path=f"{output}_export",
+        speculative_config=run.Config(SpeculativeConfig, algorithm=algorithm, num_draft_tokens=num_draft_tokens),
+        data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
+        self_distillation=run.Config(SelfDistillationConfig, num_prompts=self_distillation_prompts),
+        training=training_config(max_steps, global_batch_size, micro_batch_size, lr, min_lr, warmup_steps),
+        evaluation=run.Config(SpeculativeEvaluationConfig),
+    )
+
+
+@run.cli.factory(target=speculative, name="smollm2_135m_speculative_eagle3_cpu")
+def smollm2_135m_speculative_eagle3_cpu() -> run.Partial[speculative]:
+    """EAGLE-3 chain drafts of 4 tokens for SmolLM2-135M-Instruct, trained on its own greedy
+    continuations of embedded-corpus prompts, CPU scale (benchmarks/results/speculative.md)."""
+    recipe = speculative_recipe(name="eagle3", self_distillation_prompts=256, max_steps=300, lr=1e-3)
+    recipe.evaluation.draft_lengths = [1, 2, 3, 4, 5]
+    return recipe
+
+
+@run.cli.factory(target=speculative, name="smollm2_135m_speculative_medusa_cpu")
+def smollm2_135m_speculative_medusa_cpu() -> run.Partial[speculative]:
+    """Medusa heads (5, one residual block each) for SmolLM2-135M-Instruct, same data as the
+    EAGLE-3 variant."""
+    recipe = speculative_recipe(algorithm="medusa", name="medusa", self_distillation_prompts=256, max_steps=300,
+                                lr=1e-3)
+    recipe.speculative_config.num_medusa_heads = 5
+    recipe.evaluation.draft_lengths = [1, 2, 3, 4, 5]
+    return recipe
+
+
+@run.cli.factory(target=speculative, name="llama31_8b_speculative_eagle3_1gpu_h100_bf16")
+def llama31_8b_speculative_eagle3_1gpu_h100_bf16() -> run.Partial[speculative]:
+    """EAGLE-3 for Llama-3.1-8B-Instruct on one GPU in bf16: seq 2048, 20k prompts of
+    self-distillation data, SDPA draft attention (cuDNN). Point `data.source` at your prompts."""
+    recipe = speculative_recipe(model_path="/models/Llama-3.1-8B-Instruct", dir="/results", name="llama31_8b_eagle3",
+                                self_distillation_prompts=20000, max_steps=20000, global_batch_size=16,
+                                micro_batch_size=2, seq_length=2048, lr=1e-4, min_lr=1e-5, warmup_steps=200)
+    recipe.self_distillation.continuation_tokens = 1536
+    recipe.self_distillation.batch_size = 64
+    recipe.speculative_config.attention_impl = "sdpa"
+    recipe.training.precision = "bf16"
+    recipe.dtype = "bfloat16"
+    recipe.evaluation.num_prompts = 64
+    recipe.evaluation.max_new_tokens = 256
+    recipe.evaluation.draft_lengths = [1, 2, 3, 4, 5, 6]
+    return recipe
+
+
+RECIPES = {
+    "speculative_recipe": speculative_recipe,
+    "smollm2_135m_speculative_eagle3_cpu": smollm2_135m_speculative_eagle3_cpu,
+    "smollm2_135m_speculative_medusa_cpu": smollm2_135m_speculative_medusa_cpu,
+    "llama31_8b_speculative_eagle3_1gpu_h100_bf16": llama31_8b_speculative_eagle3_1gpu_h100_bf16,
+}

@@ -1,0 +1,167 @@
+"""Speculative decoding on a tiny real Llama: ModelOpt's EAGLE-3 / Medusa heads train (loss
+falls), speculative greedy decoding equals plain KV-cached greedy decoding token for token,
+the acceptance length of a draft that knows the answer is k + 1 (the oracle of the decoding
+loop), the KV-cached EAGLE drafter drafts what ModelOpt's own uncached drafting drafts, and the
+saved checkpoint and the serving export reload to the same draft."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_optim import runtime
+from nemo_optim.data.corpus import DataConfig
+from nemo_optim.finetune import finetune
+from nemo_optim.models.loader import load_tokenizer
+from nemo_optim.speculative import model as draft_model
+from nemo_optim.speculative.config import SpeculativeConfig, SpeculativeConfigError
+from nemo_optim.speculative.data import SelfDistillationConfig
+from nemo_optim.speculative.decoding import (EagleDrafter, ReferenceDrafter, drafter_for, greedy_decode,
+                                             speculative_decode)
+from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
+from nemo_optim.speculative.speculative import speculative
+from nemo_optim.training import TrainingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = DataConfig(seq_length=64)
+EVALUATION = SpeculativeEvaluationConfig(num_prompts=3, prompt_tokens=16, max_new_tokens=40, draft_lengths=[1, 3])
+
+
+@pytest.fixture(scope="module")
+def trained_base(tiny_hf_models, tmp_path_factory) -> Path:
+    """A tiny Llama fine-tuned on the corpus (a random one predicts near-uniform tokens, which
+    no draft can learn), as a native checkpoint: the stage also exports it to HF for the draft."""
+    output = tmp_path_factory.mktemp("base") / "native"
+    finetune(model_path=str(tiny_hf_models["llama"]), output_path=str(output), data=DATA,
+             training=TrainingConfig(max_steps=40, global_batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=4,
+                                     val_check_interval=0, checkpoint_interval=0))
+    return output
+
+
+def _training(steps: int) -> TrainingConfig:
+    return TrainingConfig(max_steps=steps, global_batch_size=8, micro_batch_size=4, lr=3e-3, warmup_steps=2,
+                          log_interval=2, val_check_interval=steps, num_val_sequences=4, checkpoint_interval=steps)
+
+
+def _converted(base_path: Path, config: SpeculativeConfig):
+    hf_dir = draft_model.base_hf_directory(base_path)
+    return draft_model.add_draft_heads(draft_model.load_base(hf_dir), config).eval(), load_tokenizer(hf_dir)
+
+
+def _prompt(tokenizer, text: str = "The for statement is used to iterate") -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "medusa"])
+def test_draft_trains_decodes_losslessly_and_reloads(trained_base, tmp_path, algorithm):
+    config = SpeculativeConfig(algorithm=algorithm, num_draft_tokens=3)
+    output, export = tmp_path / "draft", tmp_path / "draft_export"
+    result = speculative(model_path=str(trained_base), output_path=str(output), export_path=str(export),
+                         speculative_config=config, data=DATA, training=_training(24), evaluation=EVALUATION,
+                         self_distillation=SelfDistillationConfig(num_prompts=24, prompt_tokens=16,
+                                                                  continuation_tokens=80))
+    # EAGLE's loss is the cross-entropy to the base model's distribution, whose entropy it
+    # cannot train away (about 14 nats here over 3 steps): a fall of 0.25 nats is real learning
+    losses = [row["loss"] for row in result.training.history if row["kind"] == "train"]
+    assert losses[-1] < losses[0] - 0.25, losses
+    assert result.evaluation["lossless"]
+    assert [r["draft_length"] for r in result.evaluation["results"]] == [1, 3]
+    assert all(1.0 <= r["acceptance_length"] <= r["draft_length"] + 1 for r in result.evaluation["results"])
+    assert json.loads((output / "evaluation.json").read_text()) == result.evaluation
+
+    # the checkpoint restores the trained draft: same drafts, same acceptance, same tokens
+    reloaded = draft_model.load_speculative_checkpoint(output)
+    tokenizer = load_tokenizer(reloaded.base_hf_dir)
+    prompt = _prompt(tokenizer)
+    plain = greedy_decode(reloaded.model, prompt, 40)
+    decoded = speculative_decode(reloaded.model, drafter_for(reloaded.model), prompt, 40, 3)
+    assert decoded.tokens == plain.tokens
+
+    # the serving export holds exactly the trained draft: loaded into a fresh draft, it decodes the same
+    fresh = draft_model.SpeculativeModel(_converted(trained_base, config)[0], config, reloaded.base_hf_dir)
+    draft_model.load_exported_draft(fresh, export)
+    again = speculative_decode(fresh.model, drafter_for(fresh.model), prompt, 40, 3)
+    assert again.tokens == plain.tokens and again.accepted_per_round == decoded.accepted_per_round
+    for name, tensor in draft_model.draft_state_dict(reloaded.model).items():
+        torch.testing.assert_close(draft_model.draft_state_dict(fresh.model)[name], tensor, rtol=0, atol=0)
+
+
+def test_acceptance_of_a_draft_that_knows_the_answer_is_k_plus_one(trained_base):
+    model, tokenizer = _converted(trained_base, SpeculativeConfig(algorithm="eagle3"))
+    prompt = _prompt(tokenizer)
+    plain = greedy_decode(model, prompt, 41)
+    for k in (1, 2, 4):
+        decoded = speculative_decode(model, ReferenceDrafter(plain.tokens), prompt, 41, k)
+        assert decoded.tokens == plain.tokens
+        # 1 token from the prompt's forward, then k + 1 per round; 40 = 8 x 5, so every round is whole for k=4
+        assert decoded.accepted_per_round[:-1] == [k + 1] * (len(decoded.accepted_per_round) - 1)
+        assert sum(decoded.accepted_per_round) == 40
+    untrained = speculative_decode(model, drafter_for(model), prompt, 41, 4)
+    assert untrained.tokens == plain.tokens
+
+
+def test_kv_cached_eagle_drafts_equal_modelopts_uncached_drafting(trained_base):
+    """ModelOpt's `pseudo_speculative_generate` recomputes the draft over the whole prefix at
+    every step; our drafter keeps the draft's KV cache across rounds and cuts it back after each
+    verification. Both must propose the same tokens at every point of a generation."""
+    model, tokenizer = _converted(trained_base, SpeculativeConfig(algorithm="eagle3"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-trivial draft: perturb the fresh draft's weights
+        for name, param in model.named_parameters():
+            if draft_model.is_draft_key(name):
+                param.add_(0.05 * torch.randn_like(param))
+    prompt = _prompt(tokenizer)
+
+    proposals = []
+
+    class Recording(EagleDrafter):
+        def propose(self, k):
+            drafts = super().propose(k)
+            proposals.append(drafts)
+            return drafts
+
+    decoded = speculative_decode(model, Recording(model), prompt, 24, 3)
+    assert len(proposals) == len(decoded.accepted_per_round) > 3
+    emitted = 1  # the prompt's forward emits the first token
+    for drafts, accepted in zip(proposals, decoded.accepted_per_round):
+        # ModelOpt is given what the base model has read; it predicts the pending token itself
+        fed = prompt.tolist() + decoded.tokens[: emitted - 1]
+        base_token, reference = model.pseudo_speculative_generate(torch.tensor([fed]), steps=3)
+        assert int(base_token) == decoded.tokens[emitted - 1]
+        assert reference[0].tolist() == drafts
+        emitted += accepted
+
+
+def test_bad_settings_give_one_line_and_write_nothing(trained_base, tmp_path):
+    with pytest.raises(SpeculativeConfigError, match=r"algorithm='eagle9': choose one of eagle3, eagle1, medusa"):
+        SpeculativeConfig(algorithm="eagle9")
+    with pytest.raises(SpeculativeConfigError, match=r"num_draft_tokens=0 must be a positive integer"):
+        SpeculativeConfig(num_draft_tokens=0)
+    with pytest.raises(SpeculativeConfigError, match=r"needs 5 Medusa heads; set speculative_config.num_medusa_heads"):
+        speculative(model_path=str(trained_base), output_path=str(tmp_path / "out"),
+                    speculative_config=SpeculativeConfig(algorithm="medusa", num_draft_tokens=2),
+                    evaluation=SpeculativeEvaluationConfig(draft_lengths=[5]))
+    # a speculative checkpoint as the base: it already has draft heads
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "manifest.json").write_text(json.dumps({"format": draft_model.FORMAT}))
+    with pytest.raises(SpeculativeConfigError, match="already has draft heads"):
+        speculative(model_path=str(done), output_path=str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
+
+
+def test_cli_refuses_an_unknown_algorithm_in_one_line(tmp_path):
+    output = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "launch.py", "speculative_recipe", "speculative_config.algorithm=eagle9",
+         f"output_path={output}", f"export_path={output}_export", "--yes"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "error: speculative_recipe: override 'speculative_config.algorithm=eagle9': expected one of 'eagle3', "
+        "'eagle1', 'medusa', got 'eagle9'")
+    assert not output.exists() and list(tmp_path.iterdir()) == []
