@@ -71,17 +71,25 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_
     return rows
 
 
-def training_rows(base: torch.nn.Module, data: DataConfig, tokenizer, self_distillation: SelfDistillationConfig,
-                  cache_dir: Path) -> torch.Tensor:
-    """`[N, seq_length + 1]` training rows; generated ones are cached in `cache_dir` by the
-    settings that made them, so a resumed run does not generate again."""
+def _base_identity(hf_dir: Path) -> list[str]:
+    """The base model's weight files with size and modification time."""
+    return [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(hf_dir.glob("*.safetensors"))]
+
+
+def training_rows(base: torch.nn.Module, base_hf_dir: Path, data: DataConfig, tokenizer,
+                  self_distillation: SelfDistillationConfig) -> torch.Tensor:
+    """`[N, seq_length + 1]` training rows. Generated ones are cached (in nemo-optim's cache
+    directory, by the base model's files and the settings that made them), so a resumed run or
+    another draft of the same model does not generate them again."""
     from nemo_optim.data.packing import packed_sequences
+    from nemo_optim.models.hf import cache_dir
 
     if self_distillation.num_prompts == 0:
         return packed_sequences(data, "train", tokenizer)
     key = hashlib.sha256(json.dumps([dataclasses.asdict(data), dataclasses.asdict(self_distillation),
-                                     str(base.config._name_or_path)], sort_keys=True).encode()).hexdigest()[:16]
-    cached = cache_dir / f"self_distillation_{key}.pt"
+                                     str(Path(base_hf_dir).resolve()), _base_identity(Path(base_hf_dir))],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cached = cache_dir() / "self_distillation" / f"{key}.pt"
     if cached.is_file():
         return torch.load(cached)
     prompts = document_prompts(data, "train", tokenizer, self_distillation.num_prompts, self_distillation.prompt_tokens)
@@ -93,6 +101,8 @@ def training_rows(base: torch.nn.Module, data: DataConfig, tokenizer, self_disti
     if len(rows) == 0:
         raise DataError(f"self-distillation made fewer than {data.seq_length + 1} tokens; raise num_prompts or "
                         f"continuation_tokens, or lower data.seq_length.")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rows, cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".partial")
+    torch.save(rows, partial)
+    partial.rename(cached)  # a killed save never leaves a truncated cache file
     return rows

@@ -64,33 +64,35 @@ class SpeculativeEvaluation:
 
 def measure_draft(model: torch.nn.Module, prompts: torch.Tensor, draft_lengths: list[int], max_new_tokens: int,
                   eos_id: Optional[int]) -> SpeculativeEvaluation:
-    """Decodes every prompt plainly and speculatively at each draft length, interleaved so
-    both see the same machine load; one untimed warm-up first."""
+    """Decodes every prompt plainly, then speculatively at each draft length (one prompt at a
+    time, so both see the same machine load); one untimed warm-up first."""
     model.eval()
     drafter = drafter_for(model)
     greedy_decode(model, prompts[0], 8, eos_id)
     speculative_decode(model, drafter, prompts[0], 8, max(draft_lengths), eos_id)
+    plain_seconds = tokens = 0
+    spec = {k: {"seconds": 0.0, "emitted": 0, "rounds": 0, "identical": 0} for k in draft_lengths}
+    for prompt in prompts:
+        plain = greedy_decode(model, prompt, max_new_tokens, eos_id)
+        plain_seconds += plain.seconds
+        tokens += len(plain.tokens)
+        for k in draft_lengths:
+            decoded = speculative_decode(model, drafter, prompt, max_new_tokens, k, eos_id)
+            spec[k]["seconds"] += decoded.seconds
+            spec[k]["emitted"] += sum(decoded.accepted_per_round)
+            spec[k]["rounds"] += len(decoded.accepted_per_round)
+            spec[k]["identical"] += decoded.tokens == plain.tokens
     results = []
-    for k in draft_lengths:
-        plain_seconds = spec_seconds = 0.0
-        emitted = rounds = tokens = identical = 0
-        for prompt in prompts:
-            plain = greedy_decode(model, prompt, max_new_tokens, eos_id)
-            spec = speculative_decode(model, drafter, prompt, max_new_tokens, k, eos_id)
-            plain_seconds += plain.seconds
-            spec_seconds += spec.seconds
-            emitted += sum(spec.accepted_per_round)
-            rounds += len(spec.accepted_per_round)
-            tokens += len(plain.tokens)
-            identical += spec.tokens == plain.tokens
-        results.append(DraftLengthResult(
-            draft_length=k, acceptance_length=emitted / rounds if rounds else float("nan"),
-            tokens_per_second=tokens / spec_seconds, baseline_tokens_per_second=tokens / plain_seconds,
-            speedup=plain_seconds / spec_seconds, identical_prompts=identical, num_prompts=len(prompts),
-            tokens=tokens))
-        row = results[-1]
+    for k, totals in spec.items():
+        row = DraftLengthResult(
+            draft_length=k,
+            acceptance_length=totals["emitted"] / totals["rounds"] if totals["rounds"] else float("nan"),
+            tokens_per_second=tokens / totals["seconds"], baseline_tokens_per_second=tokens / plain_seconds,
+            speedup=plain_seconds / totals["seconds"], identical_prompts=totals["identical"],
+            num_prompts=len(prompts), tokens=tokens)
+        results.append(row)
         runtime.print0(f"draft length {k}: acceptance length {row.acceptance_length:.2f}, "
                        f"{row.tokens_per_second:.1f} tokens/s vs {row.baseline_tokens_per_second:.1f} greedy "
-                       f"({row.speedup:.2f}x), identical outputs {identical}/{len(prompts)}")
+                       f"({row.speedup:.2f}x), identical outputs {row.identical_prompts}/{len(prompts)}")
     return SpeculativeEvaluation(results=results, prompt_tokens=prompts.shape[1], max_new_tokens=max_new_tokens,
                                  device=str(runtime.device()))

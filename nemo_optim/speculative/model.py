@@ -99,6 +99,10 @@ def add_draft_heads(base: torch.nn.Module, config: SpeculativeConfig) -> torch.n
     model = mtsp.convert(base, [(mode, mode_config)])
     for name, param in model.named_parameters():
         param.requires_grad = is_draft_key(name)
+    if config.algorithm == "medusa":
+        with torch.no_grad():  # Medusa's authors start every head's LM head as the base model's
+            for head in model.medusa_heads:
+                head[-1].weight.copy_(model.lm_head.weight)
     return model.to(runtime.device())
 
 
@@ -112,7 +116,8 @@ def draft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def set_draft_vocabulary(model: torch.nn.Module, token_rows: torch.Tensor) -> None:
     """Fills EAGLE's `d2t` map with the most frequent tokens of `token_rows` (ModelOpt keeps it
-    as offsets: draft id i means base id i + d2t[i])."""
+    as offsets: draft id i means base id i + d2t[i]) and starts the draft's LM head as the base
+    model's rows for those tokens."""
     eagle = getattr(model, "eagle_module", None)
     if eagle is None or not hasattr(eagle, "d2t"):
         return
@@ -123,6 +128,7 @@ def set_draft_vocabulary(model: torch.nn.Module, token_rows: torch.Tensor) -> No
     chosen = torch.tensor(sorted(order), dtype=torch.long)
     with torch.no_grad():
         eagle.d2t.copy_(chosen - torch.arange(size))
+        eagle.lm_head.weight.copy_(model.lm_head.weight[chosen.to(model.lm_head.weight.device)])
 
 
 EVALUATION = "evaluation.json"

@@ -123,7 +123,7 @@ def speculative(
     with runtime.parallel_runtime(runtime.ParallelConfig(seed=training.seed)):
         base = draft_model.load_base(base_hf_dir, torch_dtype)
         tokenizer = load_tokenizer(base_hf_dir)
-        train_rows = training_rows(base, data, tokenizer, self_distillation, run_dir)
+        train_rows = training_rows(base, base_hf_dir, data, tokenizer, self_distillation)
         val_rows = packed_sequences(data, "validation", tokenizer, training.num_val_sequences)
         model = draft_model.add_draft_heads(base, speculative_config)
         if speculative_config.draft_vocab_size:
