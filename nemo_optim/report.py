@@ -1,6 +1,7 @@
 """The compression report: one row per model of a pipeline (size, parameters, perplexity, KL
 and top-1 agreement to the original, tokens/s) as markdown, plus PNG plots of those numbers
-and of the distillation loss curves.
+and of the distillation loss curves; and for draft heads, speculative decoding's acceptance
+length and speed-up per draft length.
 
     python -c "from nemo_optim.report import report; report(...)"
 """
@@ -92,6 +93,45 @@ def _plots(rows: list[dict], metrics_path: Optional[Path], out_dir: Path) -> lis
     return images
 
 
+def _table(columns: list[tuple[str, str]], rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+
+
+def _speculative_rows(drafts: dict) -> list[dict]:
+    """One row per (draft, draft length) from each speculative checkpoint's evaluation.json."""
+    rows = []
+    for label, path in drafts.items():
+        evaluation = Path(path) / "evaluation.json"
+        if not evaluation.is_file():
+            raise FileNotFoundError(f"report: {evaluation} is missing; run the speculative stage for {label!r} first.")
+        rows += [{"draft": label, **result} for result in json.loads(evaluation.read_text())["results"]]
+    return rows
+
+
+def _speculative_plot(rows: list[dict], out_dir: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label in dict.fromkeys(row["draft"] for row in rows):
+        points = [row for row in rows if row["draft"] == label]
+        lengths = [row["draft_length"] for row in points]
+        axes[0].plot(lengths, [row["acceptance_length"] for row in points], "o-", label=label)
+        axes[1].plot(lengths, [row["speedup"] for row in points], "o-", label=label)
+    for axis, title in zip(axes, ("acceptance length (tokens per base forward)", "speed-up over KV-cached greedy")):
+        axis.set_xlabel("draft tokens")
+        axis.set_title(title)
+        axis.legend()
+    axes[1].axhline(1.0, color="grey", linewidth=0.8)
+    figure.tight_layout()
+    figure.savefig(out_dir / "speculative.png", dpi=100)
+    plt.close(figure)
+    return "speculative.png"
+
+
 def report(
     *,
     output_dir: str,
@@ -99,6 +139,7 @@ def report(
     evaluations: dict,
     distillation_metrics: Optional[str] = None,
     artifacts: Optional[dict] = None,
+    speculative: Optional[dict] = None,
     title: str = "Compression report",
 ) -> Path:
     """Writes `<output_dir>/report.md`, `report.json` and PNG plots.
@@ -109,6 +150,7 @@ def report(
         distillation_metrics: metrics.jsonl of the distillation run (loss curves).
         artifacts: label -> what is deployed (e.g. the FP8 HF export), whose size on disk is
             reported; default: the model path itself.
+        speculative: label -> a `speculative` stage's output (its evaluation.json is reported).
     """
     artifacts = {**models, **(artifacts or {})}
     out_dir = Path(output_dir)
@@ -117,16 +159,29 @@ def report(
     if missing:
         raise FileNotFoundError(f"report: no evaluation for {', '.join(missing)}; run their evaluate stages first.")
     rows = [_row(label, str(path), evaluations[label], str(artifacts[label])) for label, path in models.items()]
-    images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
-    columns = [("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "on disk (MiB)"),
-               ("perplexity", "ppl"), ("kl_to_original", "KL to original"), ("top1_agreement", "top-1 agree"),
-               ("tokens_per_second", "tokens/s")]
-    lines = [f"# {title}", "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[key]) for key, _ in columns) + " |" for row in rows]
-    lines += ["", "Evaluated: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows),
-              "", "On disk: " + "; ".join(f"{row['model']}: `{row['artifact']}`" for row in rows), ""]
+    speculative_rows = _speculative_rows(speculative or {})
+    lines, images = [f"# {title}", ""], []
+    if rows:
+        images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
+        lines += _table([("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "on disk (MiB)"),
+                         ("perplexity", "ppl"), ("kl_to_original", "KL to original"),
+                         ("top1_agreement", "top-1 agree"), ("tokens_per_second", "tokens/s")], rows)
+        lines += ["", "Evaluated: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows),
+                  "", "On disk: " + "; ".join(f"{row['model']}: `{row['artifact']}`" for row in rows), ""]
+    if speculative_rows:
+        images.append(_speculative_plot(speculative_rows, out_dir))
+        lines += ["## Speculative decoding", "",
+                  "Greedy decoding of held-out prompts, batch 1; acceptance length = tokens per verifying base "
+                  "forward; speed-up over plain greedy decoding with a KV cache on the same machine; identical = "
+                  "prompts whose output equals plain greedy decoding token for token.", ""]
+        lines += _table([("draft", "draft"), ("draft_length", "draft tokens"),
+                         ("acceptance_length", "acceptance length"), ("tokens_per_second", "tokens/s"),
+                         ("baseline_tokens_per_second", "greedy tokens/s"), ("speedup", "speed-up"),
+                         ("identical_prompts", "identical"), ("num_prompts", "prompts")], speculative_rows)
+        lines += ["", "Drafts: " + "; ".join(f"{label}: `{path}`" for label, path in (speculative or {}).items()), ""]
     lines += [f"![{image}]({image})" for image in images]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "report.json").write_text(json.dumps({"rows": rows, "images": images}, indent=2) + "\n")
+    (out_dir / "report.json").write_text(json.dumps({"rows": rows, "speculative": speculative_rows,
+                                                     "images": images}, indent=2) + "\n")
     print(f"report: {out_dir / 'report.md'}", flush=True)
     return out_dir / "report.md"

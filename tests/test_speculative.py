@@ -165,3 +165,25 @@ def test_cli_refuses_an_unknown_algorithm_in_one_line(tmp_path):
         "error: speculative_recipe: override 'speculative_config.algorithm=eagle9': expected one of 'eagle3', "
         "'eagle1', 'medusa', got 'eagle9'")
     assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_experiment_trains_both_drafts_and_reports_them(trained_base, tmp_path):
+    """The experiment's tasks as NeMo-Run would run them (serialized, then fdl.build(task)());
+    a re-run skips both drafts; the report has a row per draft length of each draft."""
+    import fiddle as fdl
+    import nemo_run as run
+
+    from experiments.speculative_smollm2 import speculative_tasks
+
+    work = tmp_path / "work"
+    tasks = speculative_tasks(model=str(trained_base), work_dir=str(work), eagle3_steps=2, medusa_steps=2,
+                              self_distillation_prompts=16, seq_length=64, eval_prompts=2, max_new_tokens=16)
+    serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
+    tasks = {name: serializer.deserialize(serializer.serialize(task)) for name, task in tasks.items()}
+    assert [fdl.build(task)() for task in tasks.values()][:2] == ["ran", "ran"]
+    assert [fdl.build(tasks[name])() for name in ("eagle3", "medusa")] == ["skipped", "skipped"]
+    rows = json.loads((work / "report" / "report.json").read_text())["speculative"]
+    assert [(row["draft"], row["draft_length"]) for row in rows] == [
+        (draft, k) for draft in ("eagle3", "medusa") for k in (1, 2, 3, 4, 5)]
+    assert all(row["identical_prompts"] == row["num_prompts"] == 2 for row in rows)
+    assert (work / "report" / "speculative.png").is_file() and (work / "eagle3_export" / "config.json").is_file()

@@ -1,0 +1,60 @@
+"""Experiment: draft heads for SmolLM2-135M, one NeMo-Run experiment.
+
+    EAGLE-3 (the `speculative` stage: self-distillation data, train, measure, export) ->
+    Medusa (same data, cached) -> report (acceptance length and speed-up per draft length)
+
+    .venv/bin/python -m experiments.speculative_smollm2 --yes        # ~75 min on 2 CPU cores
+    .venv/bin/python -m experiments.speculative_smollm2 --dryrun
+
+Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).
+"""
+
+import sys
+from pathlib import Path
+
+import nemo_run as run
+
+from experiments.compress_smollm2 import experiment_main, stage_task
+from nemo_optim.report import report
+from recipes.speculative import smollm2_135m_speculative_eagle3_cpu, smollm2_135m_speculative_medusa_cpu
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def speculative_tasks(
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/speculative_smollm2",
+    eagle3_steps: int = 0,
+    medusa_steps: int = 0,
+    self_distillation_prompts: int = 0,
+    seq_length: int = 0,
+    eval_prompts: int = 8,
+    max_new_tokens: int = 0,
+) -> dict[str, run.Partial]:
+    """Task name -> task, in dependency order. A value of 0 keeps the recipe's."""
+    tasks, drafts = {}, {}
+    for name, recipe, steps in (("eagle3", smollm2_135m_speculative_eagle3_cpu(), eagle3_steps),
+                                ("medusa", smollm2_135m_speculative_medusa_cpu(), medusa_steps)):
+        recipe.model_path = model
+        recipe.output_path, recipe.export_path = f"{work_dir}/{name}", f"{work_dir}/{name}_export"
+        if steps:
+            recipe.training.max_steps = steps
+            recipe.training.val_check_interval = max(steps // 4, 1)
+            recipe.training.checkpoint_interval = max(steps // 4, 1)
+        recipe.self_distillation.num_prompts = self_distillation_prompts or recipe.self_distillation.num_prompts
+        recipe.data.seq_length = seq_length or recipe.data.seq_length
+        recipe.evaluation.num_prompts = eval_prompts
+        recipe.evaluation.max_new_tokens = max_new_tokens or recipe.evaluation.max_new_tokens
+        tasks[name] = stage_task(recipe, name, recipe.output_path, work_dir, [model])
+        drafts[name] = recipe.output_path
+    tasks["report"] = run.Partial(report, output_dir=f"{work_dir}/report", models={}, evaluations={},
+                                  speculative=drafts, title=f"Speculative decoding of {Path(model).name}")
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    return experiment_main(argv, speculative_tasks, "speculative_smollm2", "outputs/speculative_smollm2", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
