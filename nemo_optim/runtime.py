@@ -96,6 +96,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value, src: int = 0):
+    """`value` of process `src`, on every process (a picklable Python object)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def print0(*args, **kwargs) -> None:
     if is_main_process():
         print(*args, **kwargs, flush=True)

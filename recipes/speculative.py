@@ -23,6 +23,8 @@ def speculative_recipe(
     dir: Optional[str] = None,
     name: str = "eagle3",
     self_distillation_prompts: int = 0,
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 1,
     max_steps: int = 100,
     global_batch_size: int = 8,
     micro_batch_size: int = 4,
@@ -34,7 +36,8 @@ def speculative_recipe(
     """Draft heads (`algorithm`: eagle3, eagle1 or medusa) for the frozen `model_path`, trained
     on the embedded corpus (or on the model's own continuations of `self_distillation_prompts`
     prompts from it), measured on held-out prompts; the draft goes to `<dir>/<name>` and its
-    serving export to `<dir>/<name>_export` (default outputs/smollm2_135m/eagle3)."""
+    serving export to `<dir>/<name>_export` (default outputs/smollm2_135m/eagle3). More than one
+    process (GPUs x nodes) trains data parallel."""
     output = f"{dir or 'outputs/smollm2_135m'}/{name}"
     return run.Partial(
         speculative,
@@ -46,6 +49,8 @@ def speculative_recipe(
         self_distillation=run.Config(SelfDistillationConfig, num_prompts=self_distillation_prompts),
         training=training_config(max_steps, global_batch_size, micro_batch_size, lr, min_lr, warmup_steps),
         evaluation=run.Config(SpeculativeEvaluationConfig),
+        devices=num_gpus_per_node,
+        num_nodes=num_nodes,
     )
 
 
@@ -69,13 +74,15 @@ def smollm2_135m_speculative_medusa_cpu() -> run.Partial[speculative]:
     return recipe
 
 
-@run.cli.factory(target=speculative, name="llama31_8b_speculative_eagle3_1gpu_h100_bf16")
-def llama31_8b_speculative_eagle3_1gpu_h100_bf16() -> run.Partial[speculative]:
-    """EAGLE-3 for Llama-3.1-8B-Instruct on one GPU in bf16: seq 2048, 20k prompts of
-    self-distillation data, SDPA draft attention (cuDNN). Point `data.source` at your prompts."""
+@run.cli.factory(target=speculative, name="llama31_8b_speculative_eagle3_8gpu_h100_bf16")
+def llama31_8b_speculative_eagle3_8gpu_h100_bf16() -> run.Partial[speculative]:
+    """EAGLE-3 for Llama-3.1-8B-Instruct on 8 GPUs (data parallel, one model copy per GPU) in
+    bf16: seq 2048, 20k prompts of self-distillation data, SDPA draft attention (cuDNN). Launch
+    with 8 tasks per node (torchrun / Slurm); point `data.source` at your prompts."""
     recipe = speculative_recipe(model_path="/models/Llama-3.1-8B-Instruct", dir="/results", name="llama31_8b_eagle3",
-                                self_distillation_prompts=20000, max_steps=20000, global_batch_size=16,
-                                micro_batch_size=2, seq_length=2048, lr=1e-4, min_lr=1e-5, warmup_steps=200)
+                                self_distillation_prompts=20000, num_gpus_per_node=8, max_steps=20000,
+                                global_batch_size=16, micro_batch_size=2, seq_length=2048, lr=1e-4, min_lr=1e-5,
+                                warmup_steps=200)
     recipe.self_distillation.continuation_tokens = 1536
     recipe.self_distillation.batch_size = 64
     recipe.speculative_config.attention_impl = "sdpa"
@@ -91,5 +98,5 @@ RECIPES = {
     "speculative_recipe": speculative_recipe,
     "smollm2_135m_speculative_eagle3_cpu": smollm2_135m_speculative_eagle3_cpu,
     "smollm2_135m_speculative_medusa_cpu": smollm2_135m_speculative_medusa_cpu,
-    "llama31_8b_speculative_eagle3_1gpu_h100_bf16": llama31_8b_speculative_eagle3_1gpu_h100_bf16,
+    "llama31_8b_speculative_eagle3_8gpu_h100_bf16": llama31_8b_speculative_eagle3_8gpu_h100_bf16,
 }

@@ -7,6 +7,7 @@ saved checkpoint and the serving export reload to the same draft."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,32 @@ def test_experiment_trains_both_drafts_and_reports_them(trained_base, tmp_path):
         (draft, k) for draft in ("eagle3", "medusa") for k in (1, 2, 3, 4, 5)]
     assert all(row["identical_prompts"] == row["num_prompts"] == 2 for row in rows)
     assert (work / "report" / "speculative.png").is_file() and (work / "eagle3_export" / "config.json").is_file()
+
+
+@pytest.mark.distributed
+def test_two_data_parallel_processes_train_the_same_draft_as_one(tiny_hf_models, tmp_path):
+    """torchrun with 2 processes: each trains on half of every global batch, gradients are
+    averaged; the losses and the trained draft equal one process's; rank 0 alone measures."""
+    from safetensors.torch import load_file
+
+    worker = REPO / "tests" / "distributed" / "speculative_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    runs = {}
+    for name, launcher in (("single", [sys.executable]),
+                           ("parallel", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2"])):
+        completed = subprocess.run(launcher + [str(worker), "--model", str(tiny_hf_models["llama"]),
+                                               "--output", str(tmp_path / name)],
+                                   capture_output=True, text=True, env=env, timeout=600)
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+        runs[name] = completed.stdout
+    assert runs["parallel"].count("lossless True") == 2  # both ranks get rank 0's measurement
+    histories = {name: [json.loads(line) for line in (tmp_path / f"{name}_run" / "metrics.jsonl").read_text().splitlines()]
+                 for name in runs}
+    assert [(r["kind"], r["step"]) for r in histories["parallel"]] == [(r["kind"], r["step"]) for r in histories["single"]]
+    for want, have in zip(histories["single"], histories["parallel"]):
+        assert have["loss"] == pytest.approx(want["loss"], rel=1e-4), (want, have)
+    single, parallel = (load_file(str(tmp_path / name / "draft.safetensors")) for name in ("single", "parallel"))
+    assert single.keys() == parallel.keys()
+    for key in single:
+        torch.testing.assert_close(parallel[key], single[key], rtol=1e-4, atol=1e-5)

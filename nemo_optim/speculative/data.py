@@ -90,8 +90,14 @@ def training_rows(base: torch.nn.Module, base_hf_dir: Path, data: DataConfig, to
                                      str(Path(base_hf_dir).resolve()), _base_identity(Path(base_hf_dir))],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_dir() / "self_distillation" / f"{key}.pt"
-    if cached.is_file():
-        return torch.load(cached)
+    if not cached.is_file() and runtime.is_main_process():
+        _generate(base, data, tokenizer, self_distillation, cached)
+    runtime.barrier()  # the other processes read what the main one generated
+    return torch.load(cached)
+
+
+def _generate(base: torch.nn.Module, data: DataConfig, tokenizer, self_distillation: SelfDistillationConfig,
+              cached: Path) -> None:
     prompts = document_prompts(data, "train", tokenizer, self_distillation.num_prompts, self_distillation.prompt_tokens)
     runtime.print0(f"generating self-distillation data: {len(prompts)} prompts x "
                    f"{self_distillation.continuation_tokens} tokens")
@@ -105,4 +111,3 @@ def training_rows(base: torch.nn.Module, base_hf_dir: Path, data: DataConfig, to
     partial = cached.with_suffix(".partial")
     torch.save(rows, partial)
     partial.rename(cached)  # a killed save never leaves a truncated cache file
-    return rows

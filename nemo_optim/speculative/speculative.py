@@ -20,7 +20,6 @@ Steps:
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -75,10 +74,6 @@ def check_arguments(*, model_path: str, output_path: str, speculative_config: Op
         raise SpeculativeConfigError(
             f"evaluation.draft_lengths={lengths} needs {max(lengths)} Medusa heads; set "
             f"speculative_config.num_medusa_heads to at least {max(lengths)}.")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SpeculativeConfigError(
-            "the speculative stage trains the draft in one process (the transformers path); launch it "
-            "without torchrun / with one task per job.")
 
 
 def speculative(
@@ -94,6 +89,8 @@ def speculative(
     run_dir: Optional[str] = None,
     resume: bool = True,
     dtype: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
     overwrite: bool = False,
 ) -> SpeculativeResult:
     """Stage entry: train draft heads for the model at `model_path` (module docstring).
@@ -109,6 +106,8 @@ def speculative(
         export_path: also write the draft for serving engines here.
         run_dir: training checkpoints + metrics (default: `<output_path>_run`).
         dtype: float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU).
+        devices / num_nodes: processes per node and nodes this job was launched with; each
+            process trains on its share of every global batch (data parallel).
     """
     speculative_config = speculative_config or SpeculativeConfig()
     data = data or DataConfig()
@@ -120,7 +119,11 @@ def speculative(
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     base_hf_dir = draft_model.base_hf_directory(model_path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[dtype]
+    # every process holds the whole model; more processes (torchrun) are data parallel
     with runtime.parallel_runtime(runtime.ParallelConfig(seed=training.seed)):
+        mismatch = runtime.launched_processes_message(devices, num_nodes)
+        if mismatch:
+            raise SpeculativeConfigError(mismatch)
         base = draft_model.load_base(base_hf_dir, torch_dtype)
         tokenizer = load_tokenizer(base_hf_dir)
         train_rows = training_rows(base, base_hf_dir, data, tokenizer, self_distillation)
@@ -136,20 +139,24 @@ def speculative(
                        fingerprint={"model": str(model_path), "speculative": dataclasses.asdict(speculative_config),
                                     "data": dataclasses.asdict(data),
                                     "self_distillation": dataclasses.asdict(self_distillation)})
-        prompts = document_prompts(data, "validation", tokenizer, evaluation.num_prompts, evaluation.prompt_tokens)
-        measured = measure_draft(model, prompts, evaluation.draft_lengths or [speculative_config.num_draft_tokens],
-                                 evaluation.max_new_tokens, tokenizer.eos_token_id).to_dict()
-        speculative_model = draft_model.SpeculativeModel(model, speculative_config, base_hf_dir)
-        draft_model.save_speculative_checkpoint(speculative_model, output_path, model_path, evaluation=measured,
-                                                producer={
-            "stage": "speculative", "training": dataclasses.asdict(training), "data": dataclasses.asdict(data),
-            "self_distillation": dataclasses.asdict(self_distillation),
-            "final_validation": result.last("validation"), "run_dir": str(run_dir)})
-        runtime.print0(f"speculative checkpoint: {output_path}")
-        if export_path:
-            draft_model.export_draft(speculative_model, export_path)
-            runtime.print0(f"draft export ({'EAGLE' if speculative_config.is_eagle else 'Medusa'} format): {export_path}")
-        runtime.print0(json.dumps(measured["results"], indent=2))
+        measured = None
+        if runtime.is_main_process():  # batch-1 decoding: one process measures, saves and exports
+            prompts = document_prompts(data, "validation", tokenizer, evaluation.num_prompts, evaluation.prompt_tokens)
+            measured = measure_draft(model, prompts, evaluation.draft_lengths or [speculative_config.num_draft_tokens],
+                                     evaluation.max_new_tokens, tokenizer.eos_token_id).to_dict()
+            speculative_model = draft_model.SpeculativeModel(model, speculative_config, base_hf_dir)
+            draft_model.save_speculative_checkpoint(speculative_model, output_path, model_path, evaluation=measured,
+                                                    producer={
+                "stage": "speculative", "training": dataclasses.asdict(training), "data": dataclasses.asdict(data),
+                "self_distillation": dataclasses.asdict(self_distillation),
+                "final_validation": result.last("validation"), "run_dir": str(run_dir)})
+            print(f"speculative checkpoint: {output_path}", flush=True)
+            if export_path:
+                draft_model.export_draft(speculative_model, export_path)
+                print(f"draft export ({'EAGLE' if speculative_config.is_eagle else 'Medusa'} format): {export_path}",
+                      flush=True)
+            print(json.dumps(measured["results"], indent=2), flush=True)
+        measured = runtime.broadcast_object(measured)
     return SpeculativeResult(output_path=str(output_path), training=result, evaluation=measured,
                              export_path=str(export_path) if export_path else None)
 
