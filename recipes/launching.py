@@ -49,14 +49,19 @@ def _check_key(partial: run.Partial, key: str):
     import inspect
 
     node, walked, annotation = partial, [], None
-    for part in key.split("."):
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
         if not isinstance(node, fdl.Buildable):
             raise OverrideError(f"{'.'.join(walked)} is a plain value, it has no field {part!r}")
         if part not in _fields(node):
             where = ".".join(walked) or "the recipe"
             raise OverrideError(f"{where} has no field {part!r}; its fields: {', '.join(_fields(node))}")
         annotation = inspect.signature(node.__fn_or_cls__).parameters[part].annotation
-        node, walked = getattr(node, part, None), walked + [part]
+        if depth < len(parts) - 1:
+            # only the path is read: fiddle cannot read the default of a default_factory field
+            # (a list), which the last part may be
+            node = getattr(node, part, None)
+        walked.append(part)
     return annotation
 
 
@@ -69,6 +74,8 @@ def _expected(annotation) -> str:
         return _expected(choices[0]) + " or None"
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + ", ".join(repr(choice) for choice in choices)
+    if typing.get_origin(annotation) is list or annotation is list:
+        return "a list written as a Python literal, strings quoted (e.g. [7, 8] or ['lm_head'])"
     return f"a value of type {getattr(annotation, '__name__', str(annotation))}"
 
 

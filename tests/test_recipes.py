@@ -37,6 +37,30 @@ def test_overrides_reach_nested_fields():
     assert partial.evaluation.num_sequences == 3 and partial.evaluation.data.seq_length == 64
 
 
+@pytest.mark.parametrize("recipe,override,field,expected", [
+    ("prune_recipe", "pruning_config.drop_layers=[7, 8]", "pruning_config.drop_layers", [7, 8]),
+    ("ptq_recipe", "quantization_config.exclude_modules=['lm_head']", "quantization_config.exclude_modules",
+     ["lm_head"]),
+    ("ptq_recipe", "quantization_config.auto_quantize_formats=['int8_sq']",
+     "quantization_config.auto_quantize_formats", ["int8_sq"]),
+    ("speculative_recipe", "evaluation.draft_lengths=[1, 3]", "evaluation.draft_lengths", [1, 3]),
+])
+def test_list_fields_are_settable_from_the_command_line(recipe, override, field, expected):
+    partial = apply_overrides(llm.RECIPES[recipe](), [override])
+    node = partial
+    for part in field.split("."):
+        node = getattr(node, part)
+    assert node == expected
+
+
+def test_a_list_override_without_quotes_says_how_to_write_it(capsys):
+    code = launch.main(["ptq_recipe", "quantization_config.exclude_modules=[lm_head]", "--dryrun"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ptq_recipe: override 'quantization_config.exclude_modules=[lm_head]': expected a list written as a "
+        "Python literal, strings quoted (e.g. [7, 8] or ['lm_head']), got '[lm_head]'")
+
+
 def test_unknown_recipe_and_bad_key_list_the_valid_ones(capsys):
     assert launch.main(["no_such_recipe", "--yes"]) == 2
     assert "valid recipes: " in capsys.readouterr().err
@@ -68,7 +92,7 @@ def test_nemo_llm_namespace_is_registered():
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune", "finetune", "distill"):
+    for command in ("import_ckpt", "export_ckpt", "evaluate", "ptq", "prune", "finetune", "distill", "speculative"):
         assert command in result.stdout
     dry = subprocess.run([str(nemo), "llm", "import_ckpt", "--factory", "smollm2_135m_import_cpu",
                           "output_path=/tmp/nowhere", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
@@ -79,6 +103,11 @@ def test_nemo_llm_namespace_is_registered():
                           "training.max_steps=7", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
     assert "max_steps=7" in dry.stdout
+    dry = subprocess.run([str(nemo), "llm", "speculative", "--factory", "smollm2_135m_speculative_eagle3_cpu",
+                          "speculative_config.num_draft_tokens=3", "--dryrun", "--yes"], capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert "num_draft_tokens=3" in dry.stdout
 
 
 def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_path, capsys):

@@ -156,6 +156,21 @@ def test_bad_settings_give_one_line_and_write_nothing(trained_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
 
 
+def test_launch_trains_a_draft_through_nemo_runs_local_executor(trained_base, tmp_path, capsys):
+    import launch
+
+    output = tmp_path / "eagle3"
+    code = launch.main(["speculative_recipe", f"model_path={trained_base}", f"output_path={output}",
+                        f"export_path={output}_export", "training.max_steps=2", "data.seq_length=64",
+                        "evaluation.num_prompts=1", "evaluation.prompt_tokens=16", "evaluation.max_new_tokens=8",
+                        "--yes"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "speculative_recipe: SUCCEEDED" in out
+    assert json.loads((output / "evaluation.json").read_text())["lossless"]
+    assert json.loads((tmp_path / "eagle3_export" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+
+
 def test_cli_refuses_an_unknown_algorithm_in_one_line(tmp_path):
     output = tmp_path / "out"
     completed = subprocess.run(
