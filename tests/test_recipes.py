@@ -88,6 +88,15 @@ def test_recipe_names_follow_the_rule():
         assert recipe_name(parts["model"], parts["stage"], parts["hardware"], parts["variant"]) == name
 
 
+def test_commands_do_not_open_with_missing_gpu_extension_warnings():
+    """megatron-core's "Transformer Engine and Apex are not installed" warnings (six of them)
+    are not shown: the CPU path never needs those extensions."""
+    listed = subprocess.run([sys.executable, "launch.py", "--list"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert listed.returncode == 0 and "speculative_recipe" in listed.stdout
+    assert "Apex" not in listed.stderr and "Transformer Engine" not in listed.stderr, listed.stderr
+
+
 def test_nemo_llm_namespace_is_registered():
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "--help"], capture_output=True, text=True, timeout=300)
