@@ -3,8 +3,8 @@
 on held-out prompts (the validation split, never trained on) at draft lengths 1-5: acceptance
 length, tokens/s against plain KV-cached greedy decoding of the same model, identical outputs.
 
-    .venv/bin/python -m benchmarks.speculative                 # both rows, ~80 min on 2 cores
-    .venv/bin/python -m benchmarks.speculative --rows medusa   # one row; other rows are kept
+    .venv/bin/python -m benchmarks.speculative                              # all rows, ~100 min on 2 cores
+    .venv/bin/python -m benchmarks.speculative --rows medusa_with_corpus    # one row; other rows are kept
 Writes benchmarks/results/speculative.json and speculative.md.
 """
 
@@ -30,13 +30,15 @@ from nemo_optim.training import TrainingConfig
 
 MODEL = "smollm2-135m-instruct"
 DRAFT_LENGTHS = [1, 2, 3, 4, 5]
-# row -> (draft, optimizer steps): about 30 minutes of training each on 2 cores
+# EAGLE-3: one draft decoder layer on three base layers' hidden states; its LM head predicts the
+# 8192 most frequent tokens of the training text (a sixth of the base head's cost per draft)
+EAGLE3 = SpeculativeConfig(algorithm="eagle3", num_draft_tokens=4, draft_vocab_size=8192)
+# row -> (draft, optimizer steps, also train on the corpus's own text): up to ~30 min of training on 2 cores
 ROWS = {
-    # EAGLE-3: one draft decoder layer on three base layers' hidden states; its LM head predicts
-    # the 8192 most frequent tokens of the training text (a sixth of the base head's cost per draft)
-    "eagle3": (SpeculativeConfig(algorithm="eagle3", num_draft_tokens=4, draft_vocab_size=8192), 200),
+    "eagle3": (EAGLE3, 200, False),
+    "eagle3_with_corpus": (EAGLE3, 300, True),
     # Medusa: 5 heads, each a residual block + a full-vocabulary LM head (ModelOpt's layout): ~20 s/step
-    "medusa": (SpeculativeConfig(algorithm="medusa", num_draft_tokens=4, num_medusa_heads=5), 90),
+    "medusa_with_corpus": (SpeculativeConfig(algorithm="medusa", num_draft_tokens=4, num_medusa_heads=5), 60, True),
 }
 
 
@@ -57,13 +59,14 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="speculative-bench-"))
     data = DataConfig(source="embedded", seq_length=256)
-    self_distillation = SelfDistillationConfig(num_prompts=args.prompts, prompt_tokens=32, continuation_tokens=224)
     evaluation = SpeculativeEvaluationConfig(num_prompts=args.eval_prompts, prompt_tokens=64,
                                              max_new_tokens=args.max_new_tokens, draft_lengths=DRAFT_LENGTHS)
     rows = []
     for name in args.rows:
-        config, steps = ROWS[name]
+        config, steps, with_corpus = ROWS[name]
         steps = args.steps or steps
+        self_distillation = SelfDistillationConfig(num_prompts=args.prompts, prompt_tokens=32, continuation_tokens=224,
+                                                   with_source_text=with_corpus)
         training = TrainingConfig(max_steps=steps, global_batch_size=8, micro_batch_size=4, lr=args.lr,
                                   min_lr=args.lr / 10, warmup_steps=max(steps // 20, 1),
                                   val_check_interval=max(steps // 4, 1), checkpoint_interval=0,
@@ -77,6 +80,7 @@ def main() -> None:
         for measured in result.evaluation["results"]:
             rows.append({
                 "row": name, "algorithm": config.algorithm, **measured, "training_steps": steps,
+                "data": f"self-distilled ({args.prompts} prompts)" + (" + corpus text" if with_corpus else ""),
                 "training_tokens": steps * training.global_batch_size * data.seq_length,
                 "training_minutes": train_minutes, "stage_minutes": stage_seconds / 60,
                 "final_validation_loss": result.training.last("validation").get("loss"),
@@ -87,7 +91,9 @@ def main() -> None:
         f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) on CPU, {torch.get_num_threads()} threads, "
         f"batch 1. Drafts trained by the `speculative` stage with the base model frozen: {args.prompts} prompts of "
         f"32 tokens from the embedded corpus's training split, each continued greedily by the base model for up "
-        f"to 224 tokens (self-distillation), packed into 256-token rows; the row's steps x 8 rows, AdamW at lr "
+        f"to 224 tokens (self-distillation), packed into 256-token rows (256 prompts: 254 rows, 65k tokens); "
+        f"rows 'with_corpus' also train on the corpus's own training split (739 rows, 190k tokens), where EAGLE's "
+        f"targets are still the base model's distributions; the row's steps x 8 rows, AdamW at lr "
         f"{args.lr} (warmup, cosine to lr/10). 'training minutes' is the optimizer steps' time; 'stage minutes' "
         f"adds loading, data generation (cached between rows), validation and the measurement. Measured on "
         f"{args.eval_prompts} held-out prompts (64 tokens from the validation split's documents), {args.max_new_tokens} "
@@ -96,7 +102,7 @@ def main() -> None:
         f"same prompts) / speculative decoding, wall time including prefill. 'identical' counts prompts whose "
         f"output equals plain greedy decoding token for token. {args.note}").strip()
     write_results("speculative", rows, [
-        ("row", "draft"), ("draft_length", "draft tokens"), ("acceptance_length", "acceptance length"),
+        ("row", "draft"), ("data", "training text"), ("draft_length", "draft tokens"), ("acceptance_length", "acceptance length"),
         ("tokens_per_second", "tokens/s"), ("baseline_tokens_per_second", "greedy tokens/s"),
         ("speedup", "speed-up"), ("identical_prompts", "identical"), ("training_tokens", "training tokens"),
         ("training_minutes", "training minutes"), ("stage_minutes", "stage minutes"), ("measured", "measured"),

@@ -29,7 +29,7 @@ from recipes.convert import evaluate_recipe, export_recipe
 from recipes.distill import distillation_recipe
 from recipes.executors import EXECUTORS
 from recipes.finetune import finetune_recipe
-from recipes.launching import use_this_python, wait_for_terminal_states
+from recipes.launching import task_error_line, use_this_python, wait_for_terminal_states
 from recipes.prune import prune_recipe
 from recipes.ptq import ptq_recipe
 
@@ -124,11 +124,14 @@ def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun:
             return 0
         exp.run(sequential=True, detach=False)
         states = wait_for_terminal_states(exp)
+        log_dirs = {job.id: job.executor.job_dir for job in exp.jobs}
         for job in exp.jobs:
             print(f"{job.id}: {states[job.id]} (logs: {job.executor.job_dir})")
     failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
     if failed:
-        print(f"error: task(s) {', '.join(failed)} did not succeed; see the logs above.", file=sys.stderr)
+        reason = task_error_line(log_dirs[failed[0]])  # the first failure; later tasks were not run
+        print(f"error: task(s) {', '.join(failed)} did not succeed"
+              + (f"; {failed[0]} failed: {reason}" if reason else "; see the logs above."), file=sys.stderr)
         return 1
     return 0
 

@@ -52,8 +52,9 @@ def finetune(
     """
     data = data or DataConfig()
     training = training or TrainingConfig()
-    if Path(output_path).exists() and not overwrite:
-        raise TrainingConfigError(f"output_path={output_path!r} exists; pass overwrite=True or choose another path.")
+    for field, path in (("output_path", output_path), ("hf_export_path", hf_export_path)):
+        if path and Path(path).exists() and not overwrite:
+            raise TrainingConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
                                       seed=training.seed)

@@ -7,7 +7,9 @@ embedded model's package version). After a stage succeeds the fingerprint is rec
 `<state_dir>/<name>.json` and, for native checkpoints, in the output's manifest.
 
 A stage killed midway leaves no complete output (checkpoints are written atomically), so the
-next run starts it again; `distill` then resumes from its newest training checkpoint.
+next run starts it again; `distill` then resumes from its newest training checkpoint. A stale
+output that the state records as this pipeline's is replaced (the stage gets overwrite=True);
+an output the pipeline did not make is left to the stage, which refuses it.
 """
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads run_stage's annotations.
@@ -15,6 +17,7 @@ next run starts it again; `distill` then resumes from its newest training checkp
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -108,6 +111,10 @@ def run_stage(
     if recorded.get("fingerprint") == fingerprint and _output_complete(output_path):
         runtime.print0(f"[{name}] up to date ({output_path}); skipped")
         return "skipped"
+    if (output_path.exists() and recorded.get("output") == str(output_path)
+            and "overwrite" in inspect.signature(stage.func).parameters):
+        # a stale output this pipeline made itself is replaced; stages never overwrite unasked
+        stage = functools.partial(stage, overwrite=True)
     began = time.perf_counter()
     stage()
     if runtime.is_main_process():

@@ -29,7 +29,6 @@ def import_recipe(
         hf_export_path=hf_export_path,
         evaluation=evaluation_config(),
         dtype=dtype,
-        overwrite=True,
     )
 
 
@@ -41,7 +40,7 @@ def smollm2_135m_import_cpu() -> run.Partial[import_ckpt]:
 
 @run.cli.factory(target=export_ckpt)
 def export_recipe(path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf") -> run.Partial[export_ckpt]:
-    return run.Partial(export_ckpt, path=path, output_path=output_path, dtype="bfloat16", overwrite=True)
+    return run.Partial(export_ckpt, path=path, output_path=output_path, dtype="bfloat16")
 
 
 @run.cli.factory(target=evaluate)

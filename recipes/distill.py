@@ -49,7 +49,6 @@ def distillation_recipe(
         num_nodes=num_nodes,
         tp_size=tp_size,
         pp_size=pp_size,
-        overwrite=True,
     )
 
 

@@ -52,7 +52,6 @@ def finetune_recipe(
         num_nodes=num_nodes,
         tp_size=tp_size,
         pp_size=pp_size,
-        overwrite=True,
     )
 
 

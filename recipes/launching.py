@@ -4,6 +4,7 @@ task's real final state (non-zero exit and the log path on failure)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -124,13 +125,53 @@ def executor_with_overrides(factory, overrides: list[str]) -> run.Config:
                             f"{', '.join(parameters)}") from None
 
 
+# where stages write; a stage refuses an existing one unless overwrite=True
+OUTPUT_FIELDS = ("output_path", "save_path", "export_path", "hf_export_path")
+
+
+def existing_output_message(arguments: dict) -> str | None:
+    """The first output a stage with these arguments would refuse to replace, as one line."""
+    if arguments.get("overwrite"):
+        return None
+    outputs = [(field, arguments.get(field)) for field in OUTPUT_FIELDS]
+    export_config = arguments.get("export_config")
+    if export_config is not None:
+        outputs.append(("export_config.path", getattr(export_config, "path", None)))
+    for field, path in outputs:
+        if path and Path(path).exists():
+            return f"{field}={str(path)!r} exists; pass overwrite=True to replace it, or choose another path."
+    return None
+
+
 def validate(partial: run.Partial) -> None:
-    """Builds every nested config (their __post_init__ checks run) and runs the stage's own
-    `check_arguments` (files it reads, ...) without running the stage."""
+    """Builds every nested config (their __post_init__ checks run), refuses outputs that exist
+    (unless overwrite=True) and runs the stage's own `check_arguments` (files it reads, ...),
+    without running the stage: a bad setting fails here, not in a scheduler's queue."""
     built = fdl.build(partial)
+    existing = existing_output_message(built.keywords)
+    if existing:
+        raise OverrideError(existing)
     check = getattr(built.func, "check_arguments", None)
     if check is not None:
         check(**built.keywords)
+
+
+# the last line of a Python traceback, as torchrun / NeMo-Run prefix it in a task's log
+_EXCEPTION_LINE = re.compile(r"^(?:.*\[rank\d+\]: )?(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.+)$")
+
+
+def task_error_line(log_dir: str | Path) -> str | None:
+    """The exception a failed task ended with, from its logs: nemo-optim's own errors (a
+    setting or an input, already phrased for the user) as their message alone, anything else
+    with its type. None when the logs hold no exception."""
+    logs = [p for pattern in ("stderr.log", "*.out", "*.log") for p in sorted(Path(log_dir).rglob(pattern))]
+    for log in dict.fromkeys(logs):
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            match = _EXCEPTION_LINE.match(line.strip())
+            if match:
+                kind, message = match["type"], match["message"].strip()
+                return message if kind.startswith("nemo_optim.") else f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return None
 
 
 def state_name(state) -> str:
@@ -231,8 +272,13 @@ def launch_recipe(
         exp.run(sequential=True, detach=False, tail_logs=True)
         states = wait_for_terminal_states(exp)
         failed = {job_id: state for job_id, state in states.items() if state != "SUCCEEDED"}
+        log_dirs = {job.id: Path(job.executor.job_dir) for job in exp.jobs}
         for job in exp.jobs:
-            print(f"{job.id}: {states[job.id]} (logs: {Path(job.executor.job_dir)})")
+            print(f"{job.id}: {states[job.id]} (logs: {log_dirs[job.id]})")
     if failed:
+        reasons = {job_id: task_error_line(log_dirs[job_id]) for job_id in failed}
+        if len(failed) == 1 and all(reasons.values()):
+            # the task's own error is the last thing the user reads, not NeMo-Run's boilerplate
+            return fail(f"{recipe} failed: {next(iter(reasons.values()))}", code=1)
         return fail(f"task(s) {', '.join(f'{k} {v}' for k, v in failed.items())}; see the logs above.", code=1)
     return 0

@@ -48,7 +48,6 @@ def prune_recipe(
         num_train_samples=num_train_samples,
         data=run.Config(DataConfig, source="embedded", seq_length=seq_length),
         hf_export_path=hf_export_path,
-        overwrite=True,
     )
 
 

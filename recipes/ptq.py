@@ -43,7 +43,6 @@ def ptq_recipe(
         ),
         model_dtype=model_dtype,
         transformer_impl=transformer_impl,
-        overwrite=True,
     )
 
 

@@ -158,6 +158,9 @@ def test_slurm_runs_a_stage_and_reports_a_failing_one(slurm_cluster, tiny_hf_mod
     result = _launch("ptq_recipe", f"model_path={tmp_path / 'missing'}", f"export_config.path={tmp_path / 'never'}",
                      "--executor", "slurm", "--yes")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ptq_recipe: FAILED (logs: " in result.stdout and "task(s) ptq_recipe FAILED" in result.stderr
+    assert "ptq_recipe: FAILED (logs: " in result.stdout
+    # the task's own error, read from the Slurm job's log, is the launch's last line
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: ptq_recipe failed: model path '{tmp_path / 'missing'}': found nothing; give a nemo-optim checkpoint")
     assert "FAILED" in _sacct_states().values()
     assert not (tmp_path / "never").exists()

@@ -33,3 +33,8 @@ def test_finetune_lowers_held_out_perplexity_and_saves_a_checkpoint(tiny_hf_mode
 
     with pytest.raises(TrainingConfigError, match="output_path=.* exists; pass overwrite=True"):
         finetune(model_path=str(model_path), output_path=str(tmp_path / "out"), data=data, training=training)
+    # an existing HF export is not replaced either (it was before: export_hf renames over it)
+    with pytest.raises(TrainingConfigError, match="hf_export_path=.* exists; pass overwrite=True"):
+        finetune(model_path=str(model_path), output_path=str(tmp_path / "other"), hf_export_path=str(tmp_path / "out"),
+                 data=data, training=training)
+    assert not (tmp_path / "other").exists()

@@ -133,7 +133,12 @@ def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_pa
     code = launch.main(["ptq_recipe", f"model_path={tmp_path / 'missing'}", f"export_config.path={tmp_path / 'never'}", "--yes"])
     captured = capsys.readouterr()
     assert code == 1
-    assert "ptq_recipe: FAILED (logs: " in captured.out and "task(s) ptq_recipe FAILED" in captured.err
+    assert "ptq_recipe: FAILED (logs: " in captured.out
+    # the summary ends with the task's own error, not a traceback or NeMo-Run's boilerplate
+    assert captured.err.strip().splitlines()[-1] == (
+        f"error: ptq_recipe failed: model path '{tmp_path / 'missing'}': found nothing; give a nemo-optim checkpoint "
+        f"directory, a Hugging Face model directory, a .gguf file, or one of the embedded models: "
+        f"smollm2-135m-instruct. Hub ids are not downloaded.")
     assert not (tmp_path / "never").exists()
 
 
@@ -147,3 +152,20 @@ def test_experiment_tasks_are_small_edits_of_recipes():
         assert task.quantization_config.algorithm == name
         serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
         assert serializer.deserialize(serializer.serialize(task)) == task
+
+
+def test_a_finished_output_is_not_replaced_unless_asked(tiny_hf_models, tmp_path, capsys):
+    """Recipes do not overwrite: an existing export is refused before anything runs (one line,
+    exit 2, the directory untouched); overwrite=True on the command line lets it through."""
+    export = tmp_path / "fp8"
+    export.mkdir()
+    (export / "keep.txt").write_text("finished\n")
+    arguments = ["ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}"]
+    assert launch.main(arguments + ["--yes"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: ptq_recipe: export_config.path='{export}' exists; pass overwrite=True to replace it, or choose "
+        f"another path.")
+    assert [p.name for p in export.iterdir()] == ["keep.txt"]
+    assert launch.main(arguments + ["overwrite=True", "--dryrun"]) == 0
+    for name, recipe in llm.RECIPES.items():
+        assert not recipe().__arguments__.get("overwrite"), name

@@ -82,8 +82,9 @@ def distill(
     data = data or DataConfig()
     training = training or TrainingConfig()
     kd_config = chosen_distillation_config(distillation_config_path, distillation_config)
-    if Path(output_path).exists() and not overwrite:
-        raise DistillationConfigError(f"output_path={output_path!r} exists; pass overwrite=True or choose another path.")
+    for field, path in (("output_path", output_path), ("hf_export_path", hf_export_path)):
+        if path and Path(path).exists() and not overwrite:
+            raise DistillationConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
                                       seed=training.seed)

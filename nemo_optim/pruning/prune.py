@@ -168,8 +168,9 @@ def prune(
         hf_export_path: also export the pruned model to HF here.
     """
     data = data or DataConfig()
-    if Path(save_path).exists() and not overwrite:
-        raise PruningConfigError(f"save_path={save_path!r} exists; pass overwrite=True or choose another path.")
+    for field, path in (("save_path", save_path), ("hf_export_path", hf_export_path)):
+        if path and Path(path).exists() and not overwrite:
+            raise PruningConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size)

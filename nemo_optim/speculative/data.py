@@ -30,6 +30,9 @@ class SelfDistillationConfig:
     """Tokens the base model generates after each prompt (fewer if it ends with EOS)."""
     batch_size: int = 16
     """Prompts generated together (one batched KV-cached greedy decode)."""
+    with_source_text: bool = False
+    """Also train on the data source's own training text (more varied contexts for the same
+    cost per step; EAGLE's targets are the base model's distributions on either)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "continuation_tokens", "batch_size"):
@@ -86,14 +89,18 @@ def training_rows(base: torch.nn.Module, base_hf_dir: Path, data: DataConfig, to
 
     if self_distillation.num_prompts == 0:
         return packed_sequences(data, "train", tokenizer)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(data), dataclasses.asdict(self_distillation),
+    generation = {k: v for k, v in dataclasses.asdict(self_distillation).items() if k != "with_source_text"}
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(data), generation,
                                      str(Path(base_hf_dir).resolve()), _base_identity(Path(base_hf_dir))],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_dir() / "self_distillation" / f"{key}.pt"
     if not cached.is_file() and runtime.is_main_process():
         _generate(base, data, tokenizer, self_distillation, cached)
     runtime.barrier()  # the other processes read what the main one generated
-    return torch.load(cached)
+    generated = torch.load(cached)
+    if self_distillation.with_source_text:
+        return torch.cat([generated, packed_sequences(data, "train", tokenizer)])
+    return generated
 
 
 def _generate(base: torch.nn.Module, data: DataConfig, tokenizer, self_distillation: SelfDistillationConfig,
