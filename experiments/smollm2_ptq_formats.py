@@ -22,12 +22,15 @@ def quick(recipe: run.Partial) -> run.Partial:
     return recipe
 
 
-def tasks() -> dict[str, run.Partial]:
-    return {
+def tasks(overwrite: bool = False) -> dict[str, run.Partial]:
+    recipes = {
         "fp8": quick(smollm2_135m_ptq_fp8_cpu()),
         "int8_sq": quick(smollm2_135m_ptq_int8_sq_cpu()),
         "int4_awq": quick(smollm2_135m_ptq_int4_awq_cpu()),
     }
+    for recipe in recipes.values():
+        recipe.overwrite = overwrite  # a second run replaces the first one's exports only when asked
+    return recipes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dryrun", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the exports of an earlier run")
     args = parser.parse_args(argv)
     use_this_python()
     with run.Experiment("smollm2_ptq_formats", log_level="WARN") as exp:
-        for name, task in tasks().items():
+        for name, task in tasks(args.overwrite).items():
             exp.add(task, executor=fdl.build(local()), name=name)
         if args.dryrun:
             exp.dryrun()

@@ -138,6 +138,27 @@ def test_kv_cached_eagle_drafts_equal_modelopts_uncached_drafting(trained_base):
         emitted += accepted
 
 
+def test_self_distillation_rows_are_the_base_models_greedy_continuations(trained_base):
+    import dataclasses
+
+    from nemo_optim.data.packing import packed_sequences
+    from nemo_optim.speculative.data import document_prompts, training_rows
+
+    hf_dir = draft_model.base_hf_directory(trained_base)
+    base, tokenizer = draft_model.load_base(hf_dir), load_tokenizer(hf_dir)
+    data = DataConfig(seq_length=16)
+    config = SelfDistillationConfig(num_prompts=4, prompt_tokens=8, continuation_tokens=24, batch_size=2)
+    rows = training_rows(base, hf_dir, data, tokenizer, config)
+    # oracle: the first prompt continued by the plain KV-cached greedy loop, one prompt at a time
+    prompt = document_prompts(data, "train", tokenizer, 4, 8)[0]
+    continuation = greedy_decode(base, prompt, 24, tokenizer.eos_token_id).tokens
+    expected = prompt.tolist() + [t for t in continuation if t != tokenizer.eos_token_id]
+    assert rows.flatten().tolist()[: len(expected)] == expected
+    mixed = training_rows(base, hf_dir, data, tokenizer, dataclasses.replace(config, with_source_text=True))
+    assert torch.equal(mixed[: len(rows)], rows)  # the cached generation is reused
+    assert len(mixed) == len(rows) + len(packed_sequences(data, "train", tokenizer))
+
+
 def test_bad_settings_give_one_line_and_write_nothing(trained_base, tmp_path):
     with pytest.raises(SpeculativeConfigError, match=r"algorithm='eagle9': choose one of eagle3, eagle1, medusa"):
         SpeculativeConfig(algorithm="eagle9")
