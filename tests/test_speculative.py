@@ -164,6 +164,8 @@ def test_bad_settings_give_one_line_and_write_nothing(trained_base, tmp_path):
         SpeculativeConfig(algorithm="eagle9")
     with pytest.raises(SpeculativeConfigError, match=r"num_draft_tokens=0 must be a positive integer"):
         SpeculativeConfig(num_draft_tokens=0)
+    with pytest.raises(SpeculativeConfigError, match=r"dtype='fp8': choose float32, bfloat16 or None"):
+        speculative(model_path=str(trained_base), output_path=str(tmp_path / "out"), dtype="fp8")
     with pytest.raises(SpeculativeConfigError, match=r"needs 5 Medusa heads; set speculative_config.num_medusa_heads"):
         speculative(model_path=str(trained_base), output_path=str(tmp_path / "out"),
                     speculative_config=SpeculativeConfig(algorithm="medusa", num_draft_tokens=2),

@@ -37,6 +37,9 @@ from nemo_optim.speculative.measure import SpeculativeEvaluationConfig, measure_
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}
+
+
 @dataclasses.dataclass
 class SpeculativeResult:
     output_path: str
@@ -59,9 +62,11 @@ def draft_loss(batch: dict, output) -> tuple[torch.Tensor, dict]:
 
 def check_arguments(*, model_path: str, output_path: str, speculative_config: Optional[SpeculativeConfig] = None,
                     evaluation: Optional[SpeculativeEvaluationConfig] = None, export_path: Optional[str] = None,
-                    overwrite: bool = False, **_ignored) -> None:
+                    dtype: Optional[str] = None, overwrite: bool = False, **_ignored) -> None:
     """What can be refused before a model is loaded (also run before a job is submitted)."""
     config = speculative_config or SpeculativeConfig()
+    if dtype not in DTYPES:
+        raise SpeculativeConfigError(f"dtype={dtype!r}: choose float32, bfloat16 or None (the device's default).")
     for name, path in (("output_path", output_path), ("export_path", export_path)):
         if path and Path(path).exists() and not overwrite:
             raise SpeculativeConfigError(f"{name}={path!r} exists; pass overwrite=True or choose another path.")
@@ -115,16 +120,15 @@ def speculative(
     training = training or TrainingConfig()
     evaluation = evaluation or SpeculativeEvaluationConfig()
     check_arguments(model_path=model_path, output_path=output_path, speculative_config=speculative_config,
-                    evaluation=evaluation, export_path=export_path, overwrite=overwrite)
+                    evaluation=evaluation, export_path=export_path, dtype=dtype, overwrite=overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     base_hf_dir = draft_model.base_hf_directory(model_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[dtype]
     # every process holds the whole model; more processes (torchrun) are data parallel
     with runtime.parallel_runtime(runtime.ParallelConfig(seed=training.seed)):
         mismatch = runtime.launched_processes_message(devices, num_nodes)
         if mismatch:
             raise SpeculativeConfigError(mismatch)
-        base = draft_model.load_base(base_hf_dir, torch_dtype)
+        base = draft_model.load_base(base_hf_dir, DTYPES[dtype])
         tokenizer = load_tokenizer(base_hf_dir)
         train_rows = training_rows(base, base_hf_dir, data, tokenizer, self_distillation)
         val_rows = packed_sequences(data, "validation", tokenizer, training.num_val_sequences)
