@@ -28,6 +28,7 @@ def speculative_tasks(
     medusa_steps: int = 0,
     self_distillation_prompts: int = 0,
     seq_length: int = 0,
+    draft_vocab_size: int = 0,
     eval_prompts: int = 8,
     max_new_tokens: int = 0,
 ) -> dict[str, run.Partial]:
@@ -43,6 +44,8 @@ def speculative_tasks(
             recipe.training.checkpoint_interval = max(steps // 4, 1)
         recipe.self_distillation.num_prompts = self_distillation_prompts or recipe.self_distillation.num_prompts
         recipe.data.seq_length = seq_length or recipe.data.seq_length
+        if recipe.speculative_config.draft_vocab_size and draft_vocab_size:  # EAGLE's reduced draft head
+            recipe.speculative_config.draft_vocab_size = draft_vocab_size
         recipe.evaluation.num_prompts = eval_prompts
         recipe.evaluation.max_new_tokens = max_new_tokens or recipe.evaluation.max_new_tokens
         tasks[name] = stage_task(recipe, name, recipe.output_path, work_dir, [model])

@@ -216,7 +216,8 @@ def test_experiment_trains_both_drafts_and_reports_them(trained_base, tmp_path):
 
     work = tmp_path / "work"
     tasks = speculative_tasks(model=str(trained_base), work_dir=str(work), eagle3_steps=2, medusa_steps=2,
-                              self_distillation_prompts=16, seq_length=64, eval_prompts=2, max_new_tokens=16)
+                              self_distillation_prompts=16, seq_length=64, draft_vocab_size=128, eval_prompts=2,
+                              max_new_tokens=16)
     serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
     tasks = {name: serializer.deserialize(serializer.serialize(task)) for name, task in tasks.items()}
     assert [fdl.build(task)() for task in tasks.values()][:2] == ["ran", "ran"]
