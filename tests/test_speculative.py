@@ -104,6 +104,12 @@ def test_acceptance_of_a_draft_that_knows_the_answer_is_k_plus_one(trained_base)
         assert sum(decoded.accepted_per_round) == 40
     untrained = speculative_decode(model, drafter_for(model), prompt, 41, 4)
     assert untrained.tokens == plain.tokens
+    # an end-of-text token inside an accepted chain ends the output there, and no round after it counts
+    eos = plain.tokens[10]
+    plain_eos = greedy_decode(model, prompt, 41, eos)
+    stopped = speculative_decode(model, ReferenceDrafter(plain.tokens), prompt, 41, 4, eos)
+    assert stopped.tokens == plain_eos.tokens and stopped.tokens[-1] == eos
+    assert sum(stopped.accepted_per_round) == len(plain_eos.tokens) - 1
 
 
 def test_kv_cached_eagle_drafts_equal_modelopts_uncached_drafting(trained_base):

@@ -134,6 +134,8 @@ def speculative_decode(model: torch.nn.Module, drafter: Drafter, prompt: torch.T
         tokens += new_tokens
         rounds.append(len(new_tokens))
         pending = tokens[-1]
+        if eos_id is not None and eos_id in new_tokens:  # an accepted draft ended the text
+            break
     end = _stop_index(tokens, max_new_tokens, eos_id)
     if end < len(tokens) and rounds:  # the last round's overshoot is not output
         rounds[-1] -= len(tokens) - end
