@@ -147,7 +147,7 @@ HF_TOKENIZER_FILES = (
 )
 
 
-def _copy_hf_metadata(source_hf_dir: Path, target: Path) -> None:
+def copy_hf_metadata(source_hf_dir: Path, target: Path) -> None:
     """config.json, generation config and tokenizer files; never weights."""
     target.mkdir(parents=True, exist_ok=True)
     for name in HF_METADATA_FILES + HF_TOKENIZER_FILES:
@@ -176,7 +176,7 @@ def save_checkpoint(
         save_sharded_modelopt_state([model], str(weights))
         if runtime.is_main_process():
             model_config.save(tmp / MODEL_CONFIG)
-            _copy_hf_metadata(Path(source_hf_dir), tmp / HF_DIR)
+            copy_hf_metadata(Path(source_hf_dir), tmp / HF_DIR)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,

@@ -71,9 +71,10 @@ def run_micro_batches(
     forward_only: bool,
     **_schedule_arguments,
 ) -> list[dict[str, Any]]:
-    """`run_schedule`'s contract for a model outside megatron (a transformers model, one
-    process): forward each micro-batch with its labels, backward `loss / num_micro_batches`
-    (what megatron's schedule does), return what `loss_fn` reported."""
+    """`run_schedule`'s contract for a model outside megatron (a transformers model; data
+    parallelism is the training loop's gradient all-reduce): forward each micro-batch with its
+    labels, backward `loss / num_micro_batches` (what megatron's schedule does), return what
+    `loss_fn` reported."""
     reported = []
     for batch in micro_batches:
         output = model(input_ids=batch["input_ids"], labels=batch["labels"])

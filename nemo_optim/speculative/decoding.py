@@ -32,15 +32,6 @@ class DecodeResult:
     accepted_per_round: list[int] = dataclasses.field(default_factory=list)
     """Speculative decoding: tokens emitted per verifying base forward (accepted drafts + 1)."""
 
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.seconds if self.seconds else float("nan")
-
-    @property
-    def acceptance_length(self) -> float:
-        rounds = self.accepted_per_round
-        return sum(rounds) / len(rounds) if rounds else float("nan")
-
 
 class Drafter(Protocol):
     """Proposes draft tokens; told after each verification what was accepted."""

@@ -145,7 +145,7 @@ def save_speculative_checkpoint(speculative: SpeculativeModel, path: str | Path,
     with checkpoint.atomic_directory(path, collective=False) as tmp:
         save_file(draft_state_dict(speculative.model), str(tmp / DRAFT_WEIGHTS))
         torch.save(mto.modelopt_state(speculative.model), tmp / MODELOPT_STATE)
-        checkpoint._copy_hf_metadata(speculative.base_hf_dir, tmp / checkpoint.HF_DIR)
+        checkpoint.copy_hf_metadata(speculative.base_hf_dir, tmp / checkpoint.HF_DIR)
         if evaluation is not None:
             (tmp / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
         manifest = {
