@@ -1,5 +1,7 @@
 """Evaluate a model: perplexity, KL divergence and top-1 agreement against a reference
-model, tokens/second. Results are a dataclass and JSON.
+model, tokens/second; multiple-choice task accuracy (`accuracy`, default: the embedded
+next-sentence cloze over held-out Python documentation) and lm-evaluation-harness tasks
+(`lm_eval`, optional extra). Results are a dataclass and JSON.
 
     python -c "from nemo_optim.evaluation import evaluate; print(evaluate(model_path='smollm2-135m-instruct'))"
 """
@@ -18,9 +20,28 @@ import torch
 import torch.nn.functional as F
 
 from nemo_optim import runtime
+from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice, task_items
 from nemo_optim.data.corpus import DataConfig, Split
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
+
+
+@dataclasses.dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks, read from this machine (nothing is downloaded)."""
+
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    """Task names: lm-eval's registry or YAML files under `include_path`."""
+    include_path: Optional[str] = None
+    """A directory of task YAML files."""
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    """Documents per task (None: all)."""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("LmEvalConfig: tasks=[] names no task; give e.g. lm_eval.tasks=[my_task].")
 
 
 @dataclasses.dataclass
@@ -32,6 +53,10 @@ class EvaluationConfig:
     num_sequences: int = 16
     """Sequences of `data.seq_length` tokens to evaluate (the first N of the split)."""
     micro_batch_size: int = 4
+    accuracy: Optional[AccuracyConfig] = None
+    """A multiple-choice task to score (None: perplexity metrics only)."""
+    lm_eval: Optional[LmEvalConfig] = None
+    """lm-evaluation-harness tasks to run (needs `pip install nemo-optim[eval]`)."""
 
     def __post_init__(self) -> None:
         if self.num_sequences < 1:
@@ -54,6 +79,10 @@ class EvaluationResult:
     top1_agreement: Optional[float] = None
     """Share of positions where model and reference predict the same next token."""
     reference_perplexity: Optional[float] = None
+    task_accuracy: Optional[dict] = None
+    """`AccuracyResult` of `EvaluationConfig.accuracy` as a dict."""
+    lm_eval: Optional[dict] = None
+    """lm-eval task -> {metric: value}."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +137,17 @@ def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
     return packed_sequences(config.data, config.split, tokenizer, config.num_sequences)
 
 
+def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, **_) -> None:
+    """Pre-launch: the task's items file is readable and holds valid items."""
+    if evaluation is not None and evaluation.accuracy is not None:
+        task_items(evaluation.accuracy)
+    if evaluation is not None and evaluation.lm_eval is not None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError("evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
+
+
 def evaluate(
     *,
     model_path: str,
@@ -121,13 +161,34 @@ def evaluate(
     from nemo_optim.models.loader import load_model, load_tokenizer
 
     evaluation = evaluation or EvaluationConfig()
+    check_arguments(evaluation=evaluation)
     with runtime.parallel_runtime(parallel):
         loaded = load_model(model_path)
         reference = load_model(reference_model_path).model if reference_model_path else None
-        tokens = evaluation_tokens(evaluation, load_tokenizer(loaded.hf_dir))
+        tokenizer = load_tokenizer(loaded.hf_dir)
+        tokens = evaluation_tokens(evaluation, tokenizer)
         result = evaluate_model(loaded.model, tokens, evaluation.micro_batch_size, reference)
+        del reference
+        if evaluation.accuracy is not None:
+            accuracy = evaluate_multiple_choice(loaded.model, tokenizer, evaluation.accuracy,
+                                                max_length=loaded.config.max_position_embeddings)
+            result.task_accuracy = accuracy.to_dict()
+        if evaluation.lm_eval is not None:
+            result.lm_eval = _run_lm_eval(loaded, tokenizer, evaluation.lm_eval)
         if output_path and runtime.is_main_process():
             Path(output_path).parent.mkdir(parents=True, exist_ok=True)
             Path(output_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         runtime.print0(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+evaluate.check_arguments = check_arguments
+
+
+def _run_lm_eval(loaded, tokenizer, config: LmEvalConfig) -> dict:
+    from nemo_optim.accuracy.lm_eval_adapter import NemoOptimLM, run_lm_eval
+
+    lm = NemoOptimLM(loaded.model, tokenizer, max_length=loaded.config.max_position_embeddings,
+                     batch_size=config.batch_size)
+    return run_lm_eval(lm, config.tasks, include_path=config.include_path, num_fewshot=config.num_fewshot,
+                       limit=config.limit)

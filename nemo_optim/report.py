@@ -1,5 +1,5 @@
 """The compression report: one row per model of a pipeline (size, parameters, perplexity, KL
-and top-1 agreement to the original, tokens/s) as markdown, plus PNG plots of those numbers
+and top-1 agreement to the original, task accuracy with its 95% interval, tokens/s) as markdown, plus PNG plots of those numbers
 and of the distillation loss curves; and for draft heads, speculative decoding's acceptance
 length and speed-up per draft length.
 
@@ -34,6 +34,7 @@ def _parameters(model_path: str) -> int:
 
 def _row(label: str, model_path: str, evaluation_path: str, artifact: str) -> dict:
     result = json.loads(Path(evaluation_path).read_text())
+    accuracy = result.get("task_accuracy") or {}
     return {
         "model": label, "path": model_path, "artifact": artifact,
         "parameters_m": _parameters(model_path) / 1e6,
@@ -42,7 +43,15 @@ def _row(label: str, model_path: str, evaluation_path: str, artifact: str) -> di
         "kl_to_original": result.get("kl_to_reference"),
         "top1_agreement": result.get("top1_agreement"),
         "tokens_per_second": result["tokens_per_second"],
+        "accuracy_task": accuracy.get("task"),
+        "accuracy_items": accuracy.get("items"),
+        "accuracy_norm": accuracy.get("accuracy_norm"),
+        "accuracy_norm_ci95": _interval(accuracy.get("ci95_norm")),
     }
+
+
+def _interval(bounds) -> Optional[str]:
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f}" if bounds else None
 
 
 def _cell(value) -> str:
@@ -59,9 +68,12 @@ def _plots(rows: list[dict], metrics_path: Optional[Path], out_dir: Path) -> lis
 
     images = []
     labels = [row["model"] for row in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for axis, key, title in zip(axes, ("parameters_m", "perplexity", "kl_to_original"),
-                                ("parameters (M)", "held-out perplexity", "KL to the original (nats/token)")):
+    panels = [("parameters_m", "parameters (M)"), ("perplexity", "held-out perplexity"),
+              ("kl_to_original", "KL to the original (nats/token)")]
+    if any(row["accuracy_norm"] is not None for row in rows):
+        panels.append(("accuracy_norm", "task accuracy (acc_norm)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
+    for axis, (key, title) in zip(axes, panels):
         axis.bar(labels, [row[key] or 0 for row in rows], color="#4c72b0")
         axis.set_title(title)
         axis.tick_params(axis="x", rotation=30)
@@ -165,7 +177,13 @@ def report(
         images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
         lines += _table([("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "on disk (MiB)"),
                          ("perplexity", "ppl"), ("kl_to_original", "KL to original"),
-                         ("top1_agreement", "top-1 agree"), ("tokens_per_second", "tokens/s")], rows)
+                         ("top1_agreement", "top-1 agree"), ("accuracy_norm", "accuracy"),
+                         ("accuracy_norm_ci95", "accuracy 95% CI"), ("tokens_per_second", "tokens/s")], rows)
+        tasks = {(row["accuracy_task"], row["accuracy_items"]) for row in rows if row["accuracy_task"]}
+        if tasks:
+            lines += ["", "Accuracy: " + "; ".join(f"`{task}`, {items} items" for task, items in sorted(tasks))
+                      + " (length-normalised log-likelihood choice, lm-eval's acc_norm; "
+                      "95% Wilson interval: differences inside it are noise)."]
         lines += ["", "Evaluated: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows),
                   "", "On disk: " + "; ".join(f"{row['model']}: `{row['artifact']}`" for row in rows), ""]
     if speculative_rows:

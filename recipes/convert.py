@@ -3,15 +3,20 @@
 
 import nemo_run as run
 
+from nemo_optim.accuracy.multiple_choice import AccuracyConfig
 from nemo_optim.convert import export_ckpt, import_ckpt
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.evaluation import EvaluationConfig, evaluate
 
 SMOLLM2 = "smollm2-135m-instruct"
+EMBEDDED_TASK = "embedded:stdlib-cloze"
 
 
-def evaluation_config(num_sequences: int = 16, seq_length: int = 256, source: str = "embedded") -> run.Config[EvaluationConfig]:
-    return run.Config(EvaluationConfig, data=run.Config(DataConfig, source=source, seq_length=seq_length), num_sequences=num_sequences)
+def evaluation_config(num_sequences: int = 16, seq_length: int = 256, source: str = "embedded",
+                      accuracy_task: str | None = None, accuracy_items: int | None = None) -> run.Config[EvaluationConfig]:
+    accuracy = run.Config(AccuracyConfig, task=accuracy_task, num_items=accuracy_items) if accuracy_task else None
+    return run.Config(EvaluationConfig, data=run.Config(DataConfig, source=source, seq_length=seq_length),
+                      num_sequences=num_sequences, accuracy=accuracy)
 
 
 @run.cli.factory(target=import_ckpt)
@@ -50,10 +55,17 @@ def evaluate_recipe(
     output_path: str = "outputs/smollm2_135m/evaluation.json",
     num_sequences: int = 16,
     seq_length: int = 256,
+    accuracy_task: str | None = EMBEDDED_TASK,
+    accuracy_items: int | None = None,
 ) -> run.Partial[evaluate]:
+    """Perplexity / KL / top-1 against the reference on held-out text, and multiple-choice
+    accuracy (default: the embedded next-sentence cloze, 143 items; `evaluation.accuracy=None`
+    skips it, `evaluation.accuracy.task=FILE.jsonl` scores an MMLU-shaped file)."""
     return run.Partial(
         evaluate, model_path=model_path, reference_model_path=reference_model_path,
-        evaluation=evaluation_config(num_sequences=num_sequences, seq_length=seq_length), output_path=output_path,
+        evaluation=evaluation_config(num_sequences=num_sequences, seq_length=seq_length,
+                                     accuracy_task=accuracy_task, accuracy_items=accuracy_items),
+        output_path=output_path,
     )
 
 
