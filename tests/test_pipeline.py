@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from experiments.compress_smollm2 import pipeline_tasks, run_pipeline
+from nemo_optim.accuracy.items import embedded_cloze_items
 
 
 def _tasks(model, work_dir, **overrides):
@@ -62,6 +63,9 @@ def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_pa
     assert rows["pruned"]["parameters_m"] < rows["original"]["parameters_m"]
     assert rows["original"]["kl_to_original"] == pytest.approx(0, abs=1e-6)
     assert rows["teacher corrected"]["parameters_m"] == rows["original"]["parameters_m"]
+    # every model scored on the whole embedded multiple-choice task
+    assert {row["accuracy_items"] for row in rows.values()} == {len(embedded_cloze_items())}
+    assert all(0 <= row["accuracy_norm"] <= 1 for row in rows.values()) and "accuracy 95% CI" in report
     assert (work / "report" / "models.png").stat().st_size > 1000
     assert (work / "report" / "distillation_loss.png").stat().st_size > 1000
 
@@ -110,3 +114,4 @@ def test_qad_experiment_trains_the_int4_model_and_exports_it_in_its_format(tiny_
     rows = {row["model"]: row for row in json.loads((work / "report" / "report.json").read_text())["rows"]}
     assert list(rows) == ["original", "INT4 PTQ", "INT4 PTQ + QAD"]
     assert 0 < rows["INT4 PTQ"]["kl_to_original"] and 0 < rows["INT4 PTQ + QAD"]["kl_to_original"]
+    assert all(row["accuracy_task"] == "embedded:stdlib-cloze" for row in rows.values())

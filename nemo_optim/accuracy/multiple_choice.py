@@ -69,6 +69,9 @@ class AccuracyResult:
     seconds: float
     per_subject: dict = dataclasses.field(default_factory=dict)
     """subject -> {"items", "accuracy", "accuracy_norm"} (files with several subjects)."""
+    predictions: list = dataclasses.field(default_factory=list)
+    """Per item, the index of the choice picked by summed log-likelihood (paired comparisons)."""
+    predictions_norm: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,10 +184,12 @@ def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, config: Accuracy
         micro_batch_size=config.micro_batch_size,
     )
     correct, correct_norm, subjects = [], [], defaultdict(lambda: ([], []))
+    predictions, predictions_norm = [], []
     for item, scores in zip(items, log_likelihoods):
         lengths = [float(len(choice)) for choice in _choice_texts(item)]
-        hit = _argmax(scores) == item.answer
-        hit_norm = _argmax([s / n for s, n in zip(scores, lengths)]) == item.answer
+        predictions.append(_argmax(scores))
+        predictions_norm.append(_argmax([s / n for s, n in zip(scores, lengths)]))
+        hit, hit_norm = predictions[-1] == item.answer, predictions_norm[-1] == item.answer
         correct.append(hit)
         correct_norm.append(hit_norm)
         subjects[item.subject][0].append(hit)
@@ -197,4 +202,5 @@ def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, config: Accuracy
         num_fewshot=config.num_fewshot, seconds=seconds,
         per_subject={subject: {"items": len(hits), "accuracy": sum(hits) / len(hits), "accuracy_norm": sum(norm) / len(norm)}
                      for subject, (hits, norm) in sorted(subjects.items())} if len(subjects) > 1 else {},
+        predictions=predictions, predictions_norm=predictions_norm,
     )
