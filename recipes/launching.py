@@ -61,9 +61,24 @@ def _check_key(partial: run.Partial, key: str):
         if depth < len(parts) - 1:
             # only the path is read: fiddle cannot read the default of a default_factory field
             # (a list), which the last part may be
-            node = getattr(node, part, None)
+            child = getattr(node, part, None)
+            if child is None and _optional_dataclass(annotation) is not None:
+                # `evaluation.lm_eval.tasks=[...]` where `evaluation.lm_eval` is None: the
+                # user asks for that section, so it starts from its defaults
+                child = run.Config(_optional_dataclass(annotation))
+                setattr(node, part, child)
+            node = child
         walked.append(part)
     return annotation
+
+
+def _optional_dataclass(annotation):
+    """`C` for an `Optional[C]` annotation where C is a dataclass, else None."""
+    import dataclasses
+    import typing
+
+    kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return kinds[0] if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]) else None
 
 
 def _expected(annotation) -> str:

@@ -275,3 +275,16 @@ def test_smollm2_log_likelihoods_match_transformers(runtime_single):
     ours, _ = choice_log_likelihoods(loaded.model, tokenizer, items, examples, max_length=2048)
     expected = _hf_choice_log_likelihoods(loaded.hf_dir, items, defaultdict(list), max_length=2048)
     assert torch.tensor(ours).sub(torch.tensor(expected)).abs().max().item() < 1e-3
+
+
+def test_cli_override_turns_on_an_optional_section_from_its_defaults():
+    import fiddle as fdl
+
+    from recipes.convert import evaluate_recipe
+    from recipes.launching import apply_overrides
+
+    partial = apply_overrides(evaluate_recipe(), ['evaluation.lm_eval.tasks=["tiny_cloze"]', "evaluation.accuracy=None",
+                                                  "evaluation.lm_eval.limit=4"])
+    built = fdl.build(partial).keywords["evaluation"]
+    assert built.accuracy is None
+    assert (built.lm_eval.tasks, built.lm_eval.limit, built.lm_eval.batch_size) == (["tiny_cloze"], 4, 8)
