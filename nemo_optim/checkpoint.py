@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.errors import InputError
 from nemo_optim.models.config import GPTModelConfig
 
 FORMAT = "nemo-optim-checkpoint"
@@ -38,7 +39,7 @@ WEIGHTS_DIR = "weights"
 HF_METADATA_FILES = ("config.json", "generation_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory that is missing, incomplete or of another format."""
 
 

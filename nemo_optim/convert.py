@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from nemo_optim import checkpoint, runtime
+from nemo_optim.errors import InputError, one_line_input_errors, refuse_existing_outputs
 from nemo_optim.evaluation import EvaluationConfig, EvaluationResult, evaluate_model, evaluation_tokens
 from nemo_optim.models.config import DTYPES
 from nemo_optim.models.forward import forward_logits
@@ -72,11 +73,6 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def check_output_path(field: str, path: str | Path, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{field}={str(path)!r} exists; pass overwrite=True or choose another path.")
-
-
 @torch.no_grad()
 def hf_export_logit_diff(model: torch.nn.Module, export_dir: Path, tokens: torch.Tensor) -> float:
     """Reloads an HF export in transformers and compares its logits with the megatron model's."""
@@ -88,6 +84,7 @@ def hf_export_logit_diff(model: torch.nn.Module, export_dir: Path, tokens: torch
     return (ours - reference).abs().max().item()
 
 
+@one_line_input_errors
 def import_ckpt(
     *,
     source: str,
@@ -108,10 +105,8 @@ def import_ckpt(
         dtype: parameter dtype (float32 on CPU, bfloat16 on GPU).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
-    check_output_path("output_path", output_path, overwrite)
-    if hf_export_path:
-        check_output_path("hf_export_path", hf_export_path, overwrite)
+        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     with runtime.parallel_runtime(parallel):
         began = time.perf_counter()
         loaded = load_model(source, dtype=dtype)
@@ -156,6 +151,7 @@ def import_ckpt(
     return report
 
 
+@one_line_input_errors
 def export_ckpt(
     *,
     path: str,
@@ -166,8 +162,8 @@ def export_ckpt(
 ) -> Path:
     """Stage entry: export the native checkpoint at `path` to an HF directory."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
-    check_output_path("output_path", output_path, overwrite)
+        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    refuse_existing_outputs([("output_path", output_path)], overwrite)
     with runtime.parallel_runtime(parallel):
         loaded = load_model(path)
         export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])

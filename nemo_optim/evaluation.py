@@ -23,6 +23,7 @@ from nemo_optim import runtime
 from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice, task_items
 from nemo_optim.data.corpus import DataConfig, Split
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.errors import InputError, one_line_input_errors
 from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
 
 
@@ -41,7 +42,7 @@ class LmEvalConfig:
 
     def __post_init__(self) -> None:
         if not self.tasks:
-            raise ValueError("LmEvalConfig: tasks=[] names no task; give e.g. lm_eval.tasks=[my_task].")
+            raise InputError("LmEvalConfig: tasks=[] names no task; give e.g. lm_eval.tasks=[my_task].")
 
 
 @dataclasses.dataclass
@@ -60,9 +61,9 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         if self.num_sequences < 1:
-            raise ValueError(f"EvaluationConfig: num_sequences={self.num_sequences} must be at least 1.")
+            raise InputError(f"EvaluationConfig: num_sequences={self.num_sequences} must be at least 1.")
         if self.micro_batch_size < 1:
-            raise ValueError(f"EvaluationConfig: micro_batch_size={self.micro_batch_size} must be at least 1.")
+            raise InputError(f"EvaluationConfig: micro_batch_size={self.micro_batch_size} must be at least 1.")
 
 
 @dataclasses.dataclass
@@ -145,9 +146,10 @@ def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, **_) -> No
         try:
             import lm_eval  # noqa: F401
         except ImportError:
-            raise ValueError("evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
+            raise InputError("evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
 
 
+@one_line_input_errors
 def evaluate(
     *,
     model_path: str,

@@ -16,11 +16,13 @@ from typing import Optional
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.training import TrainingConfig, TrainingConfigError, TrainingResult, default_run_dir, lm_loss_reduction, train
 
 
+@one_line_input_errors
 def finetune(
     *,
     model_path: str,
@@ -52,9 +54,7 @@ def finetune(
     """
     data = data or DataConfig()
     training = training or TrainingConfig()
-    for field, path in (("output_path", output_path), ("hf_export_path", hf_export_path)):
-        if path and Path(path).exists() and not overwrite:
-            raise TrainingConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
+    refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
                                       seed=training.seed)

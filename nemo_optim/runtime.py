@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from nemo_optim.errors import InputError
+
 Backend = Literal["auto", "gloo", "nccl"]
 
 
@@ -50,9 +52,9 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer (1 = no split).")
+                raise InputError(f"{name}={value!r} must be a positive integer (1 = no split).")
         if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"backend={self.backend!r}: choose one of auto, gloo, nccl.")
+            raise InputError(f"backend={self.backend!r}: choose one of auto, gloo, nccl.")
 
     @property
     def model_parallel_size(self) -> int:
@@ -253,7 +255,7 @@ def initialize(config: ParallelConfig) -> None:
 
     _init_process_group(config.backend)
     if world_size() % config.model_parallel_size != 0:
-        raise ValueError(
+        raise InputError(
             f"world size {world_size()} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {config.model_parallel_size}; launch "
             f"{config.model_parallel_size} x N processes (torchrun --nproc_per_node ...)."

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from nemo_optim import checkpoint, runtime
+from nemo_optim.errors import InputError
 from nemo_optim.models.forward import LossFn, make_batch, run_schedule
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(InputError):
     """A training setting that cannot work, with what to change."""
 
 

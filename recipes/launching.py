@@ -175,13 +175,23 @@ def validate(partial: run.Partial) -> None:
 _EXCEPTION_LINE = re.compile(r"^(?:.*\[rank\d+\]: )?(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.+)$")
 
 
+# what a stage prints for an input error it knows (nemo_optim.errors.one_line_input_errors)
+_INPUT_ERROR_LINE = re.compile(r"^(?:.*\[rank\d+\]: )?error: (?P<message>.+)$")
+
+
 def task_error_line(log_dir: str | Path) -> str | None:
-    """The exception a failed task ended with, from its logs: nemo-optim's own errors (a
-    setting or an input, already phrased for the user) as their message alone, anything else
-    with its type. None when the logs hold no exception."""
+    """Why a failed task failed, from its logs: the `error:` line a stage printed for an input
+    error (already phrased for the user), else the exception it ended with, nemo-optim's own as
+    their message alone, anything else with its type. None when the logs hold neither."""
     logs = [p for pattern in ("stderr.log", "*.out", "*.log") for p in sorted(Path(log_dir).rglob(pattern))]
-    for log in dict.fromkeys(logs):
-        for line in reversed(log.read_text(errors="replace").splitlines()):
+    texts = [log.read_text(errors="replace").splitlines() for log in dict.fromkeys(logs)]
+    for lines in texts:
+        for line in reversed(lines):
+            match = _INPUT_ERROR_LINE.match(line.strip())
+            if match:
+                return match["message"].strip()
+    for lines in texts:
+        for line in reversed(lines):
             match = _EXCEPTION_LINE.match(line.strip())
             if match:
                 kind, message = match["type"], match["message"].strip()

@@ -25,12 +25,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from nemo_optim.errors import InputError
+
 PromptStyle = Literal["letters", "cloze"]
 EMBEDDED_TASKS = ("embedded:stdlib-cloze",)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """An items file that cannot be used, naming the file, the row and the field."""
 
 

@@ -18,6 +18,7 @@ import torch
 
 from nemo_optim.accuracy.items import LETTERS, MultipleChoiceItem, TaskDataError, load_task_items, read_items
 from nemo_optim.accuracy.scoring import encode_pair, score_continuations
+from nemo_optim.errors import InputError
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ class AccuracyConfig:
         if self.max_length is not None and self.max_length < 2:
             errors.append(f"max_length={self.max_length} must be at least 2")
         if errors:
-            raise ValueError("AccuracyConfig: " + "; ".join(errors) + ".")
+            raise InputError("AccuracyConfig: " + "; ".join(errors) + ".")
 
 
 @dataclasses.dataclass

@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from nemo_optim.errors import InputError
+
 Split = Literal["train", "validation", "calibration"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "calibration")
 
@@ -41,7 +43,7 @@ DOCSTRING_MODULES = (
 ).split()
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source that cannot be read, with what to do instead."""
 
 

@@ -22,12 +22,14 @@ import torch
 
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
+from nemo_optim.errors import InputError
+
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 _USER_FIELDS = ("intermediate_layer_pairs", "logit_layers", "skip_lm_loss", "kd_loss_scale",
                 "logit_kl_temperature", "logit_kl_topk")
 
 
-class DistillationConfigError(ValueError):
+class DistillationConfigError(InputError):
     """A distillation config that cannot be used, with the field and what to do."""
 
 

@@ -28,6 +28,7 @@ from nemo_optim.distillation.model import (
     get_tensor_shapes_adjust_fn_for_distillation,
     teacher_provider,
 )
+from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
@@ -42,6 +43,7 @@ def chosen_distillation_config(path: Optional[str], config: Optional[Distillatio
     return load_distillation_config(path or config)
 
 
+@one_line_input_errors
 def distill(
     *,
     student_model_path: str,
@@ -82,9 +84,7 @@ def distill(
     data = data or DataConfig()
     training = training or TrainingConfig()
     kd_config = chosen_distillation_config(distillation_config_path, distillation_config)
-    for field, path in (("output_path", output_path), ("hf_export_path", hf_export_path)):
-        if path and Path(path).exists() and not overwrite:
-            raise DistillationConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
+    refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
                                       seed=training.seed)

@@ -11,6 +11,7 @@ from typing import Optional, Any, Literal
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.errors import InputError
 
 Normalization = Literal["RMSNorm", "LayerNorm"]
 TransformerImpl = Literal["local", "modelopt", "transformer_engine"]
@@ -84,7 +85,7 @@ class GPTModelConfig:
                 f"transformer_impl={self.transformer_impl!r}: choose local, modelopt or transformer_engine"
             )
         if errors:
-            raise ValueError("GPTModelConfig: " + "; ".join(errors) + ".")
+            raise InputError("GPTModelConfig: " + "; ".join(errors) + ".")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -98,7 +99,7 @@ class GPTModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"GPTModelConfig: unknown fields {unknown}; known fields: {sorted(known)}.")
+            raise InputError(f"GPTModelConfig: unknown fields {unknown}; known fields: {sorted(known)}.")
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -188,7 +189,7 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     if config.vocab_size % parallel.tensor_model_parallel_size:
-        raise ValueError(
+        raise InputError(
             f"vocab_size={config.vocab_size} must be divisible by tensor_model_parallel_size="
             f"{parallel.tensor_model_parallel_size}."
         )

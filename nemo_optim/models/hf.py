@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from nemo_optim.errors import InputError
 from nemo_optim.models.config import GPTModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """A model path or file that cannot be used, with what was found and what is supported."""
 
 

@@ -6,13 +6,14 @@
 import dataclasses
 from typing import Optional
 
+from nemo_optim.errors import InputError
 from nemo_optim.models.config import GPTModelConfig
 
 TARGET_FIELDS = ("target_ffn_hidden_size", "target_hidden_size", "target_num_attention_heads",
                  "target_num_query_groups", "target_num_layers")
 
 
-class PruningConfigError(ValueError):
+class PruningConfigError(InputError):
     """A pruning target that cannot be honoured, with the fix."""
 
 

@@ -26,6 +26,7 @@ import torch
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.config import GPTModelConfig, build_gpt_model
 from nemo_optim.models.forward import forward_logits
@@ -135,6 +136,7 @@ def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.
     return static
 
 
+@one_line_input_errors
 def prune(
     *,
     nemo_checkpoint: str,
@@ -168,9 +170,7 @@ def prune(
         hf_export_path: also export the pruned model to HF here.
     """
     data = data or DataConfig()
-    for field, path in (("save_path", save_path), ("hf_export_path", hf_export_path)):
-        if path and Path(path).exists() and not overwrite:
-            raise PruningConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
+    refuse_existing_outputs([("save_path", save_path), ("hf_export_path", hf_export_path)], overwrite)
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
     parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size)

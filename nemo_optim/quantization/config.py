@@ -9,6 +9,7 @@ from typing import Literal, Optional
 import torch
 
 from nemo_optim.data.corpus import DataConfig
+from nemo_optim.errors import InputError
 
 # algorithm -> (ModelOpt preset, format the exported checkpoint must declare)
 ALGORITHMS: dict[str, tuple[str, str]] = {
@@ -51,7 +52,7 @@ DTYPE_BITS = {16: torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "b
               "float16": torch.float16, "fp16": torch.float16, 32: torch.float32, "float32": torch.float32}
 
 
-class QuantizationConfigError(ValueError):
+class QuantizationConfigError(InputError):
     """A PTQ/export setting that cannot work, with the fix."""
 
 

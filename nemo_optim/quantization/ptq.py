@@ -23,6 +23,7 @@ import torch
 
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import load_documents
+from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.quantization.quantizer import Quantizer
@@ -34,6 +35,7 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
 
 
+@one_line_input_errors
 def ptq(
     *,
     model_path: str,
@@ -70,9 +72,7 @@ def ptq(
     quantization_config.check_export_format(export_config.export_format)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
-    for field, path in (("export_config.path", export_config.path), ("save_path", save_path)):
-        if Path(path).exists() and not overwrite:
-            raise QuantizationConfigError(f"{field}={path!r} exists; pass overwrite=True or choose another path.")
+    refuse_existing_outputs([("export_config.path", export_config.path), ("save_path", save_path)], overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
         raise QuantizationConfigError(f"tokenizer_path={tokenizer_path!r}: directory not found.")
 

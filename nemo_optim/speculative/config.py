@@ -7,12 +7,14 @@ import copy
 import dataclasses
 from typing import Any, Literal, Optional
 
+from nemo_optim.errors import InputError
+
 Algorithm = Literal["eagle3", "eagle1", "medusa"]
 ALGORITHMS = ("eagle3", "eagle1", "medusa")
 AttentionImpl = Literal["eager", "sdpa", "flex_attention"]
 
 
-class SpeculativeConfigError(ValueError):
+class SpeculativeConfigError(InputError):
     """A speculative-decoding setting that cannot work, with the fix."""
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.errors import InputError
 from nemo_optim.speculative.decoding import drafter_for, greedy_decode, speculative_decode
 
 
@@ -29,7 +30,7 @@ class SpeculativeEvaluationConfig:
         if self.draft_lengths is not None and (not self.draft_lengths or min(self.draft_lengths) < 1):
             errors.append(f"draft_lengths={self.draft_lengths} must be positive integers, or None")
         if errors:
-            raise ValueError("SpeculativeEvaluationConfig: " + "; ".join(errors) + ".")
+            raise InputError("SpeculativeEvaluationConfig: " + "; ".join(errors) + ".")
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ import torch
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.forward import run_micro_batches
 from nemo_optim.models.loader import load_tokenizer
 from nemo_optim.speculative import model as draft_model
@@ -67,9 +68,7 @@ def check_arguments(*, model_path: str, output_path: str, speculative_config: Op
     config = speculative_config or SpeculativeConfig()
     if dtype not in DTYPES:
         raise SpeculativeConfigError(f"dtype={dtype!r}: choose float32, bfloat16 or None (the device's default).")
-    for name, path in (("output_path", output_path), ("export_path", export_path)):
-        if path and Path(path).exists() and not overwrite:
-            raise SpeculativeConfigError(f"{name}={path!r} exists; pass overwrite=True or choose another path.")
+    refuse_existing_outputs([("output_path", output_path), ("export_path", export_path)], overwrite)
     if draft_model.is_speculative_checkpoint(model_path):
         raise SpeculativeConfigError(
             f"model_path={model_path!r} is a speculative checkpoint: the base model already has draft heads; "
@@ -81,6 +80,7 @@ def check_arguments(*, model_path: str, output_path: str, speculative_config: Op
             f"speculative_config.num_medusa_heads to at least {max(lengths)}.")
 
 
+@one_line_input_errors
 def speculative(
     *,
     model_path: str,
