@@ -25,6 +25,7 @@ from nemo_optim.data.corpus import DataConfig, Split
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.errors import InputError, one_line_input_errors
 from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
+from nemo_optim.prelaunch import LaunchTarget, check_data_source
 
 
 @dataclasses.dataclass
@@ -138,8 +139,9 @@ def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
     return packed_sequences(config.data, config.split, tokenizer, config.num_sequences)
 
 
-def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, **_) -> None:
-    """Pre-launch: the task's items file is readable and holds valid items."""
+def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+    """Pre-launch: the evaluation text and the task's items file are readable and valid."""
+    check_data_source("evaluation.data.source", evaluation.data if evaluation else None, target)
     if evaluation is not None and evaluation.accuracy is not None:
         task_items(evaluation.accuracy)
     if evaluation is not None and evaluation.lm_eval is not None:

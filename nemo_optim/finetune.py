@@ -19,7 +19,13 @@ from nemo_optim.data.packing import packed_sequences
 from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.training import TrainingConfig, TrainingConfigError, TrainingResult, default_run_dir, lm_loss_reduction, train
+
+
+def check_arguments(*, data: Optional[DataConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+    """Pre-launch: a training text file that is missing or malformed."""
+    check_data_source("data.source", data, target)
 
 
 @one_line_input_errors
@@ -81,3 +87,6 @@ def finetune(
             export_hf(loaded.model, loaded.hf_dir, hf_export_path, dtype=loaded.config.torch_dtype)
             runtime.print0(f"HF export: {hf_export_path}")
     return result
+
+
+finetune.check_arguments = check_arguments

@@ -9,8 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import fiddle as fdl
 import nemo_run as run
+
+if TYPE_CHECKING:
+    from nemo_optim.prelaunch import LaunchTarget
 
 TERMINAL_FAILURES = {"FAILED", "CANCELLED", "UNKNOWN"}
 TERMINAL_STATES = TERMINAL_FAILURES | {"SUCCEEDED"}
@@ -158,17 +163,34 @@ def existing_output_message(arguments: dict) -> str | None:
     return None
 
 
-def validate(partial: run.Partial) -> None:
+def launch_target(executor) -> LaunchTarget:
+    """Where a built executor runs its job: on this machine or not, and with how many GPUs
+    (None when the executor does not say)."""
+    from nemo_optim.prelaunch import LaunchTarget
+
+    if isinstance(executor, run.LocalExecutor):
+        import torch
+
+        return LaunchTarget(local=True, gpus=torch.cuda.device_count())
+    tunnel = getattr(executor, "tunnel", None)
+    local = isinstance(tunnel, run.LocalTunnel)
+    if hasattr(executor, "gpus_per_node"):  # Slurm: no gpus_per_node requests none
+        return LaunchTarget(local=local, gpus=executor.gpus_per_node or 0)
+    return LaunchTarget(local=local)
+
+
+def validate(partial: run.Partial, target: LaunchTarget | None = None) -> None:
     """Builds every nested config (their __post_init__ checks run), refuses outputs that exist
-    (unless overwrite=True) and runs the stage's own `check_arguments` (files it reads, ...),
-    without running the stage: a bad setting fails here, not in a scheduler's queue."""
+    (unless overwrite=True) and runs the stage's own `check_arguments` (files it reads, GPUs it
+    needs, prune targets, ...), without running the stage: a bad setting fails here, not in a
+    scheduler's queue."""
     built = fdl.build(partial)
     existing = existing_output_message(built.keywords)
     if existing:
         raise OverrideError(existing)
     check = getattr(built.func, "check_arguments", None)
     if check is not None:
-        check(**built.keywords)
+        check(**built.keywords, target=target)
 
 
 # the last line of a Python traceback, as torchrun / NeMo-Run prefix it in a task's log
@@ -272,9 +294,10 @@ def launch_recipe(
     overrides = [item for item in overrides if not item.startswith("executor.")]
     try:
         partial = apply_overrides(partial, overrides)
-        validate(partial)
+        fdl.build(partial)  # the recipe's own settings are wrong before the executor is looked at
         executor_config = executor_with_overrides(executors[executor], executor_overrides)
         job_executor = fdl.build(executor_config)
+        validate(partial, launch_target(job_executor))
     except (OverrideError, ValueError, TypeError, ImportError) as error:
         # fiddle appends a multi-line "Fiddle context"; the first line is the message
         return fail(f"{recipe}: {str(error).strip().splitlines()[0]}")

@@ -31,6 +31,7 @@ from nemo_optim.distillation.model import (
 from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
+from nemo_optim.prelaunch import check_data_source
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
@@ -129,6 +130,7 @@ def distill(
 def check_distill_arguments(**arguments) -> None:
     """What can be checked before any model is loaded (launchers call it before submitting)."""
     chosen_distillation_config(arguments.get("distillation_config_path"), arguments.get("distillation_config"))
+    check_data_source("data.source", arguments.get("data"), arguments.get("target"))
 
 
 distill.check_arguments = check_distill_arguments

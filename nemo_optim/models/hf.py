@@ -32,7 +32,13 @@ def read_hf_config(hf_dir: str | Path) -> dict:
             f"{hf_dir}: no config.json found; expected a Hugging Face model directory "
             f"(config.json + *.safetensors) of one of {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
-    return json.loads(config_path.read_text())
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(
+            f"{config_path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+            f"restore config.json from the model's source."
+        ) from None
 
 
 def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig:
@@ -81,8 +87,35 @@ def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig
 
 
 def check_hf_weights_present(hf_dir: str | Path) -> None:
-    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(hf_dir).iterdir()):
+    """Weight files exist and their safetensors headers are whole (a truncated copy fails here,
+    naming the file, instead of deep inside the importer)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = sorted(p for p in Path(hf_dir).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
         raise ModelSourceError(f"{hf_dir}: config.json found but no *.safetensors weights next to it.")
+    for path in weights:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise ModelSourceError(
+                f"{path}: not a readable safetensors file ({error}); it is truncated or damaged, copy it again "
+                f"from the model's source."
+            ) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_tokenizer_files(hf_dir: str | Path) -> None:
+    if not any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(
+            f"{hf_dir}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
+            f"files into this directory."
+        )
 
 
 def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTModelConfig) -> None:
@@ -156,6 +189,16 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+
+
+def converted_gguf_dir(gguf_path: str | Path) -> Path | None:
+    """The HF directory a GGUF file was already converted to, or None (nothing is converted)."""
+    target = _gguf_cache_dir(Path(gguf_path))
+    return target if (target / "config.json").is_file() else None
+
+
 def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Converts a GGUF file into an HF directory (dequantized by transformers), cached by file.
 
@@ -169,7 +212,7 @@ def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Pat
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelSourceError(f"{gguf_path}: GGUF file not found.")
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    target = _gguf_cache_dir(gguf_path)
     if not (target / "config.json").is_file() and runtime.is_main_process():
         with atomic_directory(target, collective=False) as tmp_dir:
             kwargs = {"gguf_file": gguf_path.name}

@@ -62,7 +62,9 @@ def read_model_config(model_path: str | Path, dtype: str | None = None) -> tuple
             config = dataclasses.replace(config, dtype=dtype)
         return config, info.hf_dir, source
     hf_dir = hf.gguf_to_hf(source.path) if source.kind == "gguf" else source.path
-    return hf.config_from_hf(hf_dir, dtype=dtype or "float32"), hf_dir, source
+    config = hf.config_from_hf(hf_dir, dtype=dtype or "float32")
+    hf.check_tokenizer_files(hf_dir)  # before minutes of loading, not after
+    return config, hf_dir, source
 
 
 def load_model(
@@ -108,9 +110,11 @@ def load_tokenizer(hf_dir: str | Path):
     """The tokenizer stored with a model (HF files in the model or checkpoint `hf/` dir)."""
     import transformers
 
+    hf.check_tokenizer_files(hf_dir)
     try:
         return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError, AttributeError, TypeError) as error:
         raise hf.ModelSourceError(
-            f"{hf_dir}: no usable tokenizer files (tokenizer.json / tokenizer_config.json): {error}"
+            f"{hf_dir}: its tokenizer files cannot be loaded ({type(error).__name__}: {error}); copy the model's "
+            f"tokenizer files (tokenizer.json, tokenizer_config.json, ...) into this directory again."
         ) from None

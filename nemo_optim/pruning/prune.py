@@ -32,6 +32,7 @@ from nemo_optim.models.config import GPTModelConfig, build_gpt_model
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.prelaunch import LaunchTarget, check_data_source, readable_model_config
 from nemo_optim.pruning.config import PruningConfig, PruningConfigError
 
 
@@ -136,6 +137,18 @@ def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.
     return static
 
 
+def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_train_samples: int = 32,
+                    data: Optional[DataConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+    """Pre-launch: the sample count, a calibration file, and the targets against the model's
+    config when it can be read here without loading the model."""
+    if num_train_samples < 1:
+        raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
+    check_data_source("data.source", data, target)
+    model_config = readable_model_config(nemo_checkpoint, target)
+    if model_config is not None:
+        pruning_config.validate_against(model_config)
+
+
 @one_line_input_errors
 def prune(
     *,
@@ -209,3 +222,6 @@ def prune(
             export_hf(model, loaded.hf_dir, hf_export_path, dtype=config.torch_dtype)
             runtime.print0(f"HF export: {hf_export_path}")
     return Path(save_path)
+
+
+prune.check_arguments = check_arguments

@@ -134,7 +134,7 @@ class QuantizationConfig:
     def calibration_data(self) -> DataConfig:
         return DataConfig(source=self.calibration_dataset, seq_length=self.calibration_seq_len)
 
-    def check_hardware(self, cuda_available: bool) -> None:
+    def check_hardware(self, cuda_available: bool, lacking: str = "this machine has none") -> None:
         """Formats that need CUDA kernels fail here, before any model is loaded."""
         wanted = set(self.auto_quantize_formats if self.auto_quantize_bits is not None else [self.algorithm])
         if self.enable_kv_cache and self.kv_cache_qformat == "nvfp4":
@@ -142,8 +142,8 @@ class QuantizationConfig:
         needs = sorted(wanted & set(NEEDS_CUDA))
         if needs and not cuda_available:
             raise QuantizationConfigError(
-                f"quantization_config.algorithm={needs[0]!r} needs a CUDA GPU (NVFP4/MX kernels); this "
-                f"machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."
+                f"quantization_config.algorithm={needs[0]!r} needs a CUDA GPU (NVFP4/MX kernels); "
+                f"{lacking}. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."
             )
 
     def check_export_format(self, export_format: str) -> None:

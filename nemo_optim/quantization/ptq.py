@@ -25,6 +25,7 @@ from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import load_documents
 from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.quantization.quantizer import Quantizer
 
@@ -33,6 +34,20 @@ def is_quantized(model: torch.nn.Module) -> bool:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+
+
+def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
+                    export_config: Optional[ExportConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+    """Pre-launch: formats that need a GPU the job will not get, formats the chosen exporter
+    cannot write, and a calibration file that is missing or malformed."""
+    quantization_config = quantization_config or QuantizationConfig()
+    export_config = export_config or ExportConfig()
+    if target is not None and target.gpus is not None:
+        quantization_config.check_hardware(
+            target.gpus > 0, "this machine has none" if target.local else "the executor gives the job none (gpus_per_node)")
+    quantization_config.check_export_format(export_config.export_format)
+    if quantization_config.algorithm is not None or quantization_config.custom_config_path:
+        check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(), target)
 
 
 @one_line_input_errors
@@ -134,3 +149,6 @@ def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacc
         logits = forward_logits(model, tokens)
         ids.append(broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None))
     return tokenizer.decode(ids)
+
+
+ptq.check_arguments = check_arguments
