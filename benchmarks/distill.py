@@ -275,7 +275,7 @@ def main() -> None:
     ratio = kd_step / (ce_step + teacher_step)
     reused = [row["model"] for row in rows if row.get("reused")]
     reused_timing = any(label(name) in reused for name in (CE, "KD logits"))
-    notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M), student: Minitron depth pruning to "
+    notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M; the Q4_1 GGUF dequantized to fp32), student: Minitron depth pruning to "
              f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
              f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
              f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "

@@ -115,7 +115,7 @@ def main() -> None:
             for batch in batches:
                 forward_logits(model, batch)
 
-        rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0,
+        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0,
                      "effective_bits": 32.0, "quantized_share": 0.0})
         for name in args.rows:
             kind, spec = ROWS[name]
@@ -155,9 +155,9 @@ def main() -> None:
     measured = {row["row"] for row in rows}
     reused = [name for name in ROWS if name not in measured and name in previous_rows]
     rows += [dict(previous_rows[name], reused=True) for name in reused]
-    order = ["fp32 (reference)", *ROWS]
+    order = ["Q4_1 GGUF as fp32 (reference)", *ROWS]
     rows.sort(key=lambda row: order.index(row["row"]) if row["row"] in order else len(order))
-    notes = (f"SmolLM2-135M-Instruct fp32 on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
+    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
              f"Rows without a suffix use nemo-optim's default calibration (TUNED_CALIBRATION: the preset's method, "

@@ -114,7 +114,7 @@ def main() -> None:
     rows = []
     with runtime.parallel_runtime():
         base, tokenizer, held_out, reference = reference_on_held_out(MODEL, args.seq_length, args.eval_sequences)
-        rows.append({"row": "fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
+        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
         for fmt in FORMATS:
             native = natives.get(fmt)  # None: no row of this format ran now
             candidates = [(f"{fmt} (PTQ)", native, native is not None)]
@@ -136,7 +136,7 @@ def main() -> None:
                     "measured": datetime.date.today().isoformat(),
                 })
                 print(rows[-1], flush=True)
-    notes = (f"SmolLM2-135M-Instruct fp32 on CPU ({torch.get_num_threads()} threads). PTQ: nemo-optim's recipe for the "
+    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU ({torch.get_num_threads()} threads). PTQ: nemo-optim's recipe for the "
              f"format (max + GPTQ-lite), {args.calib_sequences} x {args.seq_length} calibration tokens of pydoc text, "
              f"as in ptq.md. QAD: the `distill` stage with the PTQ checkpoint as student (fake quantizers and "
              f"calibrated scales kept, weights trained through them) and the unquantized model as teacher, logit KL "
