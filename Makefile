@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS := requirements/cpu-constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup run test test-slow test-nemo2 nemo2-venv clean
 
 setup: $(STAMP)
 
@@ -36,5 +36,19 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# NeMo 2 (nemo_toolkit 2.7.3) in its own environment: the oracle that writes NeMo 2 checkpoints
+# for the tests marked `nemo2` (about 5 minutes, ~3 GB).
+nemo2-venv: .venv-nemo2/.installed
+
+.venv-nemo2/.installed: requirements/nemo2-oracle.txt
+	test -x .venv-nemo2/bin/python || $(PYTHON) -m venv .venv-nemo2
+	.venv-nemo2/bin/pip install --quiet --upgrade pip
+	.venv-nemo2/bin/pip install --quiet torch==2.13.0
+	.venv-nemo2/bin/pip install --quiet -r requirements/nemo2-oracle.txt
+	touch $@
+
+test-nemo2: setup nemo2-venv
+	$(BIN)/python -m pytest -m nemo2 $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-nemo2 .pytest_cache

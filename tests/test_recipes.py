@@ -137,7 +137,8 @@ def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_pa
     # the summary ends with the task's own error, not a traceback or NeMo-Run's boilerplate
     assert captured.err.strip().splitlines()[-1] == (
         f"error: ptq_recipe failed: model path '{tmp_path / 'missing'}': found nothing; give a nemo-optim checkpoint "
-        f"directory, a Hugging Face model directory, a .gguf file, or one of the embedded models: "
+        f"directory, a NeMo 2 checkpoint directory, a Hugging Face model directory, a .gguf file, or one of the "
+        f"embedded models: "
         f"smollm2-135m-instruct. Hub ids are not downloaded.")
     assert not (tmp_path / "never").exists()
 

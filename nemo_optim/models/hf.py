@@ -86,6 +86,37 @@ def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig
     )
 
 
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def hf_config_dict(config: GPTModelConfig) -> dict:
+    """The HF config.json of a `GPTModelConfig` (the inverse of `config_from_hf`)."""
+    hf = {
+        "architectures": [config.hf_architecture],
+        "model_type": _MODEL_TYPES[config.hf_architecture],
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups,
+        "head_dim": config.kv_channels,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.layernorm_epsilon,
+        "rope_theta": config.rotary_base,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": config.dtype,
+    }
+    if config.hf_architecture == "LlamaForCausalLM":
+        hf["attention_bias"] = config.add_qkv_bias
+        hf["mlp_bias"] = False
+    if config.rope_scaling_factor is not None:
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling_factor, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return hf
+
+
 def check_hf_weights_present(hf_dir: str | Path) -> None:
     """Weight files exist and their safetensors headers are whole (a truncated copy fails here,
     naming the file, instead of deep inside the importer)."""
@@ -110,8 +141,12 @@ def check_hf_weights_present(hf_dir: str | Path) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def has_tokenizer_files(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_tokenizer_files(hf_dir: str | Path) -> None:
-    if not any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer_files(hf_dir):
         raise ModelSourceError(
             f"{hf_dir}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
             f"files into this directory."

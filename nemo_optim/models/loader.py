@@ -1,5 +1,5 @@
-"""One way in for every model a stage reads: a native checkpoint, an HF directory, a GGUF
-file, or the name of a model shipped inside an installed package."""
+"""One way in for every model a stage reads: a native checkpoint, a NeMo 2 checkpoint, an HF
+directory, a GGUF file, or the name of a model shipped inside an installed package."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Literal
 import torch
 
 from nemo_optim import checkpoint, runtime
-from nemo_optim.models import hf
+from nemo_optim.models import hf, nemo2
 from nemo_optim.models.config import GPTModelConfig, build_gpt_model
 
-SourceKind = Literal["native", "hf", "gguf"]
+SourceKind = Literal["native", "nemo2", "hf", "gguf"]
 
 
 @dataclasses.dataclass
@@ -42,12 +42,14 @@ def resolve_source(model_path: str | Path) -> ModelSource:
         return ModelSource("gguf", path)
     if path.is_dir() and checkpoint.is_checkpoint(path):
         return ModelSource("native", path)
+    if path.is_dir() and nemo2.is_nemo2_checkpoint(path):
+        return ModelSource("nemo2", path)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource("hf", path)
     found = "a file" if path.is_file() else "a directory without config.json or manifest.json" if path.is_dir() else "nothing"
     raise hf.ModelSourceError(
-        f"model path {name!r}: found {found}; give a nemo-optim checkpoint directory, a Hugging "
-        f"Face model directory, a .gguf file, or one of the embedded models: "
+        f"model path {name!r}: found {found}; give a nemo-optim checkpoint directory, a NeMo 2 "
+        f"checkpoint directory, a Hugging Face model directory, a .gguf file, or one of the embedded models: "
         f"{', '.join(hf.EMBEDDED_MODELS)}. Hub ids are not downloaded."
     )
 
@@ -61,6 +63,10 @@ def read_model_config(model_path: str | Path, dtype: str | None = None) -> tuple
         if dtype is not None:
             config = dataclasses.replace(config, dtype=dtype)
         return config, info.hf_dir, source
+    if source.kind == "nemo2":
+        where = source.path / nemo2.CONTEXT_DIR / nemo2.MODEL_YAML
+        config = nemo2.config_from_model_yaml(nemo2.read_model_yaml(source.path), where, dtype=dtype or "float32")
+        return config, nemo2.hf_metadata_dir(source.path), source
     hf_dir = hf.gguf_to_hf(source.path) if source.kind == "gguf" else source.path
     config = hf.config_from_hf(hf_dir, dtype=dtype or "float32")
     hf.check_tokenizer_files(hf_dir)  # before minutes of loading, not after
@@ -82,6 +88,8 @@ def load_model(
     model = build_gpt_model(config)
     if source.kind == "native":
         model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
+    elif source.kind == "nemo2":
+        model = nemo2.load_nemo2_weights(model, source.path)
     else:
         hf.import_hf_weights(model, hf_dir, config)
     _sync_tied_output_layer(model)
