@@ -112,6 +112,13 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def progress(iterable=None, *, description: str, total: int | None = None):
+    """A tqdm progress bar with an ETA for a long phase, on the main process only."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, disable=not is_main_process())
+
+
 # --- CPU adjustments -------------------------------------------------------------------------
 
 def _is_cuda_device(value) -> bool:

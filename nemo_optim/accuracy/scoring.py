@@ -36,12 +36,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> TokenPair:
     return context_ids, whole[len(context_ids):]
 
 
-def _progress(total: int, description: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, dynamic_ncols=True, disable=not runtime.is_main_process())
-
-
 @torch.no_grad()
 def score_continuations(
     model: torch.nn.Module,
@@ -65,7 +59,7 @@ def score_continuations(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     seconds = 0.0
-    with _progress(len(rows), description) as progress:
+    with runtime.progress(total=len(rows), description=description) as progress:
         for start in range(0, len(order), micro_batch_size):
             batch = [rows[i] for i in order[start : start + micro_batch_size]]
             width = max(len(tokens) for tokens, _ in batch)

@@ -204,7 +204,7 @@ def prune(
             score_batches = rows[num_train_samples:].split(micro_batch_size)
 
             def forward_loop(model):
-                for batch in batches:
+                for batch in runtime.progress(batches, description="importance"):
                     forward_logits(model, batch)
 
             def score_func(model) -> float:

@@ -220,7 +220,8 @@ class Quantizer:
         batches = self.calibration_batches(tokenizer)
 
         def forward_loop(model: torch.nn.Module) -> None:
-            for batch in batches:
+            # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize)
+            for batch in runtime.progress(batches, description="calibration"):
                 forward_logits(model, batch)
 
         return forward_loop
