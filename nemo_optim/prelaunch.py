@@ -9,7 +9,6 @@ says the job runs on this machine (a cluster's paths may not exist here).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from nemo_optim.data.corpus import DataConfig, DataError, load_documents
 

@@ -5,7 +5,6 @@ interrupted distillation resumes; the report has every model and its plots."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import fiddle as fdl
 import nemo_run as run

@@ -12,7 +12,6 @@ import pytest
 
 import launch
 from recipes import llm
-from recipes.executors import EXECUTORS
 from recipes.launching import apply_overrides
 from recipes.naming import parse_recipe_name, recipe_name
 

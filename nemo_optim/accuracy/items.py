@@ -20,11 +20,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Literal
 
+from nemo_optim.data.corpus import jsonl_objects
 from nemo_optim.errors import InputError
 
 PromptStyle = Literal["letters", "cloze"]
@@ -102,18 +102,7 @@ def _mmlu_subject(path: Path) -> str:
 
 def _records(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".jsonl":
-        records = []
-        for row, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _fail(path, row, f"not valid JSON ({error.msg}); each line must be one JSON object.") from None
-            if not isinstance(record, dict):
-                raise _fail(path, row, "not a JSON object.")
-            records.append((row, record))
-        return records
+        return list(jsonl_objects(path, error_at=_fail))
     if path.suffix == ".csv":
         rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
         if rows and rows[0] and rows[0][0].strip().lower() in ("question", "query"):

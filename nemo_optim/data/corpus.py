@@ -117,16 +117,25 @@ def _text_file_documents(path: Path) -> list[str]:
     return [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[str]:
-    documents = []
+def jsonl_objects(path: Path, error_at=lambda path, line, message: DataError(f"{path}:{line}: {message}")):
+    """(line number, object) for every non-empty line of a JSONL file; `error_at(path, line,
+    message)` makes the exception for a line that is not one JSON object."""
     for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg}); each line must be one JSON object.") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise error_at(path, line_number, f"not valid JSON ({error.msg}); each line must be one JSON object.") from None
+        if not isinstance(record, dict):
+            raise error_at(path, line_number, "not a JSON object; each line must be one JSON object.")
+        yield line_number, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[str]:
+    documents = []
+    for line_number, record in jsonl_objects(path):
+        if not isinstance(record.get(text_field), str):
             raise DataError(
                 f"{path}:{line_number}: no string field {text_field!r}; set text_field to the field holding the text."
             )
