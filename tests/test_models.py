@@ -89,7 +89,8 @@ def test_missing_paths_and_hub_ids_are_refused(tmp_path):
 def test_missing_weights_is_one_clear_error(tiny_hf_models, tmp_path, runtime_single):
     bad = tmp_path / "no_weights"
     bad.mkdir()
-    shutil.copy(tiny_hf_models["llama"] / "config.json", bad)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_hf_models["llama"] / name, bad)
     with pytest.raises(ModelSourceError, match="no \\*.safetensors weights"):
         load_model(bad)
 
