@@ -8,10 +8,11 @@ import pytest
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.errors import OutputExistsError
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.finetune import finetune
 from nemo_optim.models.loader import load_model, load_tokenizer
-from nemo_optim.training import TrainingConfig, TrainingConfigError
+from nemo_optim.training import TrainingConfig
 
 
 def test_finetune_lowers_held_out_perplexity_and_saves_a_checkpoint(tiny_hf_models, tmp_path):
@@ -31,10 +32,10 @@ def test_finetune_lowers_held_out_perplexity_and_saves_a_checkpoint(tiny_hf_mode
     assert checkpoint.read_checkpoint_info(tmp_path / "out").manifest["producer"]["stage"] == "finetune"
     assert (tmp_path / "out_run" / "metrics.jsonl").is_file()
 
-    with pytest.raises(TrainingConfigError, match="output_path=.* exists; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match="output_path=.* exists; pass overwrite=True"):
         finetune(model_path=str(model_path), output_path=str(tmp_path / "out"), data=data, training=training)
     # an existing HF export is not replaced either (it was before: export_hf renames over it)
-    with pytest.raises(TrainingConfigError, match="hf_export_path=.* exists; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match="hf_export_path=.* exists; pass overwrite=True"):
         finetune(model_path=str(model_path), output_path=str(tmp_path / "other"), hf_export_path=str(tmp_path / "out"),
                  data=data, training=training)
     assert not (tmp_path / "other").exists()
