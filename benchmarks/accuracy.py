@@ -5,7 +5,9 @@ task (`embedded:stdlib-cloze`: pick the true next sentence of held-out Python do
 The reference is the Q4_1 GGUF of SmolLM2 dequantized to fp32 (its decoder linears already carry
 4-bit rounding). Rows:
   - PTQ FP8 / INT8-SmoothQuant / INT4-AWQ: nemo-optim's SmolLM2 CPU recipes with 16 calibration
-    sequences (experiments/smollm2_ptq_formats.py's settings), run here;
+    sequences (experiments/smollm2_ptq_formats.py's settings) and ModelOpt's preset calibration
+    (max / SmoothQuant / AWQ-lite, what NeMo 2 ran; no GPTQ-lite or auto_quantize search, which take
+    ~20 min per format on 2 cores), run here;
   - INT4 PTQ (block 32, GPTQ-lite) and INT4 PTQ + QAD: `python -m experiments.qad_smollm2`'s outputs;
   - teacher corrected, pruned (30 -> 18 layers), distilled, distilled + FP8: `make run`'s outputs
     (experiments/compress_smollm2.py).
@@ -13,7 +15,7 @@ A row whose experiment has not run is left out (the note says so); a row whose e
 an evaluation with this task and item count is read from it, not recomputed.
 
     .venv/bin/python -m benchmarks.accuracy                     # ~25 min on 2 cores after the experiments
-    .venv/bin/python -m benchmarks.accuracy --items 16 --rows original "PTQ FP8"   # smoke
+    .venv/bin/python -m benchmarks.accuracy --items 16 --rows original "PTQ FP8 (preset)"   # smoke
 Writes benchmarks/results/accuracy.json and accuracy.md.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import json
 import math
 import tempfile
@@ -31,13 +34,14 @@ import fiddle as fdl
 from benchmarks.common import write_results
 from nemo_optim import runtime
 from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 TASK = "embedded:stdlib-cloze"
-PTQ_RECIPES = {"PTQ FP8": smollm2_135m_ptq_fp8_cpu, "PTQ INT8-SQ": smollm2_135m_ptq_int8_sq_cpu,
-               "PTQ INT4-AWQ": smollm2_135m_ptq_int4_awq_cpu}
+PTQ_RECIPES = {"PTQ FP8 (preset)": smollm2_135m_ptq_fp8_cpu, "PTQ INT8-SQ (preset)": smollm2_135m_ptq_int8_sq_cpu,
+               "PTQ INT4-AWQ (preset)": smollm2_135m_ptq_int4_awq_cpu}
 # row -> (experiment work dir argument, model path inside it, its evaluation JSON inside it)
 EXPERIMENT_ROWS = {
     "INT4 PTQ (block 32)": ("qad_dir", "ptq_int4_native", "evaluations/evaluate_int4_ptq.json"),
@@ -53,9 +57,11 @@ ROWS = ["original", *PTQ_RECIPES, *EXPERIMENT_ROWS]
 def _quantize(row: str, work: Path) -> Path:
     """Runs the row's PTQ recipe into `work`; returns its native checkpoint (reused if there)."""
     recipe = PTQ_RECIPES[row]()
-    export = work / row.lower().replace(" ", "_")
+    export = work / re.sub(r"[^a-z0-9]+", "_", row.lower()).strip("_")
     recipe.model_path, recipe.export_config.path = MODEL, str(export)
     recipe.quantization_config.calibration_dataset_size = 16
+    recipe.quantization_config.calibration_algorithm = "preset"
+    recipe.quantization_config.auto_quantize_bits = None
     native = Path(f"{export}_native")  # ptq saves the calibrated model beside its export
     if not native.is_dir():
         fdl.build(recipe)()

@@ -38,12 +38,13 @@ from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.finetune import finetune
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.pruning.prune import prune
 from nemo_optim.training import TrainingConfig
 
-TEACHER = "smollm2-135m-instruct"
+TEACHER = SMOLLM2
 
 
 def _evaluate(model_path, teacher, held_out) -> dict:

@@ -22,10 +22,11 @@ from nemo_optim.data.packing import packed_sequences
 from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.model import DistillationLossReduction, build_distillation_model, teacher_provider
 from nemo_optim.models.forward import make_batch, run_schedule
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.training import lm_loss_reduction
 
-TEACHER = "smollm2-135m-instruct"
+TEACHER = SMOLLM2
 
 
 def _timed(fn, repeats: int) -> float:

@@ -28,9 +28,10 @@ from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 LINEAR_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 

@@ -22,11 +22,12 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.pruning.prune import prune_language_model
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 ROWS = {
     "depth 20, Minitron importance": PruningConfig(target_num_layers=20),
     "depth 20, drop last 10 layers": PruningConfig(drop_layers=list(range(21, 31))),

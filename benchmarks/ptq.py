@@ -29,11 +29,12 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import QuantizationConfig
 from nemo_optim.quantization.quantizer import Quantizer, summarize
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 
 # row name -> ("raw", ModelOpt preset) or ("recipe", QuantizationConfig overrides)
 ROWS: dict[str, tuple[str, object]] = {

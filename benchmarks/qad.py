@@ -30,12 +30,13 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.config import load_distillation_config
 from nemo_optim.distillation.distill import distill
 from nemo_optim.evaluation import evaluate_model
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
 from nemo_optim.quantization.ptq import ptq
 from nemo_optim.training import TrainingConfig
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 # format -> (QuantizationConfig overrides, export format); the PTQ rows of benchmarks/ptq.py
 FORMATS = {
     "int4 block 32": ({"algorithm": "int4", "awq_block_size": 32}, "trtllm"),

@@ -22,13 +22,14 @@ import torch
 
 from benchmarks.common import write_results
 from nemo_optim.data.corpus import DataConfig
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.speculative.config import SpeculativeConfig
 from nemo_optim.speculative.data import SelfDistillationConfig
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
 from nemo_optim.speculative.speculative import speculative
 from nemo_optim.training import TrainingConfig
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SMOLLM2
 DRAFT_LENGTHS = [1, 2, 3, 4, 5]
 # EAGLE-3: one draft decoder layer on three base layers' hidden states; its LM head predicts the
 # 8192 most frequent tokens of the training text (a sixth of the base head's cost per draft)

@@ -23,6 +23,7 @@ import fiddle as fdl
 import nemo_run as run
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pipeline import run_stage
 from nemo_optim.report import report
 from recipes.convert import evaluate_recipe, export_recipe
@@ -32,8 +33,6 @@ from recipes.finetune import finetune_recipe
 from recipes.launching import task_error_line, use_this_python, wait_for_terminal_states
 from recipes.prune import prune_recipe
 from recipes.ptq import ptq_recipe
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 def stage_task(recipe: run.Partial, name: str, output: str, work_dir: str, inputs: list) -> run.Partial:

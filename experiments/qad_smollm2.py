@@ -17,11 +17,10 @@ from pathlib import Path
 import nemo_run as run
 
 from experiments.compress_smollm2 import evaluation_tasks, experiment_main, stage_task
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.report import report
 from recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
 from recipes.ptq import smollm2_135m_ptq_int4_cpu
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 def qad_tasks(

@@ -7,8 +7,8 @@ from nemo_optim.accuracy.multiple_choice import AccuracyConfig
 from nemo_optim.convert import export_ckpt, import_ckpt
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.evaluation import EvaluationConfig, evaluate
+from nemo_optim.models.hf import SMOLLM2
 
-SMOLLM2 = "smollm2-135m-instruct"
 EMBEDDED_TASK = "embedded:stdlib-cloze"
 
 

@@ -8,9 +8,9 @@ from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.distill import distill
+from nemo_optim.models.hf import SMOLLM2
 from recipes.finetune import training_config
 
-SMOLLM2 = "smollm2-135m-instruct"
 # QAD of SmolLM2 INT4 on CPU (benchmarks/results/qad.md)
 QAD_STEPS, QAD_LR = 60, 1e-3
 

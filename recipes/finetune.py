@@ -9,9 +9,8 @@ import nemo_run as run
 
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.finetune import finetune
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.training import TrainingConfig
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 def training_config(max_steps: int, global_batch_size: int, micro_batch_size: int, lr: float, min_lr: float,

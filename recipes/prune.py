@@ -5,10 +5,9 @@ from typing import Optional
 import nemo_run as run
 
 from nemo_optim.data.corpus import DataConfig
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.pruning.prune import prune
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 @run.cli.factory(target=prune)

@@ -4,10 +4,9 @@ from typing import Optional
 
 import nemo_run as run
 
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
 from nemo_optim.quantization.ptq import ptq
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 @run.cli.factory(target=ptq)

