@@ -12,8 +12,9 @@ nemo/lightning/io/pl.py: MegatronCheckpointIO saves the weights with megatron di
 
 model.yaml is read with `yaml.safe_load` as plain data: nothing from the checkpoint is unpickled
 or executed. Its `_target_` names are checked against a list, never imported. NeMo 2 saves
-Transformer Engine layer names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`)
-even for local layers; they are mapped to megatron's local spec here.
+Transformer Engine layer names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`);
+megatron's local spec already saves and loads its norms under those names (its
+`sharded_state_dict_keys_map`), so only NeMo's `module.` prefix differs.
 """
 
 from __future__ import annotations
@@ -183,33 +184,14 @@ def _special_token_ids(tokenizer_dir: Path) -> dict:
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
-# megatron local layer name -> the Transformer Engine name NeMo 2 saves (fused norms)
-_LOCAL_TO_NEMO = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-}
+# NeMo 2's MegatronStrategy wraps the model: every key starts with `module.`
 PREFIX = "module."
-
-
-def nemo2_key(key: str) -> str:
-    """A key of nemo-optim's (local spec) sharded state dict -> the key NeMo 2 saves it under."""
-    for local, nemo in _LOCAL_TO_NEMO.items():
-        if key.endswith("." + local):
-            key = key[: -len(local)] + nemo
-    return PREFIX + key
 
 
 def nemo2_sharded_state_dict(model: torch.nn.Module) -> dict:
     """This rank's sharded state dict under NeMo 2's keys (no `_extra_state`: NeMo 2's are TE's)."""
-    sharded = {}
-    for name, item in model.sharded_state_dict().items():
-        if name.endswith("_extra_state"):
-            continue
-        item.key = nemo2_key(item.key)
-        sharded[name] = item
-    return sharded
+    return {name: item for name, item in model.sharded_state_dict(prefix=PREFIX).items()
+            if not name.endswith("_extra_state")}
 
 
 def load_nemo2_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
@@ -225,7 +207,7 @@ def load_nemo2_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Mod
             f"{weights}: the weights do not fit the model described by context/model.yaml "
             f"({type(error).__name__}: {str(error).splitlines()[0][:300]}).") from None
     # the common part of the checkpoint (Lightning's epoch, loops, ...) comes back too
-    state_dict = {name: value for name, value in loaded.items() if name in sharded}
+    state_dict = {name.removeprefix(PREFIX): value for name, value in loaded.items() if name in sharded}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
