@@ -180,7 +180,11 @@ def main() -> None:
         args.tiny = str(work / "tiny")
         if not (work / "tiny" / "config.json").is_file():
             make_tiny_hf_model("llama", work / "tiny", train_tiny_tokenizer())
-    wide = str(_wide_model(work / "wide"))
+    # made in a child: Linux keeps a process's peak RSS across fork + exec, so a parent that held this
+    # model would set a floor under every measured child's peak
+    subprocess.run([sys.executable, "-c", f"from benchmarks.cost_curves import _wide_model; "
+                    f"from pathlib import Path; _wide_model(Path({str(work / 'wide')!r}))"], check=True)
+    wide = str(work / "wide")
     ptq_samples = [dict(_run(args, f"ptq:{SMOLLM2}:{n}"), model="SmolLM2") for n in SAMPLES]
     ptq_sizes = [dict(_run(args, f"ptq:{path}:16"), model=label)
                  for label, path in (("tiny Llama", args.tiny), ("SmolLM2", SMOLLM2), ("SmolLM2 x2 width (random)", wide))]

@@ -141,11 +141,12 @@ def main() -> None:
         return
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="kd-vs-plain-")
     if args.student_hf is None:
-        from nemo_optim.convert import export_ckpt
-
         args.student_hf = str(Path(args.work_dir) / "student_hf")
         if not Path(args.student_hf).is_dir():
-            export_ckpt(path=args.student, output_path=args.student_hf, dtype="float32")
+            # in a child: Linux keeps a process's peak RSS across fork + exec, so the parent stays small
+            subprocess.run([sys.executable, "-c", "from nemo_optim.convert import export_ckpt; "
+                            f"export_ckpt(path={args.student!r}, output_path={args.student_hf!r}, dtype='float32')"],
+                           check=True)
     results = {side: _side(args, side) for side in ("nemo_optim", "plain")}
     tokens = args.micro_batch * args.micro_batches * args.seq_length
     rows = []
