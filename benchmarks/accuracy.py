@@ -33,7 +33,7 @@ import fiddle as fdl
 
 from benchmarks.common import write_results
 from nemo_optim import runtime
-from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice
+from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice, task_items
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
@@ -80,7 +80,7 @@ def _stored_accuracy(evaluation: Path, items: int | None) -> dict | None:
 def _paired(reference: dict, result: dict) -> dict:
     """Items the reference got right and this model wrong, and the reverse (acc_norm picks),
     with the sign test's two-sided p-value for 'no difference'."""
-    answers_ref = [p for p in reference["predictions_norm"]]
+    answers_ref = reference["predictions_norm"]
     truth = reference["answers"]
     lost = sum(r == t != p for r, p, t in zip(answers_ref, result["predictions_norm"], truth))
     won = sum(p == t != r for r, p, t in zip(answers_ref, result["predictions_norm"], truth))
@@ -130,8 +130,6 @@ def main() -> None:
                                               max_length=loaded.config.max_position_embeddings)
             results[row] = result.to_dict()
             print(row, result.accuracy, result.accuracy_norm, flush=True)
-
-    from nemo_optim.accuracy.multiple_choice import task_items
 
     answers = [item.answer for item in task_items(config)[0]]
     reference = dict(results["original"], answers=answers)
