@@ -13,14 +13,11 @@ Writes benchmarks/results/fp8_rounding.json and fp8_rounding.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import modelopt.torch.quantization as mtq
 import torch
-from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.nn import TensorQuantizer
 
 from benchmarks.common import write_results
@@ -30,14 +27,14 @@ from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.quantization.modelopt_config import preset_quantizer
 
 MODEL = SMOLLM2
 LINEAR_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 def per_token_fp8_quantizer() -> TensorQuantizer:
-    attributes = copy.deepcopy(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG["quant_cfg"]["*input_quantizer"])
-    return TensorQuantizer(QuantizerAttributeConfig(**attributes))
+    return preset_quantizer("FP8_PER_CHANNEL_PER_TOKEN_CFG")
 
 
 def relative_error(quantizer: TensorQuantizer, x: torch.Tensor) -> float:

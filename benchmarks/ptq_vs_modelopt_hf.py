@@ -6,14 +6,17 @@ Both sides: SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) on CPU, th
 rows (nemo-optim's: 16 x 256 tokens of pydoc text, calibration split), ModelOpt's preset
 calibration (max / SmoothQuant / AWQ-lite: what hf_ptq.py runs; nemo-optim's tuned GPTQ-lite default
 is off here), INT4-AWQ at block 64 on both (SmolLM2's 576-wide layers do not take ModelOpt's 128).
-Wall time: loading the model to the end of the export, each side in its own process; peak RSS of
-that phase (evaluation comes after and is not counted; ModelOpt's HF exporter compresses weights in
-place, so its quality is measured in another process that quantizes the same way again). nemo-optim's wall time also saves its native
-checkpoint. Quality on held-out text of another domain (16 x 256 tokens of standard-library
-docstrings), against each side's own fp32 model (megatron's and transformers' fp32 logits agree
+Time: "load->export" from loading the model to the end of the export, libraries imported before
+the clock starts on both sides; "command" the whole process (interpreter start, imports, tokenizing
+the calibration rows, load, calibrate, export, exit), what a user waits for. Each side runs in its own
+process; the two sides alternate, 3 runs each, medians reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
+compresses weights in place, so that side quantizes the same way again). nemo-optim also saves its
+native checkpoint (the exports are made from it if an export fails). FP8 is measured again with
+128 calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of
+another domain (16 x 256 tokens of standard-library docstrings), against each side's own fp32 model (megatron's and transformers' fp32 logits agree
 to ~1e-5): perplexity, KL, top-1 agreement.
 
-    .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf                  # ~15 min on 2 cores
+    .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf                  # ~35 min on 2 cores
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf --formats fp8    # one format
 Writes benchmarks/results/ptq_vs_modelopt_hf.json and .md.
 """
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,17 +43,23 @@ from nemo_optim.models.hf import SMOLLM2
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG"}
 AWQ_BLOCK = 64
 CALIBRATION_SEQUENCES, EVAL_SEQUENCES, SEQ_LENGTH = 16, 16, 256
+LONG_CALIBRATION = "fp8@128"  # one format again with 8x the calibration rows: fixed costs vs per-row costs
+
+
+def _parse(point: str) -> tuple[str, int]:
+    fmt, _, sequences = point.partition("@")
+    return fmt, int(sequences or CALIBRATION_SEQUENCES)
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _quantization_config(fmt: str):
+def _quantization_config(fmt: str, sequences: int = CALIBRATION_SEQUENCES):
     from nemo_optim.quantization.config import QuantizationConfig
 
     return QuantizationConfig(algorithm=fmt, calibration_algorithm="preset", awq_block_size=AWQ_BLOCK,
-                              calibration_dataset_size=CALIBRATION_SEQUENCES, calibration_seq_len=SEQ_LENGTH)
+                              calibration_dataset_size=sequences, calibration_seq_len=SEQ_LENGTH)
 
 
 def _held_out(tokenizer) -> torch.Tensor:
@@ -72,30 +82,41 @@ def _metrics(pairs) -> dict:
     return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1_agreement": agree / count}
 
 
-def run_nemo_optim(fmt: str, work: Path) -> dict:
-    from nemo_optim import runtime
-    from nemo_optim.models.forward import forward_logits
-    from nemo_optim.models.loader import load_model, load_tokenizer
+def run_nemo_optim(point: str, work: Path) -> dict:
+    import megatron.core  # noqa: F401 - imported before the clock starts, as the HF side's imports
+    import modelopt.torch.export  # noqa: F401
+    import modelopt.torch.quantization  # noqa: F401
+    import transformers  # noqa: F401
+
     from nemo_optim.quantization.config import ExportConfig
     from nemo_optim.quantization.ptq import ptq
 
+    fmt, sequences = _parse(point)
     export_format = "hf" if fmt == "fp8" else "trtllm"  # the megatron HF exporter has no INT8 / INT4-AWQ
     began = time.perf_counter()
-    ptq(model_path=SMOLLM2, quantization_config=_quantization_config(fmt), overwrite=True, model_dtype="float32",
-        export_config=ExportConfig(path=str(work / f"nemo_{fmt}"), export_format=export_format, dtype="fp16"))
-    result = {"wall_seconds": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(), "export": export_format}
+    ptq(model_path=SMOLLM2, quantization_config=_quantization_config(fmt, sequences), overwrite=True,
+        model_dtype="float32", export_config=ExportConfig(path=str(work / f"nemo_{point}"), export_format=export_format, dtype="fp16"))
+    return {"wall_seconds": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(), "export": export_format}
+
+
+def evaluate_nemo_optim(point: str, work: Path) -> dict:
+    from nemo_optim import runtime
+    from nemo_optim.models.forward import forward_logits
+    from nemo_optim.models.loader import load_model, load_tokenizer
+
     with runtime.parallel_runtime():
-        quantized, reference = load_model(work / f"nemo_{fmt}_native").model, load_model(SMOLLM2)
+        quantized, reference = load_model(work / f"nemo_{point}_native").model, load_model(SMOLLM2)
         rows = _held_out(load_tokenizer(reference.hf_dir))
         pairs = ((forward_logits(quantized, batch), forward_logits(reference.model, batch), batch[:, 1:])
                  for batch in rows.split(4))
-        result |= _metrics(pairs)
-    return result
+        return _metrics(pairs)
 
 
-def run_modelopt_hf(fmt: str, work: Path, evaluate: bool = False) -> dict:
+def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
     """Quantize + export (timed), or, with `evaluate`, quantize again and measure quality: the HF
-    exporter compresses the weights in place, so the exported model cannot be evaluated."""
+    exporter compresses the weights in place, so the exported model cannot be evaluated. The
+    evaluated model first gets what the exporter does to it before writing: layers that share an
+    input (q/k/v, gate/up) re-smoothed and re-quantized to one input scale."""
     import copy
 
     import modelopt.torch.quantization as mtq
@@ -108,7 +129,8 @@ def run_modelopt_hf(fmt: str, work: Path, evaluate: bool = False) -> dict:
 
     hf_dir = gguf_to_hf(resolve_source(SMOLLM2).path)
     tokenizer = load_tokenizer(hf_dir)
-    batches = Quantizer(_quantization_config(fmt)).calibration_batches(tokenizer)
+    fmt, sequences = _parse(point)
+    batches = Quantizer(_quantization_config(fmt, sequences)).calibration_batches(tokenizer)
     began = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     config = copy.deepcopy(getattr(mtq, FORMATS[fmt]))
@@ -122,6 +144,9 @@ def run_modelopt_hf(fmt: str, work: Path, evaluate: bool = False) -> dict:
 
     mtq.quantize(model, config, forward_loop)
     if evaluate:
+        from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+        requantize_resmooth_fused_llm_layers(model)
         reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             pairs = ((model(batch[:, :-1]).logits, reference(batch[:, :-1]).logits, batch[:, 1:])
@@ -130,7 +155,7 @@ def run_modelopt_hf(fmt: str, work: Path, evaluate: bool = False) -> dict:
     export = "hf"
     try:
         with torch.no_grad():
-            export_hf_checkpoint(model, export_dir=str(work / f"modelopt_{fmt}"))
+            export_hf_checkpoint(model, export_dir=str(work / f"modelopt_{point}"))
     except Exception as error:  # noqa: BLE001 - report what ModelOpt's exporter says, keep measuring
         export = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return {"wall_seconds": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(), "export": export}
@@ -139,39 +164,66 @@ def run_modelopt_hf(fmt: str, work: Path, evaluate: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--long-calibration", default=LONG_CALIBRATION,
+                        help="FORMAT@ROWS measured again with more calibration rows ('' for none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (the median is reported)")
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    if args.side:  # one (side, format), in its own process
-        side, fmt = args.side.split(":")
+    if args.side:  # one (side, point), in its own process
+        side, point = args.side.split(":")
         work = Path(args.work_dir)
         if side == "nemo_optim":
-            result = run_nemo_optim(fmt, work)
+            result = run_nemo_optim(point, work)
+        elif side == "nemo_optim_eval":
+            result = evaluate_nemo_optim(point, work)
         else:
-            result = run_modelopt_hf(fmt, work, evaluate=side == "modelopt_hf_eval")
-        (work / f"{side}_{fmt}.json").write_text(json.dumps(result))
+            result = run_modelopt_hf(point, work, evaluate=side == "modelopt_hf_eval")
+        Path(args.result).write_text(json.dumps(result))
         return
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ptq-vs-hf-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    def measured(side: str, point: str, run: int = 0) -> dict:
+        result_file = work / f"{side}_{point}_{run}.json"
+        if not result_file.is_file():
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "benchmarks.ptq_vs_modelopt_hf", "--side", f"{side}:{point}",
+                            "--work-dir", str(work), "--result", str(result_file)], check=True)
+            process_seconds = time.perf_counter() - began  # interpreter start, imports, work, exit
+            result_file.write_text(json.dumps(json.loads(result_file.read_text()) | {"process_seconds": process_seconds}))
+        return json.loads(result_file.read_text())
+
     rows = []
-    for fmt in args.formats:
+    points = [f"{fmt}@{CALIBRATION_SEQUENCES}" for fmt in args.formats]
+    points += [args.long_calibration] if args.long_calibration else []
+    for point in points:
+        runs = {"nemo_optim": [], "modelopt_hf": []}
+        for run in range(args.repeats):  # the sides alternate, so a slow spell of the machine hits both
+            for side in runs:
+                runs[side].append(measured(side, point, run))
         results = {}
-        for side in ("nemo_optim", "modelopt_hf", "modelopt_hf_eval"):
-            if not (work / f"{side}_{fmt}.json").is_file():
-                subprocess.run([sys.executable, "-m", "benchmarks.ptq_vs_modelopt_hf", "--side", f"{side}:{fmt}",
-                                "--work-dir", str(work)], check=True)
-            results[side] = json.loads((work / f"{side}_{fmt}.json").read_text())
-        results["modelopt_hf"] |= results.pop("modelopt_hf_eval")
+        for side, side_runs in runs.items():
+            results[side] = side_runs[0] | {key: statistics.median(r[key] for r in side_runs)
+                                            for key in ("wall_seconds", "process_seconds", "peak_rss_gib")}
+            results[side]["runs"] = len(side_runs)
+            evaluation = measured(f"{side}_eval", point)
+            results[side] |= {k: v for k, v in evaluation.items() if k != "process_seconds"}
+        fmt, sequences = _parse(point)
+        hf_side = results["modelopt_hf"]
         for side, label in (("nemo_optim", "nemo-optim ptq"), ("modelopt_hf", "ModelOpt HF path")):
-            rows.append({"format": fmt, "row": label, **results[side],
-                         "wall_vs_hf": results[side]["wall_seconds"] / results["modelopt_hf"]["wall_seconds"]})
+            rows.append({"format": fmt, "calibration_sequences": sequences, "row": label, **results[side],
+                         "wall_vs_hf": results[side]["wall_seconds"] / hf_side["wall_seconds"],
+                         "process_vs_hf": results[side]["process_seconds"] / hf_side["process_seconds"]})
         print(rows[-2:], flush=True)
     notes = (f"{torch.get_num_threads()} threads. " + " ".join(__doc__.split("\n\n")[1].split()) + " " + args.note).strip()
     write_results("ptq_vs_modelopt_hf", rows, [
-        ("format", "format"), ("row", "path"), ("perplexity", "ppl"), ("kl", "KL"), ("top1_agreement", "top-1"),
-        ("wall_seconds", "wall s"), ("wall_vs_hf", "wall vs HF path"), ("peak_rss_gib", "peak RSS (GiB)"),
+        ("format", "format"), ("calibration_sequences", "calib. rows"), ("row", "path"), ("perplexity", "ppl"), ("kl", "KL"), ("top1_agreement", "top-1"),
+        ("wall_seconds", "load->export s"), ("wall_vs_hf", "vs HF path"), ("process_seconds", "command s"),
+        ("process_vs_hf", "command vs HF path"), ("peak_rss_gib", "peak RSS (GiB)"),
         ("export", "export"),
     ], notes, args.out, extra={"args": {k: str(v) for k, v in vars(args).items()}})
 

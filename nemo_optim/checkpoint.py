@@ -156,6 +156,20 @@ def copy_hf_metadata(source_hf_dir: Path, target: Path) -> None:
             shutil.copy2(source_hf_dir / name, target / name)
 
 
+def fork_writer_results_queue() -> None:
+    """megatron's dist-checkpoint writer collects its workers' results through a Manager queue it
+    starts with the 'spawn' method: a fresh interpreter that re-imports the entry script, torch and
+    megatron (~5 s on CPU, once per process). A Manager forked from this process serves the same
+    queue without the re-import (megatron forks its writer workers from here too). Skipped if a
+    megatron version no longer has that module-level queue."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", ...) is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     model_config: GPTModelConfig,
@@ -173,6 +187,7 @@ def save_checkpoint(
         if runtime.is_main_process():
             weights.mkdir()
         runtime.barrier()
+        fork_writer_results_queue()
         dist_checkpointing.save(model.sharded_state_dict(), str(weights))
         save_sharded_modelopt_state([model], str(weights))
         if runtime.is_main_process():

@@ -1,4 +1,4 @@
-"""Import a model into a native checkpoint, and export a native checkpoint to HF.
+"""Import a model into a native checkpoint, and export a model to HF or to a NeMo 2 checkpoint.
 
 Steps of `import_ckpt`:
   1. resolve the source (HF directory, GGUF file, embedded model name, native checkpoint),
@@ -151,21 +151,48 @@ def import_ckpt(
     return report
 
 
+EXPORT_TARGETS = ("hf", "nemo2")
+
+
+def check_export_arguments(*, target: str = "hf", dtype: str = "bfloat16", **_) -> None:
+    """Pre-launch (and at the start): the export target and dtype are known."""
+    if target not in EXPORT_TARGETS:
+        raise InputError(f"target={target!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+
+
 @one_line_input_errors
 def export_ckpt(
     *,
     path: str,
     output_path: str,
+    target: str = "hf",
     dtype: str = "bfloat16",
     overwrite: bool = False,
     parallel: Optional[runtime.ParallelConfig] = None,
 ) -> Path:
-    """Stage entry: export the native checkpoint at `path` to an HF directory."""
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    """Stage entry (NeMo 2's `llm.export_ckpt` arguments): export the model at `path` (native
+    checkpoint, NeMo 2 checkpoint, HF directory, GGUF) as `target`: "hf" (an HF directory) or
+    "nemo2" (a NeMo 2 checkpoint directory that NeMo 2 containers load: pruned and distilled
+    students included)."""
+    check_export_arguments(target=target, dtype=dtype)
     refuse_existing_outputs([("output_path", output_path)], overwrite)
     with runtime.parallel_runtime(parallel):
         loaded = load_model(path)
-        export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])
-    runtime.print0(f"HF export: {output_path}")
+        if target == "hf":
+            export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])
+        else:
+            from nemo_optim.models.nemo2 import write_nemo2_checkpoint
+            from nemo_optim.quantization.ptq import is_quantized
+
+            if is_quantized(loaded.model):
+                raise InputError(f"path={path!r} is quantized: target='nemo2' writes unquantized models (NeMo 2 "
+                                 f"deploys quantized ones through TensorRT-LLM); export it with `ptq` instead.")
+            model = loaded.model.to(DTYPES[dtype])
+            write_nemo2_checkpoint(model, dataclasses.replace(loaded.config, dtype=dtype), output_path, loaded.hf_dir)
+    runtime.print0(f"{target} export: {output_path}")
     return Path(output_path)
+
+
+export_ckpt.check_arguments = check_export_arguments

@@ -103,7 +103,7 @@ def evaluate_model(
         reference.eval()
     loss_sum = ref_loss_sum = kl_sum = agree = count = 0.0
     seconds = 0.0
-    for start in range(0, len(tokens), micro_batch_size):
+    for start in runtime.progress(range(0, len(tokens), micro_batch_size), description="evaluation"):
         batch = tokens[start : start + micro_batch_size]
         labels = batch[:, 1:].to(runtime.device())
         began = time.perf_counter()
@@ -139,9 +139,9 @@ def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
     return packed_sequences(config.data, config.split, tokenizer, config.num_sequences)
 
 
-def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
     """Pre-launch: the evaluation text and the task's items file are readable and valid."""
-    check_data_source("evaluation.data.source", evaluation.data if evaluation else None, target)
+    check_data_source("evaluation.data.source", evaluation.data if evaluation else None, launch_target)
     if evaluation is not None and evaluation.accuracy is not None:
         task_items(evaluation.accuracy)
     if evaluation is not None and evaluation.lm_eval is not None:

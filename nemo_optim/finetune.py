@@ -23,9 +23,9 @@ from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.training import TrainingConfig, TrainingConfigError, TrainingResult, default_run_dir, lm_loss_reduction, train
 
 
-def check_arguments(*, data: Optional[DataConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+def check_arguments(*, data: Optional[DataConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
     """Pre-launch: a training text file that is missing or malformed."""
-    check_data_source("data.source", data, target)
+    check_data_source("data.source", data, launch_target)
 
 
 @one_line_input_errors

@@ -1,8 +1,8 @@
 """Checks a launcher runs before it submits a stage, so a bad setting fails in seconds instead of
 after a wait in a Slurm queue.
 
-Each stage entry carries `check_arguments(*, target: LaunchTarget | None = None, **arguments)`
-(the stage's own keyword arguments): it loads no model, and reads files only where `target`
+Each stage entry carries `check_arguments(*, launch_target: LaunchTarget | None = None, **arguments)`
+(the stage's own keyword arguments): it loads no model, and reads files only where `launch_target`
 says the job runs on this machine (a cluster's paths may not exist here).
 """
 

@@ -128,6 +128,7 @@ def _is_cuda_device(value) -> bool:
 
 
 _GATHER_INTO_TENSOR = ("all_gather_into_tensor", "all_gather_single")
+_SPECIAL_FUNCTIONS: dict = {}  # torch function -> whether _CudaToCpuMode must look at its positional arguments
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -140,6 +141,15 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # every torch call of the process passes here: the common case (no keyword arguments, a
+        # function that never takes a device positionally) returns at once
+        special = _SPECIAL_FUNCTIONS.get(func)
+        if special is None:
+            special = _SPECIAL_FUNCTIONS[func] = (func in (torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.to,
+                                                           torch.Tensor.new_empty)
+                                                  or getattr(func, "__name__", "") in _GATHER_INTO_TENSOR)
+        if not special and not kwargs:
+            return func(*args)
         kwargs = dict(kwargs or {})
         if getattr(func, "__name__", "") in _GATHER_INTO_TENSOR and len(args) >= 2 and args[1].dim() == 0:
             # NCCL gathers 0-dim tensors into a 1-D output; gloo wants matching chunk shapes

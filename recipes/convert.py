@@ -44,8 +44,10 @@ def smollm2_135m_import_cpu() -> run.Partial[import_ckpt]:
 
 
 @run.cli.factory(target=export_ckpt)
-def export_recipe(path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf") -> run.Partial[export_ckpt]:
-    return run.Partial(export_ckpt, path=path, output_path=output_path, dtype="bfloat16")
+def export_recipe(path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf",
+                  target: str = "hf") -> run.Partial[export_ckpt]:
+    """`target`: "hf" or "nemo2" (a NeMo 2 checkpoint directory)."""
+    return run.Partial(export_ckpt, path=path, output_path=output_path, target=target, dtype="bfloat16")
 
 
 @run.cli.factory(target=evaluate)

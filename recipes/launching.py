@@ -190,7 +190,7 @@ def validate(partial: run.Partial, target: LaunchTarget | None = None) -> None:
         raise OverrideError(existing)
     check = getattr(built.func, "check_arguments", None)
     if check is not None:
-        check(**built.keywords, target=target)
+        check(**built.keywords, launch_target=target)
 
 
 # the last line of a Python traceback, as torchrun / NeMo-Run prefix it in a task's log

@@ -134,6 +134,6 @@ def test_launch_target_reads_where_and_with_what_a_job_runs():
     # a Slurm job without GPUs is refused an NVFP4 calibration before it queues
     with pytest.raises(QuantizationConfigError, match="needs a CUDA GPU .* the executor gives the job none"):
         ptq.check_arguments(quantization_config=QuantizationConfig(algorithm="nvfp4"), export_config=ExportConfig(),
-                            target=LaunchTarget(local=False, gpus=0))
+                            launch_target=LaunchTarget(local=False, gpus=0))
     ptq.check_arguments(quantization_config=QuantizationConfig(algorithm="nvfp4"), export_config=ExportConfig(),
-                        target=launch_target(remote))
+                        launch_target=launch_target(remote))

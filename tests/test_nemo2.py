@@ -147,3 +147,130 @@ def test_nemo2_itself_writes_a_checkpoint_that_nemo_optim_loads(tiny_hf_models, 
     with runtime.parallel_runtime():
         logits = forward_logits(load_model(tmp_path / "nemo2").model, tokens)
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+# ---- out: nemo-optim -> NeMo 2 checkpoint directory ----
+
+def test_fiddle_json_is_what_fiddle_itself_writes_and_builds():
+    """nemo_optim.models.fiddle_json writes io.json without fiddle; fiddle (here from nemo_run's
+    dependencies) must read it back to the same objects and write the same document."""
+    import json
+
+    import fiddle as fdl
+    from fiddle._src.experimental import serialization
+
+    from nemo_optim.data.corpus import DataConfig
+    from nemo_optim.evaluation import EvaluationConfig
+    from nemo_optim.models.fiddle_json import Call, ClassRef, serialize
+
+    tree = Call("nemo_optim.evaluation.EvaluationConfig", {
+        "data": Call("nemo_optim.data.corpus.DataConfig", {"source": "embedded:docstrings", "seq_length": 64}),
+        "num_sequences": 3, "micro_batch_size": 1})
+    ours = serialize(tree)
+    built = fdl.build(serialization.load_json(json.dumps(ours)))
+    assert built == EvaluationConfig(data=DataConfig(source="embedded:docstrings", seq_length=64), num_sequences=3,
+                                     micro_batch_size=1)
+    theirs = json.loads(serialization.dump_json(fdl.Config(
+        EvaluationConfig, data=fdl.Config(DataConfig, source="embedded:docstrings", seq_length=64), num_sequences=3,
+        micro_batch_size=1)))
+    assert ours == theirs
+    # class and function references (NeMo's activation_func, params_dtype) are pyrefs
+    assert serialize(Call("nemo_optim.data.corpus.DataConfig", {"source": ClassRef("torch.nn.functional.silu")})) == (
+        json.loads(serialization.dump_json(fdl.Config(DataConfig, source=torch.nn.functional.silu))))
+
+
+@pytest.fixture(scope="module")
+def exported_nemo2(tiny_hf_models, tmp_path_factory) -> Path:
+    """The tiny HF Llama, loaded by nemo-optim and exported as a NeMo 2 checkpoint (fp32)."""
+    from nemo_optim.convert import export_ckpt
+
+    output = tmp_path_factory.mktemp("exported") / "nemo2"
+    export_ckpt(path=str(tiny_hf_models["llama"]), output_path=str(output), target="nemo2", dtype="float32")
+    return output
+
+
+def test_an_exported_nemo2_checkpoint_has_nemo2s_layout_and_loads_back(exported_nemo2, expected):
+    """What NeMo 2.7.3 itself wrote for this model (tests/data/nemo2_tiny_llama) is the reference
+    for every weight key and shape and for each config value written; the loaded-back logits equal
+    transformers' on the source model."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(exported_nemo2 / "weights")).read_metadata().state_dict_metadata
+    assert {k: list(v.size) for k, v in stored.items() if "_extra_state" not in k} == recorded_layout()
+    recorded = yaml.safe_load((REPO / "tests" / "data" / "nemo2_tiny_llama" / "context" / "model.yaml").read_text())
+    written = yaml.safe_load((exported_nemo2 / "context" / "model.yaml").read_text())
+    assert written["_target_"] == recorded["_target_"]
+    assert {k: recorded["tokenizer"][k] for k in written["tokenizer"]} == written["tokenizer"]
+    differing = {k: (v, recorded["config"].get(k)) for k, v in written["config"].items()
+                 if k not in ("params_dtype", "pipeline_dtype") and v != recorded["config"].get(k)}
+    assert not differing
+    io = json.loads((exported_nemo2 / "context" / "io.json").read_text())
+    paths = {path for obj in io["objects"].values() for path in obj.get("paths", [])}
+    assert {"<root>.model", "<root>.model.config", "<root>.model.tokenizer", "<root>.trainer"} <= paths
+    assert (exported_nemo2 / "context" / "nemo_tokenizer" / "tokenizer.json").is_file()
+    assert _logits_difference(exported_nemo2, expected) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_models_round_trip_through_nemo2(arch, tiny_hf_models, tmp_path):
+    from nemo_optim.convert import export_ckpt
+
+    export_ckpt(path=str(tiny_hf_models[arch]), output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
+    written = yaml.safe_load((tmp_path / "nemo2" / "context" / "model.yaml").read_text())
+    assert written["_target_"].endswith(f"{arch}.{arch.capitalize()}Model")
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(2))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_models[arch]).eval()
+    with torch.no_grad():
+        expected = model(tokens[:, :-1]).logits
+    with runtime.parallel_runtime():
+        logits = forward_logits(load_model(tmp_path / "nemo2").model, tokens)
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_exporting_to_nemo2_refuses_quantized_models_and_unknown_targets(tmp_path, capsys):
+    code = launch.main(["export_recipe", "path=smollm2-135m-instruct", f"output_path={tmp_path / 'x'}", "target=onnx",
+                        "--yes"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: export_recipe: target='onnx': choose one of hf, nemo2.")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.nemo2
+@pytest.mark.parametrize("student", ["original", "pruned"])
+def test_nemo2_itself_loads_what_nemo_optim_exports(student, tiny_hf_models, tmp_path):
+    """Round trip: nemo-optim writes a NeMo 2 checkpoint (of the tiny Llama, and of a student
+    pruned in width and depth); NeMo 2 reads it with its own loaders (tests/nemo2/forward_checkpoint.py)
+    and computes the logits nemo-optim computes, with the same tokenizer."""
+    if not NEMO2_PYTHON.is_file():
+        pytest.skip("NeMo 2 is not installed: make nemo2-venv")
+    from nemo_optim.convert import export_ckpt
+    from nemo_optim.data.corpus import DataConfig
+    from nemo_optim.pruning.config import PruningConfig
+    from nemo_optim.pruning.prune import prune
+
+    source = str(tiny_hf_models["llama"])
+    if student == "pruned":
+        source = str(tmp_path / "pruned")
+        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source, num_train_samples=4,
+              pruning_config=PruningConfig(target_ffn_hidden_size=96, target_num_layers=1), data=DataConfig(seq_length=64))
+    export_ckpt(path=source, output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens[:, :-1], tmp_path / "tokens.pt")
+    done = subprocess.run([str(NEMO2_PYTHON), str(REPO / "tests" / "nemo2" / "forward_checkpoint.py"),
+                           str(tmp_path / "nemo2"), str(tmp_path / "tokens.pt"), str(tmp_path / "nemo_logits.pt")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    nemo = torch.load(tmp_path / "nemo_logits.pt")
+    assert (nemo["model_class"], nemo["config_class"]) == ("LlamaModel", "LlamaConfig")
+    with runtime.parallel_runtime():
+        loaded = load_model(source)
+        ours = forward_logits(loaded.model, tokens)
+        tokenizer = load_tokenizer(loaded.hf_dir)
+    assert nemo["logits"].shape == ours.shape
+    difference = (nemo["logits"] - ours).abs().max().item()
+    print(f"NeMo 2 vs nemo-optim logits ({student}): max |diff| {difference:.2e}")
+    assert difference < 1e-4
+    assert nemo["tokenizer_ids"] == tokenizer.encode("The return value is an integer.", add_special_tokens=False)

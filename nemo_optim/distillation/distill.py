@@ -130,7 +130,7 @@ def distill(
 def check_distill_arguments(**arguments) -> None:
     """What can be checked before any model is loaded (launchers call it before submitting)."""
     chosen_distillation_config(arguments.get("distillation_config_path"), arguments.get("distillation_config"))
-    check_data_source("data.source", arguments.get("data"), arguments.get("target"))
+    check_data_source("data.source", arguments.get("data"), arguments.get("launch_target"))
 
 
 distill.check_arguments = check_distill_arguments

@@ -213,3 +213,106 @@ def load_nemo2_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Mod
     if missing or unexpected:
         raise Nemo2CheckpointError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     return model
+
+
+# ---- writing: a nemo-optim model as a NeMo 2 checkpoint directory ----
+
+# HF architecture -> the NeMo 2 model and config classes it is written as (NeMo 2's own HF
+# importers pick the same: nemo/collections/llm/gpt/model/{llama,qwen2,qwen3}.py)
+NEMO2_CLASSES = {
+    "LlamaForCausalLM": ("nemo.collections.llm.gpt.model.llama.LlamaModel",
+                         "nemo.collections.llm.gpt.model.llama.LlamaConfig"),
+    "Qwen2ForCausalLM": ("nemo.collections.llm.gpt.model.qwen2.Qwen2Model",
+                         "nemo.collections.llm.gpt.model.qwen2.Qwen2Config"),
+    "Qwen3ForCausalLM": ("nemo.collections.llm.gpt.model.qwen3.Qwen3Model",
+                         "nemo.collections.llm.gpt.model.qwen3.Qwen3Config"),
+}
+LLAMA31_CONFIG = "nemo.collections.llm.gpt.model.llama.Llama31Config"
+TRAINER_CONTEXT = "nemo.lightning.io.pl.TrainerContext"
+TRAINER = "nemo.lightning.pytorch.trainer.Trainer"
+TOKENIZER_DIR = "nemo_tokenizer"  # where NeMo 2's AutoTokenizer artifact keeps the files, under context/
+IO_JSON = "io.json"
+
+
+def nemo2_context(config: GPTModelConfig):
+    """NeMo 2's TrainerContext for `config` (model config, HF tokenizer artifact, a default
+    trainer), as a fiddle_json tree. Every field that changes the math is written explicitly, so
+    NeMo's class defaults do not matter."""
+    from nemo_optim.models.fiddle_json import Call, ClassRef
+
+    if config.hf_architecture not in NEMO2_CLASSES:
+        raise Nemo2CheckpointError(
+            f"hf_architecture={config.hf_architecture!r} has no NeMo 2 model class here; supported: "
+            f"{', '.join(NEMO2_CLASSES)}.")
+    model_class, config_class = NEMO2_CLASSES[config.hf_architecture]
+    dtype = ClassRef(f"torch.{config.dtype}")
+    arguments = {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups,
+        "kv_channels": config.kv_channels,
+        "vocab_size": config.vocab_size,
+        "seq_length": config.max_position_embeddings,
+        "normalization": config.normalization,
+        "layernorm_epsilon": config.layernorm_epsilon,
+        "rotary_base": config.rotary_base,
+        "share_embeddings_and_output_weights": config.tie_word_embeddings,
+        "add_qkv_bias": config.add_qkv_bias,
+        "qk_layernorm": config.qk_layernorm,
+        "add_bias_linear": False,
+        "gated_linear_unit": True,
+        "activation_func": ClassRef(SILU),
+        "position_embedding_type": "rope",
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": config.dtype == "bfloat16",
+        "fp16": config.dtype == "float16",
+    }
+    if config.rope_scaling_factor is not None:
+        if config.hf_architecture != "LlamaForCausalLM":
+            raise Nemo2CheckpointError(f"rope_scaling_factor={config.rope_scaling_factor}: NeMo 2 has Llama 3.1 "
+                                       f"RoPE scaling only, not for {config.hf_architecture}.")
+        config_class = LLAMA31_CONFIG
+        arguments |= {"scale_factor": config.rope_scaling_factor, **LLAMA31_ROPE_DEFAULTS}
+    model = Call(model_class, {
+        "config": Call(config_class, arguments),
+        "tokenizer": Call(TOKENIZER_TARGET, {"pretrained_model_name": TOKENIZER_DIR}),
+    })
+    return Call(TRAINER_CONTEXT, {"model": model, "trainer": Call(TRAINER, {}), "extra": {}})
+
+
+def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path: str | Path,
+                           source_hf_dir: str | Path) -> Path:
+    """Writes `model` (collective: every rank calls it) as a NeMo 2 checkpoint directory:
+    context/io.json + model.yaml + nemo_tokenizer/ (+ artifacts/generation_config.json) and the
+    weights as a megatron dist-checkpoint under NeMo's `module.` keys. Atomic."""
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from nemo_optim import runtime
+    from nemo_optim.checkpoint import atomic_directory, fork_writer_results_queue
+    from nemo_optim.models.fiddle_json import as_yaml_data, serialize
+
+    context = nemo2_context(config)
+    source_hf_dir = Path(source_hf_dir)
+    with atomic_directory(path) as tmp:
+        if runtime.is_main_process():
+            (tmp / WEIGHTS_DIR).mkdir()
+            context_dir = tmp / CONTEXT_DIR
+            (context_dir / TOKENIZER_DIR).mkdir(parents=True)
+            (context_dir / IO_JSON).write_text(json.dumps(serialize(context)))
+            (context_dir / MODEL_YAML).write_text(
+                yaml.safe_dump(as_yaml_data(context.arguments["model"]), sort_keys=False))
+            for name in hf.TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
+                if (source_hf_dir / name).is_file():
+                    shutil.copy2(source_hf_dir / name, context_dir / TOKENIZER_DIR / name)
+            if (source_hf_dir / "generation_config.json").is_file():
+                (context_dir / "artifacts").mkdir()
+                shutil.copy2(source_hf_dir / "generation_config.json", context_dir / "artifacts")
+        runtime.barrier()
+        fork_writer_results_queue()
+        # with the `_extra_state` entries: NeMo's loaders ask for those of its layers
+        dist_checkpointing.save(model.sharded_state_dict(prefix=PREFIX), str(tmp / WEIGHTS_DIR))
+    return Path(path)

@@ -115,7 +115,7 @@ def prune_language_model(
 def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.Module:
     """A plain megatron model built from `config`, holding `pruned`'s weights; fails loudly if
     any weight's shape disagrees with the config (the silent-unpruned-checkpoint bug)."""
-    static = build_gpt_model(config)
+    static = build_gpt_model(config, initialize=False)
     state = {k: v for k, v in pruned.state_dict().items() if not k.endswith("_extra_state")}
     expected = {k: v.shape for k, v in static.state_dict().items() if not k.endswith("_extra_state")}
     mismatched = [f"{k}: {tuple(state[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
@@ -138,13 +138,13 @@ def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.
 
 
 def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_train_samples: int = 32,
-                    data: Optional[DataConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+                    data: Optional[DataConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
     """Pre-launch: the sample count, a calibration file, and the targets against the model's
     config when it can be read here without loading the model."""
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
-    check_data_source("data.source", data, target)
-    model_config = readable_model_config(nemo_checkpoint, target)
+    check_data_source("data.source", data, launch_target)
+    model_config = readable_model_config(nemo_checkpoint, launch_target)
     if model_config is not None:
         pruning_config.validate_against(model_config)
 

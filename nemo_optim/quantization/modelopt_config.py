@@ -88,6 +88,19 @@ def preset_entries(preset_name: str) -> tuple[list[Entry], Any]:
     return entries_from_modelopt(preset["quant_cfg"]), copy.deepcopy(preset.get("algorithm", "max"))
 
 
+def preset_quantizer(preset_name: str, quantizer_name: str = "*input_quantizer"):
+    """A standalone ModelOpt `TensorQuantizer` with the attributes `preset_name` gives
+    `quantizer_name` (the last matching entry wins, as in ModelOpt)."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    entries, _ = preset_entries(preset_name)
+    matching = [entry for entry in entries if entry["quantizer_name"] == quantizer_name and "cfg" in entry]
+    if not matching or not isinstance(matching[-1]["cfg"], dict):
+        raise ValueError(f"{preset_name} has no single-format entry for {quantizer_name!r}")
+    return TensorQuantizer(QuantizerAttributeConfig(**matching[-1]["cfg"]))
+
+
 def set_block_size(entries: list[Entry], block_size: int) -> None:
     """Sets the last-axis block size of every weight quantizer that is blocked."""
     for entry in entries:

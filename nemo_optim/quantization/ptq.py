@@ -37,17 +37,17 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
-                    export_config: Optional[ExportConfig] = None, target: Optional[LaunchTarget] = None, **_) -> None:
+                    export_config: Optional[ExportConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
     """Pre-launch: formats that need a GPU the job will not get, formats the chosen exporter
     cannot write, and a calibration file that is missing or malformed."""
     quantization_config = quantization_config or QuantizationConfig()
     export_config = export_config or ExportConfig()
-    if target is not None and target.gpus is not None:
+    if launch_target is not None and launch_target.gpus is not None:
         quantization_config.check_hardware(
-            target.gpus > 0, "this machine has none" if target.local else "the executor gives the job none (gpus_per_node)")
+            launch_target.gpus > 0, "this machine has none" if launch_target.local else "the executor gives the job none (gpus_per_node)")
     quantization_config.check_export_format(export_config.export_format)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
-        check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(), target)
+        check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(), launch_target)
 
 
 @one_line_input_errors
