@@ -125,10 +125,8 @@ class GPTModelConfig:
         return self.num_layers * per_layer + embeddings + norm_size
 
 
-def transformer_config(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None,
-                       initialize: bool = True):
-    """The megatron `TransformerConfig` for `config` (fusions off on CPU, they need CUDA kernels);
-    `initialize=False` leaves the weights uninitialized, for models whose weights are loaded next."""
+def transformer_config(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None):
+    """The megatron `TransformerConfig` for `config` (fusions off on CPU, they need CUDA kernels)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -158,7 +156,6 @@ def transformer_config(config: GPTModelConfig, parallel: Optional[runtime.Parall
         pipeline_dtype=config.torch_dtype,
         sequence_parallel=False,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=initialize,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
@@ -182,12 +179,8 @@ def _layer_spec(config: GPTModelConfig, mcore_config):
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
-def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None,
-                    initialize: bool = True):
-    """Builds this process's part of a megatron-core `GPTModel` (needs `runtime.parallel_runtime`).
-
-    `initialize=False` skips megatron's random initialization (a full-size master copy per weight on
-    CPU): for models whose every weight is loaded right after, it saves time and peak memory."""
+def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelConfig] = None):
+    """Builds this process's part of a megatron-core `GPTModel` (needs `runtime.parallel_runtime`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -200,7 +193,7 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
             f"vocab_size={config.vocab_size} must be divisible by tensor_model_parallel_size="
             f"{parallel.tensor_model_parallel_size}."
         )
-    mcore_config = transformer_config(config, parallel, initialize)
+    mcore_config = transformer_config(config, parallel)
     model = GPTModel(
         config=mcore_config,
         transformer_layer_spec=_layer_spec(config, mcore_config),
@@ -216,11 +209,4 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
         # vocab-parallel logits: what megatron's cross-entropy and ModelOpt's KD losses expect
         parallel_output=True,
     )
-    model = model.to(device=runtime.device(), dtype=config.torch_dtype)
-    if not initialize:
-        # torch.empty's leftovers may hold NaNs that ModelOpt's restore calibrates on before the
-        # weights arrive; zeros are cheap and harmless.
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.zero_()
-    return model
+    return model.to(device=runtime.device(), dtype=config.torch_dtype)

@@ -85,7 +85,7 @@ def load_model(
     config, hf_dir, source = read_model_config(model_path, dtype)
     if transformer_impl is not None:
         config = dataclasses.replace(config, transformer_impl=transformer_impl)
-    model = build_gpt_model(config, initialize=False)  # every weight is loaded below
+    model = build_gpt_model(config)
     if source.kind == "native":
         model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
     elif source.kind == "nemo2":
