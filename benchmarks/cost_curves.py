@@ -74,17 +74,17 @@ def ptq_point(model_path: str, samples: int) -> dict:
     from nemo_optim import runtime
     from nemo_optim.models.loader import load_model, load_tokenizer
     from nemo_optim.quantization.config import QuantizationConfig
-    from nemo_optim.quantization.quantizer import Quantizer
+    from nemo_optim.quantization.quantizer import calibration_loop, quantize
 
     baseline = _current_rss_gib()  # after the imports (their own peak can exceed a small model's)
     with runtime.parallel_runtime():
         loaded = load_model(model_path)
         parameters = sum(p.numel() for p in loaded.model.parameters())
-        quantizer = Quantizer(QuantizationConfig(algorithm="fp8", calibration_algorithm="preset",
-                                                 calibration_dataset_size=samples, calibration_seq_len=256))
-        loop = quantizer.calibration_loop(load_tokenizer(loaded.hf_dir))
+        config = QuantizationConfig(algorithm="fp8", calibration_algorithm="preset",
+                                    calibration_dataset_size=samples, calibration_seq_len=256)
+        loop = calibration_loop(config, load_tokenizer(loaded.hf_dir))
         began = time.perf_counter()
-        quantizer.quantize(loaded.model, loop)
+        quantize(loaded.model, config, loop)
         seconds = time.perf_counter() - began
     peak = _rss_gib()
     return {"parameters_m": parameters / 1e6, "model_gib": parameters * 4 / 2**30, "samples": samples,

@@ -32,7 +32,7 @@ from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import QuantizationConfig
-from nemo_optim.quantization.quantizer import Quantizer, summarize
+from nemo_optim.quantization.quantizer import auto_quantize, quantize, summarize
 
 MODEL = SMOLLM2
 
@@ -68,13 +68,13 @@ ROWS: dict[str, tuple[str, object]] = {
 
 
 def _wall_time_ratio(forward_loop, repeats: int) -> float:
-    """Median over alternating runs of Quantizer.quantize / raw mtq.quantize, FP8 with max
+    """Median over alternating runs of nemo-optim's quantize / raw mtq.quantize, FP8 with max
     calibration (the same ModelOpt config), on the same forward loop: nemo-optim's overhead."""
     raw_seconds, ours_seconds = [], []
-    quantizer = Quantizer(QuantizationConfig(algorithm="fp8", calibration_algorithm="preset"))
+    config = QuantizationConfig(algorithm="fp8", calibration_algorithm="preset")
     for _ in range(repeats):
         for seconds, quantize in ((raw_seconds, lambda m: mtq.quantize(m, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop)),
-                                  (ours_seconds, lambda m: quantizer.quantize(m, forward_loop))):
+                                  (ours_seconds, lambda m: quantize(m, config, forward_loop))):
             model = load_model(MODEL).model
             began = time.perf_counter()
             quantize(model)
@@ -126,15 +126,12 @@ def main() -> None:
                 model = mtq.quantize(model, copy.deepcopy(getattr(mtq, spec)), forward_loop)
                 summary = summarize(model, spec)
             else:
-                quantizer = Quantizer(QuantizationConfig(calibration_dataset_size=args.calib_sequences,
-                                                         calibration_seq_len=args.seq_length, **spec))
-                config = quantizer.quantization_config
+                config = QuantizationConfig(calibration_dataset_size=args.calib_sequences,
+                                            calibration_seq_len=args.seq_length, **spec)
                 if config.auto_quantize_bits is not None:  # calibrates on the same rows as forward_loop
-                    model = quantizer.auto_quantize(model, tokenizer, config.auto_quantize_bits, config.auto_quantize_formats,
-                                                    fresh_model=lambda: load_model(MODEL).model)
+                    model, summary = auto_quantize(model, config, tokenizer, fresh_model=lambda: load_model(MODEL).model)
                 else:
-                    model = quantizer.quantize(model, forward_loop)
-                summary = quantizer.summary
+                    model, summary = quantize(model, config, forward_loop)
             seconds = time.perf_counter() - began
             result = evaluate_model(model, held_out, reference=base.model)
             num_params = base.config.num_parameters()

@@ -125,12 +125,12 @@ def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
 
     from nemo_optim.models.hf import gguf_to_hf
     from nemo_optim.models.loader import load_tokenizer, resolve_source
-    from nemo_optim.quantization.quantizer import Quantizer
+    from nemo_optim.quantization.quantizer import calibration_batches
 
     hf_dir = gguf_to_hf(resolve_source(SMOLLM2).path)
     tokenizer = load_tokenizer(hf_dir)
     fmt, sequences = _parse(point)
-    batches = Quantizer(_quantization_config(fmt, sequences)).calibration_batches(tokenizer)
+    batches = calibration_batches(_quantization_config(fmt, sequences), tokenizer)
     began = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     config = copy.deepcopy(getattr(mtq, FORMATS[fmt]))

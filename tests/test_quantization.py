@@ -18,7 +18,8 @@ from nemo_optim.models.loader import load_model
 from nemo_optim.quantization import modelopt_config
 from nemo_optim.quantization.config import ALGORITHMS, PRESET_METHODS, ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.quantization.ptq import ptq
-from nemo_optim.quantization.quantizer import ExportVerificationError, Quantizer, verify_export
+from nemo_optim.quantization.quantizer import (ExportVerificationError, auto_quantize, calibration_batches,
+                                               calibration_loop, quantize, verify_export)
 from tiny_models import VOCAB_SIZE
 
 CPU_ALGORITHMS = [a for a in ALGORITHMS if a != "nvfp4"]
@@ -38,10 +39,8 @@ def test_each_cpu_algorithm_quantizes_every_decoder_linear(algorithm, tiny_hf_mo
     tokens = _tokens()
     loaded = load_model(tiny_hf_models["llama"])
     reference = forward_logits(loaded.model, tokens)
-    quantizer = Quantizer(_config(algorithm))
-    model = quantizer.quantize(loaded.model, tokenizer=tiny_tokenizer)
+    model, summary = quantize(loaded.model, _config(algorithm), tokenizer=tiny_tokenizer)
     logits = forward_logits(model, tokens)
-    summary = quantizer.summary
     assert summary.enabled_quantizers >= 8 and summary.quantized_linear_share == 1.0
     kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item() / tokens.shape[1]
     assert 0 < (logits - reference).abs().max().item()
@@ -55,10 +54,10 @@ def test_each_cpu_algorithm_quantizes_every_decoder_linear(algorithm, tiny_hf_mo
 
 def test_our_config_equals_the_raw_modelopt_preset(tiny_hf_models, tiny_tokenizer, runtime_single):
     """Oracle: ModelOpt's own INT4_AWQ preset through plain mtq.quantize gives the same model."""
-    quantizer = Quantizer(_config("int4_awq"))
-    forward_loop = quantizer.calibration_loop(tiny_tokenizer)
+    config = _config("int4_awq")
+    forward_loop = calibration_loop(config, tiny_tokenizer)
     tokens = _tokens(1)
-    ours = forward_logits(quantizer.quantize(load_model(tiny_hf_models["llama"]).model, forward_loop), tokens)
+    ours = forward_logits(quantize(load_model(tiny_hf_models["llama"]).model, config, forward_loop)[0], tokens)
     raw_config = copy.deepcopy(mtq.INT4_AWQ_CFG)
     quant_cfg = raw_config["quant_cfg"]  # a dict up to ModelOpt 0.43, a list of entries from 0.44
     weight_cfg = (quant_cfg["*weight_quantizer"] if isinstance(quant_cfg, dict)
@@ -72,18 +71,18 @@ def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tin
     """Oracles: raw mtq.quantize with the same method chain, and the unquantized model. The
     default FP8 calibration (max, then GPTQ-lite) must land closer to fp32 than the preset's
     max calibration alone, which `calibration_algorithm="preset"` still gives exactly."""
-    tuned = Quantizer(_config("fp8"))
-    forward_loop = tuned.calibration_loop(tiny_tokenizer)
+    tuned = _config("fp8")
+    forward_loop = calibration_loop(tuned, tiny_tokenizer)
     # the held-out text: calibration-like, unseen samples
-    tokens = torch.cat(Quantizer(_config("fp8", calibration_dataset="embedded:docstrings")).calibration_batches(tiny_tokenizer))
+    tokens = torch.cat(calibration_batches(_config("fp8", calibration_dataset="embedded:docstrings"), tiny_tokenizer))
     reference = forward_logits(load_model(tiny_hf_models["llama"]).model, tokens)
 
-    def quantized_logits(quantizer=None, raw_config=None):
+    def quantized_logits(config=None, raw_config=None):
         model = load_model(tiny_hf_models["llama"]).model
         if raw_config is not None:
             model = mtq.quantize(model, raw_config, forward_loop)
         else:
-            model = quantizer.quantize(model, forward_loop)
+            model, _ = quantize(model, config, forward_loop)
         return forward_logits(model, tokens)
 
     def kl(logits):
@@ -93,7 +92,7 @@ def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tin
     chain = {"quant_cfg": copy.deepcopy(mtq.FP8_DEFAULT_CFG["quant_cfg"]),
              "algorithm": [{"method": "max"}, {"method": modelopt_config.gptq_method(), "block_size": 128}]}
     torch.testing.assert_close(ours, quantized_logits(raw_config=chain), rtol=0, atol=0)
-    preset = quantized_logits(Quantizer(_config("fp8", calibration_algorithm="preset")))
+    preset = quantized_logits(_config("fp8", calibration_algorithm="preset"))
     torch.testing.assert_close(preset, quantized_logits(raw_config=copy.deepcopy(mtq.FP8_DEFAULT_CFG)), rtol=0, atol=0)
     assert kl(ours) < kl(preset), (kl(ours), kl(preset))
 
@@ -120,34 +119,34 @@ def test_config_forms_round_trip():
 def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models, tiny_tokenizer, runtime_single):
     tokens = _tokens(2)
     # Oracle: without sq_alpha, int8_sq is ModelOpt's INT8_SMOOTHQUANT preset (alpha 1.0), as NeMo 2 ran it.
-    quantizer = Quantizer(_config("int8_sq"))
-    forward_loop = quantizer.calibration_loop(tiny_tokenizer)
-    ours = forward_logits(quantizer.quantize(load_model(tiny_hf_models["llama"]).model, forward_loop), tokens)
+    config = _config("int8_sq")
+    forward_loop = calibration_loop(config, tiny_tokenizer)
+    ours = forward_logits(quantize(load_model(tiny_hf_models["llama"]).model, config, forward_loop)[0], tokens)
     raw = mtq.quantize(load_model(tiny_hf_models["llama"]).model, copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG), forward_loop)
     torch.testing.assert_close(ours, forward_logits(raw, tokens), rtol=0, atol=0)
     outputs = []
     for alpha in (0.1, 0.9):
-        model = Quantizer(_config("int8_sq", sq_alpha=alpha)).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config("int8_sq", sq_alpha=alpha), tokenizer=tiny_tokenizer)
         outputs.append(forward_logits(model, tokens))
     assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4
-    quantizer = Quantizer(_config("fp8", exclude_modules=["*layers.0.*"]))
-    model = quantizer.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+    model, summary = quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", exclude_modules=["*layers.0.*"]),
+                              tokenizer=tiny_tokenizer)
     assert not model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
     assert model.decoder.layers[1].mlp.linear_fc1.weight_quantizer.is_enabled
-    assert quantizer.summary.quantized_linear_share == pytest.approx(0.5)
-    quantizer = Quantizer(_config("fp8", exclude_last_layers=1))
-    model = quantizer.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+    assert summary.quantized_linear_share == pytest.approx(0.5)
+    model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", exclude_last_layers=1),
+                        tokenizer=tiny_tokenizer)
     assert model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
     assert not model.decoder.layers[1].self_attention.linear_qkv.input_quantizer.is_enabled
     with pytest.raises(QuantizationConfigError, match="leaves none of the 2 layers quantized"):
-        Quantizer(_config("fp8", exclude_first_layers=1, exclude_last_layers=1)).quantize(
-            load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", exclude_first_layers=1, exclude_last_layers=1),
+                 tokenizer=tiny_tokenizer)
 
 
 def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
     tokens = _tokens(3)
     loaded = load_model(tiny_hf_models["qwen3"])
-    model = Quantizer(_config("w4a8_awq")).quantize(loaded.model, tokenizer=tiny_tokenizer)
+    model, _ = quantize(loaded.model, _config("w4a8_awq"), tokenizer=tiny_tokenizer)
     expected = forward_logits(model, tokens)
     checkpoint.save_checkpoint(model, loaded.config, tmp_path / "q", loaded.hf_dir)
     restored = load_model(tmp_path / "q").model
@@ -324,13 +323,12 @@ def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_mo
     results = {}
     for name, calibration in (("search only", "preset"), ("gptq_lite", None)):
         config = _config("int4", auto_quantize_bits=9.0, auto_quantize_formats=["int4", "int8_wo"], calibration_algorithm=calibration)
-        quantizer = Quantizer(config)
-        tokens = torch.cat(quantizer.calibration_batches(tiny_tokenizer))
-        model = quantizer.auto_quantize(load_model(tiny_hf_models["llama"]).model, tiny_tokenizer, 9.0, config.auto_quantize_formats,
-                                        fresh_model=lambda: load_model(tiny_hf_models["llama"]).model)
+        tokens = torch.cat(calibration_batches(config, tiny_tokenizer))
+        model, summary = auto_quantize(load_model(tiny_hf_models["llama"]).model, config, tiny_tokenizer,
+                                       fresh_model=lambda: load_model(tiny_hf_models["llama"]).model)
         logits, reference = forward_logits(model, tokens), forward_logits(reference_model, tokens)
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
-        results[name] = (kl, dict(quantizer.summary.per_layer_formats))
+        results[name] = (kl, dict(summary.per_layer_formats))
     formats = results["gptq_lite"][1]
     assert formats == results["search only"][1] and {"int4", "int8_wo"} <= set(formats.values())
     # the re-calibrated model keeps the search's choice: 16-bit layers stay unquantized
@@ -345,18 +343,20 @@ def test_custom_config_file_in_either_form_matches_the_preset(tiny_hf_models, ti
     """A JSON ModelOpt config (JSON turns (4, 3) into [4, 3] and -1 keys into "-1") gives the
     same model as the preset it was written from, in dict and in list form."""
     tokens = _tokens(5)
-    preset = Quantizer(_config("int4_awq"))
-    reference = forward_logits(preset.quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer), tokens)
+    preset, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config("int4_awq"), tokenizer=tiny_tokenizer)
+    reference = forward_logits(preset, tokens)
     entries, algorithm = modelopt_config.preset_entries("INT4_AWQ_CFG")
     modelopt_config.set_block_size(entries, 32)
     for form in ("dict", "list"):
         path = tmp_path / f"{form}.json"
         path.write_text(json.dumps({"quant_cfg": modelopt_config.entries_to_modelopt(entries, form=form), "algorithm": algorithm}))
-        model = Quantizer(_config(None, custom_config_path=str(path))).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config(None, custom_config_path=str(path)),
+                            tokenizer=tiny_tokenizer)
         torch.testing.assert_close(forward_logits(model, tokens), reference, rtol=0, atol=0)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(QuantizationConfigError, match="not a ModelOpt config"):
-        Quantizer(_config(None, custom_config_path=str(tmp_path / "bad.json"))).quantize(load_model(tiny_hf_models["llama"]).model, tokenizer=tiny_tokenizer)
+        quantize(load_model(tiny_hf_models["llama"]).model, _config(None, custom_config_path=str(tmp_path / "bad.json")),
+                 tokenizer=tiny_tokenizer)
 
 
 def test_per_token_fp8_rounding_matches_torch_e4m3_and_its_floor():

@@ -27,7 +27,7 @@ from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
-from nemo_optim.quantization.quantizer import Quantizer
+from nemo_optim.quantization.quantizer import auto_quantize, export_quantized, quantize
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -95,23 +95,21 @@ def ptq(
     with runtime.parallel_runtime(parallel):
         loaded = load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl)
         tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
-        quantizer = Quantizer(quantization_config, export_config)
         model = loaded.model
         if is_quantized(model):
             stored = stored_quantization_config(loaded.source.path)
             if stored is not None:
                 stored.check_export_format(export_config.export_format)
-                quantizer = Quantizer(stored, export_config)
-            runtime.print0(f"{model_path} is already quantized ({quantizer.quantization_config.algorithm}): "
+                quantization_config = stored
+            runtime.print0(f"{model_path} is already quantized ({quantization_config.algorithm}): "
                            f"exporting without recalibration.")
         else:
             if quantization_config.auto_quantize_bits is not None:
-                model = quantizer.auto_quantize(
-                    model, tokenizer, quantization_config.auto_quantize_bits, quantization_config.auto_quantize_formats,
+                model, summary = auto_quantize(
+                    model, quantization_config, tokenizer,
                     fresh_model=lambda: load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl).model)
             else:
-                model = quantizer.quantize(model, tokenizer=tokenizer)
-            summary = getattr(quantizer, "summary", None)
+                model, summary = quantize(model, quantization_config, tokenizer=tokenizer)
             checkpoint.save_checkpoint(
                 model, loaded.config, save_path, loaded.hf_dir,
                 producer={"stage": "ptq", "source": str(model_path),
@@ -124,7 +122,8 @@ def ptq(
             # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
             runtime.set_model_parallel_sizes(dataclasses.replace(parallel, tensor_model_parallel_size=1))
             model = load_model(save_path).model
-        export_path = quantizer.export(model, loaded.hf_dir, loaded.config.hf_architecture)
+        export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
+                                       loaded.config.hf_architecture)
         runtime.print0(f"{export_config.export_format} export: {export_path}")
         if export_config.generate_sample:
             runtime.print0(f"sample: {greedy_sample(model, tokenizer)!r}")

@@ -1,5 +1,12 @@
-"""`Quantizer`: builds the ModelOpt config and the calibration loop from a `QuantizationConfig`,
-calls ModelOpt, summarises what was quantized, exports, and checks the export."""
+"""PTQ steps as functions in ModelOpt's own shape (`mtq.quantize(model, config, forward_loop)`),
+each taking the `QuantizationConfig` and returning what it produces:
+
+    modelopt_quantization_config(config, model) -> the dict `mtq.quantize` takes
+    calibration_loop(config, tokenizer)          -> the forward loop over the calibration rows
+    quantize(model, config, forward_loop)        -> (quantized model, QuantizationSummary)
+    auto_quantize(model, config, tokenizer)      -> (model with per-layer formats, QuantizationSummary)
+    export_quantized(model, config, export, ...) -> the verified export's path
+"""
 
 from __future__ import annotations
 
@@ -123,248 +130,246 @@ def check_block_size(model: torch.nn.Module, block_size: int, formats: list[str]
         f"layers ({sizes}), so the {'/'.join(blocked)} export would fail; {fix}.")
 
 
-class Quantizer:
-    """PTQ of a megatron-core model with ModelOpt, configured by `QuantizationConfig`.
+# --- the ModelOpt config -------------------------------------------------------------------------
 
-    `quantize(model, forward_loop=None, tokenizer=...)` builds the calibration loop from the
-    config when none is given.
-    """
-
-    def __init__(self, quantization_config: QuantizationConfig, export_config: ExportConfig | None = None):
-        self.quantization_config = quantization_config
-        self.export_config = export_config or ExportConfig()
-
-    # --- config -------------------------------------------------------------------------------
-
-    def kv_cache_enabled(self, model: torch.nn.Module) -> bool:
-        config = self.quantization_config
-        if config.enable_kv_cache is None:  # NeMo 2's default: on for fp8/nvfp4 where supported
-            return config.algorithm in ("fp8", "fp8_pc_pt", "nvfp4") and attention_has_kv_quantizers(model)
-        if config.enable_kv_cache and not attention_has_kv_quantizers(model):
-            raise QuantizationConfigError(
-                "quantization_config.enable_kv_cache=True needs Transformer Engine attention "
-                "(transformer_impl=modelopt or transformer_engine, on GPU); the local spec used on CPU "
-                "has no KV-cache quantizers. Set enable_kv_cache=False."
-            )
-        return config.enable_kv_cache
-
-    def modelopt_config(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The ModelOpt config (in the installed ModelOpt's form) for `model`."""
-        config = self.quantization_config
-        if config.custom_config_path:
-            path = Path(config.custom_config_path)
-            if not path.is_file():
-                raise QuantizationConfigError(f"quantization_config.custom_config_path={str(path)!r}: file not found.")
-            try:
-                custom = modelopt_config.from_json(json.loads(path.read_text()))
-                quant_cfg = custom["quant_cfg"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise QuantizationConfigError(
-                    f"quantization_config.custom_config_path={str(path)!r}: not a ModelOpt config "
-                    f'({{"quant_cfg": ..., "algorithm": ...}}): {error}'
-                ) from None
-            entries, algorithm = modelopt_config.entries_from_modelopt(quant_cfg), custom.get("algorithm", "max")
-        else:
-            entries, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
-            if config.algorithm in BLOCKED:
-                modelopt_config.set_block_size(entries, config.awq_block_size)
-            algorithm = self.calibration_algorithm(preset_algorithm)
-        if self.kv_cache_enabled(model):
-            kv_preset = "FP8_KV_CFG" if config.kv_cache_qformat == "fp8" else "NVFP4_KV_CFG"
-            kv_entries, _ = modelopt_config.preset_entries(kv_preset)
-            entries += [e for e in kv_entries if e["quantizer_name"] != "default"]
-        entries += [{"quantizer_name": pattern, "enable": False} for pattern in config.exclude_modules]
-        entries += [{"quantizer_name": pattern, "enable": False} for pattern in self.excluded_layer_patterns(model)]
-        return {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm}
-
-    def calibration_algorithm(self, preset_algorithm: Any, methods: list[str] | None = None) -> Any:
-        """ModelOpt's `algorithm` argument for `methods` (default `calibration_methods()`): one
-        method, or a list that ModelOpt runs in order."""
-        config = self.quantization_config
-        steps = []
-        for method in methods or config.calibration_methods():
-            if method == "preset":
-                step = {"method": preset_algorithm} if isinstance(preset_algorithm, str) else dict(preset_algorithm)
-            else:
-                step = {"method": method}
-            if step["method"] == "smoothquant" and config.sq_alpha is not None:
-                step["alpha"] = config.sq_alpha
-            elif step["method"] == "gptq_lite":
-                step["method"] = modelopt_config.gptq_method()
-                # GPTQ's update block must hold whole quantization blocks
-                step["block_size"] = max(128, config.awq_block_size)
-            steps.append(step)
-        return steps[0] if len(steps) == 1 else steps
-
-    def excluded_layer_patterns(self, model: torch.nn.Module) -> list[str]:
-        """Patterns for the first/last N decoder layers. Module names use this pipeline stage's
-        local indices, so layers are picked by their global `layer_number`."""
-        config = self.quantization_config
-        total = model.config.num_layers
-        if config.exclude_first_layers + config.exclude_last_layers >= total:
-            raise QuantizationConfigError(
-                f"quantization_config: exclude_first_layers + exclude_last_layers = "
-                f"{config.exclude_first_layers + config.exclude_last_layers} leaves none of the {total} layers quantized."
-            )
-        keep = set(range(1, config.exclude_first_layers + 1)) | set(range(total - config.exclude_last_layers + 1, total + 1))
-        return [f"decoder.layers.{index}.*" for index, layer in enumerate(model.decoder.layers) if layer.layer_number in keep]
-
-    # --- calibration --------------------------------------------------------------------------
-
-    def calibration_batches(self, tokenizer) -> list[torch.Tensor]:
-        config = self.quantization_config
-        rows = packed_sequences(config.calibration_data(), "calibration", tokenizer, config.calibration_dataset_size)
-        return list(rows.split(config.calibration_batch_size))
-
-    def calibration_loop(self, tokenizer) -> ForwardLoop:
-        batches = self.calibration_batches(tokenizer)
-
-        def forward_loop(model: torch.nn.Module) -> None:
-            # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize)
-            for batch in runtime.progress(batches, description="calibration"):
-                forward_logits(model, batch)
-
-        return forward_loop
-
-    # --- quantize -----------------------------------------------------------------------------
-
-    def quantize(self, model: torch.nn.Module, forward_loop: ForwardLoop | None = None, tokenizer=None) -> torch.nn.Module:
-        """Inserts quantizers, calibrates and returns the (fake-)quantized model."""
-        import modelopt.torch.quantization as mtq
-
-        config = self.quantization_config
-        if config.algorithm is None and not config.custom_config_path:
-            return model
-        if config.algorithm is not None:
-            check_block_size(model, config.awq_block_size, [config.algorithm])
-        if forward_loop is None:
-            if tokenizer is None:
-                raise ValueError("Quantizer.quantize needs a forward_loop or a tokenizer to build one.")
-            forward_loop = self.calibration_loop(tokenizer)
-        model.eval()
-        model = mtq.quantize(model, self.modelopt_config(model), forward_loop)
-        self.summary = summarize(model, config.algorithm or "custom")
-        runtime.print0(self.summary.line())
-        return model
-
-    def auto_quantize(self, model: torch.nn.Module, tokenizer, effective_bits: float, formats: list[str],
-                      fresh_model: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
-        """ModelOpt `auto_quantize`: per-layer formats under an effective-bits budget (PP=1).
-
-        `fresh_model` loads the unquantized model again: the chosen formats are then quantized
-        and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
-        searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled). The caller
-        still holds the searched model, so memory peaks at two copies of the model."""
-        import modelopt.torch.quantization as mtq
-        from megatron.core import parallel_state
-
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise QuantizationConfigError("auto_quantize_bits needs calibration_pp=1.")
-        check_block_size(model, self.quantization_config.awq_block_size, formats)
-        format_configs = []
-        for fmt in formats:
-            entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[fmt][0])
-            if fmt in BLOCKED:
-                modelopt_config.set_block_size(entries, self.quantization_config.awq_block_size)
-            format_configs.append({"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm})
-        batches = [make_batch(rows) for rows in self.calibration_batches(tokenizer)]
-
-        def forward_step(module, batch):
-            return module(batch["input_ids"], batch["position_ids"], None)
-
-        def loss_func(output, batch):
-            return F.cross_entropy(output.float().flatten(0, 1), batch["labels"].flatten())
-
-        model, search_state = mtq.auto_quantize(
-            model,
-            constraints={"effective_bits": effective_bits},
-            quantization_formats=format_configs,
-            data_loader=batches,
-            forward_step=forward_step,
-            loss_func=loss_func,
-            disabled_layers=["*output_layer*"],
-            num_calib_steps=len(batches),
-            num_score_steps=len(batches),
+def kv_cache_enabled(config: QuantizationConfig, model: torch.nn.Module) -> bool:
+    if config.enable_kv_cache is None:  # NeMo 2's default: on for fp8/nvfp4 where supported
+        return config.algorithm in ("fp8", "fp8_pc_pt", "nvfp4") and attention_has_kv_quantizers(model)
+    if config.enable_kv_cache and not attention_has_kv_quantizers(model):
+        raise QuantizationConfigError(
+            "quantization_config.enable_kv_cache=True needs Transformer Engine attention "
+            "(transformer_impl=modelopt or transformer_engine, on GPU); the local spec used on CPU "
+            "has no KV-cache quantizers. Set enable_kv_cache=False."
         )
-        recalibration = self.auto_quantize_recalibration(formats)
-        if recalibration is not None and fresh_model is not None:
-            # the search calibrated every candidate with its preset's method (max); the chosen
-            # formats now get the tuned calibration (SmolLM2 int4+int8_wo: +26.3% -> +22.1% ppl)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="get_auto_quantize_config")  # "uses algorithm='max'": replaced here
-                chosen = mtq.get_auto_quantize_config(search_state)
-            chosen["algorithm"] = recalibration
-            model = fresh_model()
-            model.eval()
-            model = mtq.quantize(model, chosen, self.calibration_loop(tokenizer))
-        elif recalibration is not None:
-            runtime.print0("auto_quantize: no fresh_model given, the chosen formats keep the search's max calibration.")
-        self.summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
-        best = search_state["best"]
-        # ModelOpt names a format by the preset it recognises (INT8_SMOOTHQUANT_CFG), else
-        # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
-        by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
-        for layer, recipe in best["recipe"].items():
-            name = str(recipe).split("(")[0]
-            if name.startswith("CUSTOM_"):
-                chosen = formats[int(name.split("_")[1])]
-            else:
-                chosen = by_preset.get(name.upper(), name.lower())
-            self.summary.per_layer_formats[layer.removesuffix(".quant_recipe")] = chosen
-        if not best.get("is_satisfied", True):
-            runtime.print0(f"auto_quantize: {effective_bits} effective bits is not reachable with {formats} "
-                           f"(ModelOpt counts unquantized layers at 16 bits); used the lowest-bit choice.")
-        runtime.print0(self.summary.line())
-        for layer, chosen in self.summary.per_layer_formats.items():
-            runtime.print0(f"  {layer}: {chosen}")
-        return model
+    return config.enable_kv_cache
 
-    def auto_quantize_recalibration(self, formats: list[str]) -> Any | None:
-        """ModelOpt `algorithm` to re-calibrate auto_quantize's chosen formats with, or None to
-        keep the search's calibration: `calibration_algorithm` if given, else max + GPTQ-lite
-        when every candidate format is one whose tuned default is GPTQ-lite."""
-        config = self.quantization_config
-        if config.calibration_algorithm:
-            methods = config.calibration_algorithm.split("+")
-        elif all(fmt in TUNED_CALIBRATION for fmt in formats):
-            methods = ["max", "gptq_lite"]
+
+def modelopt_quantization_config(config: QuantizationConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """The ModelOpt config `mtq.quantize` takes (in the installed ModelOpt's form) for `model`."""
+    if config.custom_config_path:
+        path = Path(config.custom_config_path)
+        if not path.is_file():
+            raise QuantizationConfigError(f"quantization_config.custom_config_path={str(path)!r}: file not found.")
+        try:
+            custom = modelopt_config.from_json(json.loads(path.read_text()))
+            quant_cfg = custom["quant_cfg"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise QuantizationConfigError(
+                f"quantization_config.custom_config_path={str(path)!r}: not a ModelOpt config "
+                f'({{"quant_cfg": ..., "algorithm": ...}}): {error}'
+            ) from None
+        entries, algorithm = modelopt_config.entries_from_modelopt(quant_cfg), custom.get("algorithm", "max")
+    else:
+        entries, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
+        if config.algorithm in BLOCKED:
+            modelopt_config.set_block_size(entries, config.awq_block_size)
+        algorithm = calibration_algorithm(config, preset_algorithm)
+    if kv_cache_enabled(config, model):
+        kv_preset = "FP8_KV_CFG" if config.kv_cache_qformat == "fp8" else "NVFP4_KV_CFG"
+        kv_entries, _ = modelopt_config.preset_entries(kv_preset)
+        entries += [e for e in kv_entries if e["quantizer_name"] != "default"]
+    entries += [{"quantizer_name": pattern, "enable": False} for pattern in config.exclude_modules]
+    entries += [{"quantizer_name": pattern, "enable": False} for pattern in excluded_layer_patterns(config, model)]
+    return {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm}
+
+
+def calibration_algorithm(config: QuantizationConfig, preset_algorithm: Any, methods: list[str] | None = None) -> Any:
+    """ModelOpt's `algorithm` argument for `methods` (default `config.calibration_methods()`): one
+    method, or a list that ModelOpt runs in order."""
+    steps = []
+    for method in methods or config.calibration_methods():
+        if method == "preset":
+            step = {"method": preset_algorithm} if isinstance(preset_algorithm, str) else dict(preset_algorithm)
         else:
-            return None  # SmoothQuant / AWQ formats: the search already ran their preset method
-        if methods == ["preset"]:
-            return None
-        return self.calibration_algorithm("max", methods)
+            step = {"method": method}
+        if step["method"] == "smoothquant" and config.sq_alpha is not None:
+            step["alpha"] = config.sq_alpha
+        elif step["method"] == "gptq_lite":
+            step["method"] = modelopt_config.gptq_method()
+            # GPTQ's update block must hold whole quantization blocks
+            step["block_size"] = max(128, config.awq_block_size)
+        steps.append(step)
+    return steps[0] if len(steps) == 1 else steps
 
-    # --- export -------------------------------------------------------------------------------
 
-    def expected_export_algos(self) -> set[str] | None:
-        """quant_algo values the export may declare (None: no check, e.g. a custom config)."""
-        config = self.quantization_config
-        if config.auto_quantize_bits is not None:  # one format everywhere is declared as that format
-            return {"MIXED_PRECISION"} | {ALGORITHMS[fmt][1] for fmt in config.auto_quantize_formats}
-        if config.custom_config_path or config.algorithm is None:
-            return None
-        return {ALGORITHMS[config.algorithm][1]}
+def excluded_layer_patterns(config: QuantizationConfig, model: torch.nn.Module) -> list[str]:
+    """Patterns for the first/last N decoder layers. Module names use this pipeline stage's
+    local indices, so layers are picked by their global `layer_number`."""
+    total = model.config.num_layers
+    if config.exclude_first_layers + config.exclude_last_layers >= total:
+        raise QuantizationConfigError(
+            f"quantization_config: exclude_first_layers + exclude_last_layers = "
+            f"{config.exclude_first_layers + config.exclude_last_layers} leaves none of the {total} layers quantized."
+        )
+    keep = set(range(1, config.exclude_first_layers + 1)) | set(range(total - config.exclude_last_layers + 1, total + 1))
+    return [f"decoder.layers.{index}.*" for index, layer in enumerate(model.decoder.layers) if layer.layer_number in keep]
 
-    def export(self, model: torch.nn.Module, hf_dir: Path, hf_architecture: str) -> Path:
-        """Exports to `export_config.path` and verifies the result before it appears there."""
-        export = self.export_config
-        with atomic_directory(export.path) as shared_tmp, tempfile.TemporaryDirectory() as scratch:
-            # Data-parallel replicas export the same weights: only replica 0 writes the result.
-            tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
-            if export.export_format == "hf":
-                write_hf_export(model, hf_dir, tmp, export.torch_dtype)
-            else:
-                from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-                with tied_embeddings_declared(model):
-                    export_tensorrt_llm_checkpoint(
-                        model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
-                        inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
-                    )
-            runtime.barrier()
-            if runtime.is_main_process():
-                verify_export(Path(tmp), export.export_format, self.expected_export_algos(), shown_path=export.path)
-        return Path(export.path)
+# --- calibration ----------------------------------------------------------------------------------
+
+def calibration_batches(config: QuantizationConfig, tokenizer) -> list[torch.Tensor]:
+    rows = packed_sequences(config.calibration_data(), "calibration", tokenizer, config.calibration_dataset_size)
+    return list(rows.split(config.calibration_batch_size))
+
+
+def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
+    """The forward loop ModelOpt calibrates with: `config`'s calibration rows through the model."""
+    batches = calibration_batches(config, tokenizer)
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize)
+        for batch in runtime.progress(batches, description="calibration"):
+            forward_logits(model, batch)
+
+    return forward_loop
+
+
+# --- quantize -------------------------------------------------------------------------------------
+
+def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: ForwardLoop | None = None,
+             tokenizer=None) -> tuple[torch.nn.Module, QuantizationSummary | None]:
+    """`mtq.quantize` with `config`: inserts quantizers, calibrates (with `forward_loop`, or
+    `config`'s calibration rows tokenized by `tokenizer`). Returns the (fake-)quantized model and
+    what was quantized (None when `config` quantizes nothing)."""
+    import modelopt.torch.quantization as mtq
+
+    if config.algorithm is None and not config.custom_config_path:
+        return model, None
+    if config.algorithm is not None:
+        check_block_size(model, config.awq_block_size, [config.algorithm])
+    if forward_loop is None:
+        if tokenizer is None:
+            raise ValueError("quantize needs a forward_loop or a tokenizer to build one.")
+        forward_loop = calibration_loop(config, tokenizer)
+    model.eval()
+    model = mtq.quantize(model, modelopt_quantization_config(config, model), forward_loop)
+    summary = summarize(model, config.algorithm or "custom")
+    runtime.print0(summary.line())
+    return model, summary
+
+
+def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
+                  fresh_model: Callable[[], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, QuantizationSummary]:
+    """ModelOpt `auto_quantize`: per-layer formats among `config.auto_quantize_formats` under
+    `config.auto_quantize_bits` effective bits (PP=1).
+
+    `fresh_model` loads the unquantized model again: the chosen formats are then quantized
+    and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
+    searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled). The caller
+    still holds the searched model, so memory peaks at two copies of the model."""
+    import modelopt.torch.quantization as mtq
+    from megatron.core import parallel_state
+
+    effective_bits, formats = config.auto_quantize_bits, config.auto_quantize_formats
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise QuantizationConfigError("auto_quantize_bits needs calibration_pp=1.")
+    check_block_size(model, config.awq_block_size, formats)
+    format_configs = []
+    for fmt in formats:
+        entries, algorithm = modelopt_config.preset_entries(ALGORITHMS[fmt][0])
+        if fmt in BLOCKED:
+            modelopt_config.set_block_size(entries, config.awq_block_size)
+        format_configs.append({"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm})
+    batches = [make_batch(rows) for rows in calibration_batches(config, tokenizer)]
+
+    def forward_step(module, batch):
+        return module(batch["input_ids"], batch["position_ids"], None)
+
+    def loss_func(output, batch):
+        return F.cross_entropy(output.float().flatten(0, 1), batch["labels"].flatten())
+
+    model, search_state = mtq.auto_quantize(
+        model,
+        constraints={"effective_bits": effective_bits},
+        quantization_formats=format_configs,
+        data_loader=batches,
+        forward_step=forward_step,
+        loss_func=loss_func,
+        disabled_layers=["*output_layer*"],
+        num_calib_steps=len(batches),
+        num_score_steps=len(batches),
+    )
+    recalibration = auto_quantize_recalibration(config)
+    if recalibration is not None and fresh_model is not None:
+        # the search calibrated every candidate with its preset's method (max); the chosen
+        # formats now get the tuned calibration (SmolLM2 int4+int8_wo: +26.3% -> +22.1% ppl)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="get_auto_quantize_config")  # "uses algorithm='max'": replaced here
+            chosen = mtq.get_auto_quantize_config(search_state)
+        chosen["algorithm"] = recalibration
+        model = fresh_model()
+        model.eval()
+        model = mtq.quantize(model, chosen, calibration_loop(config, tokenizer))
+    elif recalibration is not None:
+        runtime.print0("auto_quantize: no fresh_model given, the chosen formats keep the search's max calibration.")
+    summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
+    best = search_state["best"]
+    # ModelOpt names a format by the preset it recognises (INT8_SMOOTHQUANT_CFG), else
+    # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
+    by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
+    for layer, recipe in best["recipe"].items():
+        name = str(recipe).split("(")[0]
+        if name.startswith("CUSTOM_"):
+            layer_format = formats[int(name.split("_")[1])]
+        else:
+            layer_format = by_preset.get(name.upper(), name.lower())
+        summary.per_layer_formats[layer.removesuffix(".quant_recipe")] = layer_format
+    if not best.get("is_satisfied", True):
+        runtime.print0(f"auto_quantize: {effective_bits} effective bits is not reachable with {formats} "
+                       f"(ModelOpt counts unquantized layers at 16 bits); used the lowest-bit choice.")
+    runtime.print0(summary.line())
+    for layer, layer_format in summary.per_layer_formats.items():
+        runtime.print0(f"  {layer}: {layer_format}")
+    return model, summary
+
+
+def auto_quantize_recalibration(config: QuantizationConfig) -> Any | None:
+    """ModelOpt `algorithm` to re-calibrate auto_quantize's chosen formats with, or None to
+    keep the search's calibration: `calibration_algorithm` if given, else max + GPTQ-lite
+    when every candidate format is one whose tuned default is GPTQ-lite."""
+    if config.calibration_algorithm:
+        methods = config.calibration_algorithm.split("+")
+    elif all(fmt in TUNED_CALIBRATION for fmt in config.auto_quantize_formats):
+        methods = ["max", "gptq_lite"]
+    else:
+        return None  # SmoothQuant / AWQ formats: the search already ran their preset method
+    if methods == ["preset"]:
+        return None
+    return calibration_algorithm(config, "max", methods)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def expected_export_algos(config: QuantizationConfig) -> set[str] | None:
+    """quant_algo values the export may declare (None: no check, e.g. a custom config)."""
+    if config.auto_quantize_bits is not None:  # one format everywhere is declared as that format
+        return {"MIXED_PRECISION"} | {ALGORITHMS[fmt][1] for fmt in config.auto_quantize_formats}
+    if config.custom_config_path or config.algorithm is None:
+        return None
+    return {ALGORITHMS[config.algorithm][1]}
+
+
+def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export: ExportConfig, hf_dir: Path,
+                     hf_architecture: str) -> Path:
+    """Exports `model` (quantized with `config`) to `export.path` and verifies that the result
+    declares `config`'s format before it appears there."""
+    with atomic_directory(export.path) as shared_tmp, tempfile.TemporaryDirectory() as scratch:
+        # Data-parallel replicas export the same weights: only replica 0 writes the result.
+        tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
+        if export.export_format == "hf":
+            write_hf_export(model, hf_dir, tmp, export.torch_dtype)
+        else:
+            from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+            with tied_embeddings_declared(model):
+                export_tensorrt_llm_checkpoint(
+                    model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
+                    inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
+                )
+        runtime.barrier()
+        if runtime.is_main_process():
+            verify_export(Path(tmp), export.export_format, expected_export_algos(config), shown_path=export.path)
+    return Path(export.path)
 
 
 @contextlib.contextmanager
