@@ -7,7 +7,7 @@
 
     .venv/bin/python -m experiments.compress_smollm2 --yes          # ~30 min on 2 CPU cores
     .venv/bin/python -m experiments.compress_smollm2 --dryrun
-    .venv/bin/python -m experiments.compress_smollm2 --executor slurm --yes
+    .venv/bin/python -m experiments.compress_smollm2 executor=slurm --yes
 
 Every task is a recipe with small edits, wrapped in `run_stage`: a stage whose output is
 complete and was made from the same inputs and settings is skipped, so re-running after a crash
@@ -136,13 +136,21 @@ def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun:
 
 
 def experiment_main(argv: list[str] | None, make_tasks, name: str, default_work_dir: str, description: str) -> int:
-    """The command line of a pipeline experiment: --executor, --work-dir, --dryrun, --yes."""
+    """The command line of a pipeline experiment: executor=NAME (NeMo-Run's syntax, as launch.py and
+    `nemo llm`; --executor NAME also works), --work-dir, --dryrun, --yes."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS))
+    parser.add_argument("executor_choice", nargs="?", metavar="executor=NAME", default=None)
+    parser.add_argument("--executor", default=None, choices=sorted(EXECUTORS))
     parser.add_argument("--work-dir", default=default_work_dir)
     parser.add_argument("--dryrun", action="store_true")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     args = parser.parse_args(argv)
+    if args.executor_choice is not None:
+        key, _, name = args.executor_choice.partition("=")
+        if key != "executor" or name not in EXECUTORS:
+            parser.error(f"{args.executor_choice!r}: expected executor=NAME with NAME one of {', '.join(sorted(EXECUTORS))}")
+        args.executor = name
+    args.executor = args.executor or "local"
     tasks = make_tasks(work_dir=args.work_dir)
     if not (args.yes or args.dryrun) and sys.stdin.isatty():
         if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):

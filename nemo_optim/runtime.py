@@ -11,8 +11,8 @@ Steps of `parallel_runtime(ParallelConfig(...))`:
   4. seed torch and megatron's RNG tracker,
   5. on exit, destroy parallel_state and the process group.
 
-CPU smoke test (2 processes, TP=2):
-    torchrun --nproc_per_node 2 -m pytest tests/distributed/...
+On a CPU with 2 processes (TP=2, PP=2): the tests marked `distributed` start torchrun themselves,
+    .venv/bin/python -m pytest -m distributed tests/test_checkpoint.py tests/test_nemo2.py
 """
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads these config

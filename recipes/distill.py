@@ -52,7 +52,7 @@ def distillation_recipe(
     )
 
 
-@run.cli.factory(target=distill, name="smollm2_135m_distill_depth20_cpu")
+@run.cli.factory(target=distill)
 def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
     """SmolLM2-135M teacher -> its 20-layer Minitron-pruned student (run
     smollm2_135m_prune_depth20_cpu first): logit KD at temperature 2 + LM loss on the embedded
@@ -64,7 +64,7 @@ def smollm2_135m_distill_depth20_cpu() -> run.Partial[distill]:
     return recipe
 
 
-@run.cli.factory(target=distill, name="smollm2_135m_distill_qad_int4_cpu")
+@run.cli.factory(target=distill)
 def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
     """Quantization-aware distillation: the INT4 PTQ checkpoint of smollm2_135m_ptq_int4_cpu
     (run it first) learns from the unquantized SmolLM2-135M through its fake quantizers (logit KD,
@@ -78,7 +78,7 @@ def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
     return recipe
 
 
-@run.cli.factory(target=distill, name="llama31_8b_distill_4b_8gpu_h100_bf16")
+@run.cli.factory(target=distill)
 def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
     """Minitron Llama-3.1-8B -> 4B (width-pruned) distillation at TP=8, bf16 autocast,
     seq 4096. Launch with 8 GPUs; point `data.source` at your corpus."""
@@ -89,10 +89,3 @@ def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
     recipe.training.precision = "bf16"
     return recipe
 
-
-RECIPES = {
-    "distillation_recipe": distillation_recipe,
-    "smollm2_135m_distill_depth20_cpu": smollm2_135m_distill_depth20_cpu,
-    "smollm2_135m_distill_qad_int4_cpu": smollm2_135m_distill_qad_int4_cpu,
-    "llama31_8b_distill_4b_8gpu_h100_bf16": llama31_8b_distill_4b_8gpu_h100_bf16,
-}

@@ -1,4 +1,4 @@
-"""Executor factories. `launch.py --executor NAME` and `nemo llm ... executor=NAME` use them.
+"""Executor factories. `launch.py RECIPE executor=NAME` and `nemo llm ... executor=NAME` use them.
 
 Cluster settings may come from the environment, so a cluster profile is a file of exports:
 

@@ -54,14 +54,14 @@ def finetune_recipe(
     )
 
 
-@run.cli.factory(target=finetune, name="smollm2_135m_finetune_teacher_cpu")
+@run.cli.factory(target=finetune)
 def smollm2_135m_finetune_teacher_cpu() -> run.Partial[finetune]:
     """Teacher correction for SmolLM2-135M on the embedded corpus (60 steps x 4 x 256 tokens,
     lr 1e-4): held-out perplexity 20.4 -> 12.8. Distill from outputs/smollm2_135m/teacher_corrected."""
     return finetune_recipe(name="teacher_corrected")
 
 
-@run.cli.factory(target=finetune, name="llama31_8b_finetune_teacher_8gpu_h100_bf16")
+@run.cli.factory(target=finetune)
 def llama31_8b_finetune_teacher_8gpu_h100_bf16() -> run.Partial[finetune]:
     """Teacher correction of Llama-3.1-8B-Instruct at TP=8, bf16 autocast, seq 4096, before the
     8B -> 4B distillation. Point `data.source` at the distillation corpus."""
@@ -71,9 +71,3 @@ def llama31_8b_finetune_teacher_8gpu_h100_bf16() -> run.Partial[finetune]:
     recipe.training.precision = "bf16"
     return recipe
 
-
-RECIPES = {
-    "finetune_recipe": finetune_recipe,
-    "smollm2_135m_finetune_teacher_cpu": smollm2_135m_finetune_teacher_cpu,
-    "llama31_8b_finetune_teacher_8gpu_h100_bf16": llama31_8b_finetune_teacher_8gpu_h100_bf16,
-}

@@ -50,14 +50,14 @@ def prune_recipe(
     )
 
 
-@run.cli.factory(target=prune, name="smollm2_135m_prune_depth20_cpu")
+@run.cli.factory(target=prune)
 def smollm2_135m_prune_depth20_cpu() -> run.Partial[prune]:
     """SmolLM2-135M, 30 -> 20 layers by Minitron importance (135 M -> 99 M parameters)."""
     return prune_recipe(save_path="outputs/smollm2_135m/pruned_depth20", target_num_layers=20,
                         hf_export_path="outputs/smollm2_135m/pruned_depth20_hf")
 
 
-@run.cli.factory(target=prune, name="smollm2_135m_prune_width_cpu")
+@run.cli.factory(target=prune)
 def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
     """SmolLM2-135M width pruning to ~62% of the parameters: hidden 576 -> 448,
     ffn 1536 -> 1024, heads kept (134.5 M -> 83.9 M)."""
@@ -66,7 +66,7 @@ def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
                         hf_export_path="outputs/smollm2_135m/pruned_width_hf")
 
 
-@run.cli.factory(target=prune, name="llama31_8b_prune_width4b_8gpu_h100_bf16")
+@run.cli.factory(target=prune)
 def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
     """Minitron Llama-3.1-8B -> 4B width pruning (hidden 4096 -> 3072, ffn 14336 -> 9216),
     importance at TP=8 on 1024 sequences. Launch with 8 GPUs."""
@@ -75,10 +75,3 @@ def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
                           seq_length=4096, devices=8, tp_size=8)
     return recipe
 
-
-RECIPES = {
-    "prune_recipe": prune_recipe,
-    "smollm2_135m_prune_depth20_cpu": smollm2_135m_prune_depth20_cpu,
-    "smollm2_135m_prune_width_cpu": smollm2_135m_prune_width_cpu,
-    "llama31_8b_prune_width4b_8gpu_h100_bf16": llama31_8b_prune_width4b_8gpu_h100_bf16,
-}

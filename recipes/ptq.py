@@ -45,13 +45,13 @@ def ptq_recipe(
     )
 
 
-@run.cli.factory(target=ptq, name="smollm2_135m_ptq_fp8_cpu")
+@run.cli.factory(target=ptq)
 def smollm2_135m_ptq_fp8_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, FP8 W8A8, unified HF export; fp32 calibration on CPU."""
     return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8", algorithm="fp8", model_dtype="float32")
 
 
-@run.cli.factory(target=ptq, name="smollm2_135m_ptq_fp8_pc_pt_cpu")
+@run.cli.factory(target=ptq)
 def smollm2_135m_ptq_fp8_pc_pt_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, FP8 W8A8 with per-channel weight and per-token activation scales, max +
     GPTQ-lite: the best FP8 row of benchmarks/results/ptq.md (+1.6% perplexity; per-tensor
@@ -60,7 +60,7 @@ def smollm2_135m_ptq_fp8_pc_pt_cpu() -> run.Partial[ptq]:
                       export_dtype="fp16", model_dtype="float32")
 
 
-@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int8_sq_cpu")
+@run.cli.factory(target=ptq)
 def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT8 SmoothQuant W8A8, TensorRT-LLM export (the HF exporter has no INT8).
     ModelOpt's auto_quantize keeps the most sensitive layers, at most 5% of the decoder's linear
@@ -72,14 +72,14 @@ def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
     return recipe
 
 
-@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int4_awq_cpu")
+@run.cli.factory(target=ptq)
 def smollm2_135m_ptq_int4_awq_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT4 AWQ weight-only, block 64, TensorRT-LLM export."""
     return ptq_recipe(export_path="outputs/smollm2_135m/ptq_int4_awq", algorithm="int4_awq", export_format="trtllm",
                       export_dtype="fp16", awq_block_size=64, model_dtype="float32")
 
 
-@run.cli.factory(target=ptq, name="smollm2_135m_ptq_int4_cpu")
+@run.cli.factory(target=ptq)
 def smollm2_135m_ptq_int4_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT4 weight-only, block 32 (4.5 effective bits), max + GPTQ-lite,
     TensorRT-LLM export: the best INT4 PTQ row of benchmarks/results/ptq.md. Its native
@@ -89,7 +89,7 @@ def smollm2_135m_ptq_int4_cpu() -> run.Partial[ptq]:
                       export_dtype="fp16", awq_block_size=32, model_dtype="float32")
 
 
-@run.cli.factory(target=ptq, name="llama31_8b_ptq_fp8_8gpu_h100_bf16")
+@run.cli.factory(target=ptq)
 def llama31_8b_ptq_fp8_8gpu_h100_bf16() -> run.Partial[ptq]:
     """Llama-3.1-8B-Instruct (an HF directory on the cluster), FP8, calibrated at TP=8 in bf16
     with Transformer Engine norms; FP8 KV cache on by default. Launch with 8 GPUs."""
@@ -104,13 +104,3 @@ def llama31_8b_ptq_fp8_8gpu_h100_bf16() -> run.Partial[ptq]:
         transformer_impl="modelopt",
     )
 
-
-RECIPES = {
-    "ptq_recipe": ptq_recipe,
-    "smollm2_135m_ptq_fp8_cpu": smollm2_135m_ptq_fp8_cpu,
-    "smollm2_135m_ptq_fp8_pc_pt_cpu": smollm2_135m_ptq_fp8_pc_pt_cpu,
-    "smollm2_135m_ptq_int8_sq_cpu": smollm2_135m_ptq_int8_sq_cpu,
-    "smollm2_135m_ptq_int4_awq_cpu": smollm2_135m_ptq_int4_awq_cpu,
-    "smollm2_135m_ptq_int4_cpu": smollm2_135m_ptq_int4_cpu,
-    "llama31_8b_ptq_fp8_8gpu_h100_bf16": llama31_8b_ptq_fp8_8gpu_h100_bf16,
-}

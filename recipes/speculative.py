@@ -61,7 +61,7 @@ def _smollm2_cpu(recipe: run.Partial[speculative]) -> run.Partial[speculative]:
     return recipe
 
 
-@run.cli.factory(target=speculative, name="smollm2_135m_speculative_eagle3_cpu")
+@run.cli.factory(target=speculative)
 def smollm2_135m_speculative_eagle3_cpu() -> run.Partial[speculative]:
     """EAGLE-3 for SmolLM2-135M-Instruct with a draft head over the 8192 most frequent tokens,
     300 steps (~27 min on 2 cores): the benchmark's best row, acceptance length 1.6 at 2 draft
@@ -72,7 +72,7 @@ def smollm2_135m_speculative_eagle3_cpu() -> run.Partial[speculative]:
     return recipe
 
 
-@run.cli.factory(target=speculative, name="smollm2_135m_speculative_medusa_cpu")
+@run.cli.factory(target=speculative)
 def smollm2_135m_speculative_medusa_cpu() -> run.Partial[speculative]:
     """Medusa heads (5, one residual block + a full-vocabulary LM head each, ~20 s/step on 2
     cores) for SmolLM2-135M-Instruct, same data as the EAGLE-3 variant, 60 steps."""
@@ -82,7 +82,7 @@ def smollm2_135m_speculative_medusa_cpu() -> run.Partial[speculative]:
     return recipe
 
 
-@run.cli.factory(target=speculative, name="llama31_8b_speculative_eagle3_8gpu_h100_bf16")
+@run.cli.factory(target=speculative)
 def llama31_8b_speculative_eagle3_8gpu_h100_bf16() -> run.Partial[speculative]:
     """EAGLE-3 for Llama-3.1-8B-Instruct on 8 GPUs (data parallel, one model copy per GPU) in
     bf16: seq 2048, 20k prompts of self-distillation data, SDPA draft attention (cuDNN). Launch
@@ -101,10 +101,3 @@ def llama31_8b_speculative_eagle3_8gpu_h100_bf16() -> run.Partial[speculative]:
     recipe.evaluation.draft_lengths = [1, 2, 3, 4, 5, 6]
     return recipe
 
-
-RECIPES = {
-    "speculative_recipe": speculative_recipe,
-    "smollm2_135m_speculative_eagle3_cpu": smollm2_135m_speculative_eagle3_cpu,
-    "smollm2_135m_speculative_medusa_cpu": smollm2_135m_speculative_medusa_cpu,
-    "llama31_8b_speculative_eagle3_8gpu_h100_bf16": llama31_8b_speculative_eagle3_8gpu_h100_bf16,
-}

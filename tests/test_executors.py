@@ -79,7 +79,7 @@ def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_slurm_dryrun_prints_the_sbatch_script():
-    result = _launch("llama31_8b_ptq_fp8_8gpu_h100_bf16", "--executor", "slurm", "executor.partition=batch",
+    result = _launch("llama31_8b_ptq_fp8_8gpu_h100_bf16", "executor=slurm", "executor.partition=batch",
                      "executor.gpus_per_node=8", "executor.ntasks_per_node=8",
                      "executor.container_image=nvcr.io/nvidia/nemo:25.11", "--dryrun", NEMO_OPTIM_SLURM_ACCOUNT="llm-team")
     out = result.stdout
