@@ -372,3 +372,22 @@ def test_per_token_fp8_rounding_matches_torch_e4m3_and_its_floor():
     oracle = (x / scale).to(torch.float8_e4m3fn).float() * scale
     assert torch.allclose(quantizer(x), oracle, rtol=1e-6, atol=0)
     assert 6e-4 < ((quantizer(x) - x).pow(2).sum() / x.pow(2).sum()).item() < 8e-4
+
+
+@pytest.mark.parametrize("algorithm", ["int8_sq", "int4_awq", "fp8"])
+def test_calibration_without_the_output_layer_gives_the_same_model(algorithm, tiny_hf_models, tiny_tokenizer,
+                                                                   runtime_single):
+    """Calibration passes stop before the output layer when it has no enabled quantizer (memory and
+    time of the logits): the model comes out exactly as from full forward passes."""
+    config = _config(algorithm)
+    batches = calibration_batches(config, tiny_tokenizer)
+
+    def full_forward_passes(model):
+        for batch in batches:
+            forward_logits(model, batch)
+
+    tokens = _tokens(6)
+    ours, _ = quantize(load_model(tiny_hf_models["llama_tied"]).model, config, tokenizer=tiny_tokenizer)
+    full, _ = quantize(load_model(tiny_hf_models["llama_tied"]).model, config, full_forward_passes)
+    assert ours.post_process  # restored after calibration
+    torch.testing.assert_close(forward_logits(ours, tokens), forward_logits(full, tokens), rtol=0, atol=0)

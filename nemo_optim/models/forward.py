@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -104,6 +105,35 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
         forward_only=True,
     )
     return outputs[0]["logits"].float() if outputs else None
+
+
+def _discard_output(batch, output):
+    return torch.zeros((), device=output.device), {}
+
+
+@contextlib.contextmanager
+def output_layer_skipped(model: torch.nn.Module):
+    """Forward passes stop after the decoder's final norm: no output layer, no `[B, S, V]` logits
+    (on SmolLM2 a 4 x 256 batch's logits and their transposed copy are ~0.38 GiB, and the output
+    layer ~20% of the compute). For passes whose output nobody reads. megatron's GPTModel returns
+    the hidden states when `post_process` is off, as on a pipeline stage before the last."""
+    if not getattr(model, "post_process", False):
+        yield
+        return
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = True
+
+
+@torch.no_grad()
+def forward_only(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """Runs a `[B, S+1]` token batch through the model and drops the output (calibration passes:
+    ModelOpt's hooks record what they need on the way)."""
+    batch = make_batch(tokens)
+    run_schedule(model, [batch], _discard_output, num_micro_batches=1, seq_length=batch["input_ids"].shape[1],
+                 micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
 
 
 def broadcast_from_last_stage(value: Any) -> Any:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nemo_optim import runtime
 from nemo_optim.checkpoint import atomic_directory
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.models.forward import forward_logits, make_batch
+from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
 from nemo_optim.quantization import modelopt_config
 from nemo_optim.quantization.config import (
@@ -212,14 +212,26 @@ def calibration_batches(config: QuantizationConfig, tokenizer) -> list[torch.Ten
     return list(rows.split(config.calibration_batch_size))
 
 
+def output_layer_quantized(model: torch.nn.Module) -> bool:
+    """Whether any enabled quantizer sits in the output layer (the presets disable it)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    output_layer = getattr(model, "output_layer", None)
+    return output_layer is not None and any(
+        isinstance(m, TensorQuantizer) and m.is_enabled for m in output_layer.modules())
+
+
 def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
     """The forward loop ModelOpt calibrates with: `config`'s calibration rows through the model."""
     batches = calibration_batches(config, tokenizer)
 
     def forward_loop(model: torch.nn.Module) -> None:
-        # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize)
-        for batch in runtime.progress(batches, description="calibration"):
-            forward_logits(model, batch)
+        # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize). Its
+        # quantizers are in place by now: the logits are skipped unless the output layer has one.
+        skip = output_layer_skipped(model) if not output_layer_quantized(model) else contextlib.nullcontext()
+        with skip:
+            for batch in runtime.progress(batches, description="calibration"):
+                forward_only(model, batch)
 
     return forward_loop
 
