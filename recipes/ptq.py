@@ -45,10 +45,18 @@ def ptq_recipe(
     )
 
 
+def _smollm2_cpu(algorithm: str, export_format: str = "trtllm", **overrides) -> run.Partial[ptq]:
+    """The base of the SmolLM2-135M CPU variants: fp32 calibration, export to
+    outputs/smollm2_135m/ptq_<algorithm> (TensorRT-LLM in fp16, or unified HF in bf16)."""
+    return ptq_recipe(export_path=f"outputs/smollm2_135m/ptq_{algorithm}", algorithm=algorithm,
+                      export_format=export_format, export_dtype="fp16" if export_format == "trtllm" else "bf16",
+                      model_dtype="float32", **overrides)
+
+
 @run.cli.factory(target=ptq)
 def smollm2_135m_ptq_fp8_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, FP8 W8A8, unified HF export; fp32 calibration on CPU."""
-    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8", algorithm="fp8", model_dtype="float32")
+    return _smollm2_cpu("fp8", export_format="hf")
 
 
 @run.cli.factory(target=ptq)
@@ -56,8 +64,7 @@ def smollm2_135m_ptq_fp8_pc_pt_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, FP8 W8A8 with per-channel weight and per-token activation scales, max +
     GPTQ-lite: the best FP8 row of benchmarks/results/ptq.md (+1.6% perplexity; per-tensor
     `fp8` +1.9%). TensorRT-LLM export: ModelOpt's megatron HF exporter cannot write this format."""
-    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_fp8_pc_pt", algorithm="fp8_pc_pt", export_format="trtllm",
-                      export_dtype="fp16", model_dtype="float32")
+    return _smollm2_cpu("fp8_pc_pt")
 
 
 @run.cli.factory(target=ptq)
@@ -65,8 +72,7 @@ def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT8 SmoothQuant W8A8, TensorRT-LLM export (the HF exporter has no INT8).
     ModelOpt's auto_quantize keeps the most sensitive layers, at most 5% of the decoder's linear
     weights, in 16 bits: +1.7% perplexity instead of +4.1% (benchmarks/results/ptq.md)."""
-    recipe = ptq_recipe(export_path="outputs/smollm2_135m/ptq_int8_sq", algorithm="int8_sq",
-                        export_format="trtllm", export_dtype="fp16", model_dtype="float32")
+    recipe = _smollm2_cpu("int8_sq")
     recipe.quantization_config.auto_quantize_bits = 8.38  # ModelOpt's count: int8 = 8, unquantized = 16
     recipe.quantization_config.auto_quantize_formats = ["int8_sq"]
     return recipe
@@ -75,8 +81,7 @@ def smollm2_135m_ptq_int8_sq_cpu() -> run.Partial[ptq]:
 @run.cli.factory(target=ptq)
 def smollm2_135m_ptq_int4_awq_cpu() -> run.Partial[ptq]:
     """SmolLM2-135M, INT4 AWQ weight-only, block 64, TensorRT-LLM export."""
-    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_int4_awq", algorithm="int4_awq", export_format="trtllm",
-                      export_dtype="fp16", awq_block_size=64, model_dtype="float32")
+    return _smollm2_cpu("int4_awq", awq_block_size=64)
 
 
 @run.cli.factory(target=ptq)
@@ -85,8 +90,7 @@ def smollm2_135m_ptq_int4_cpu() -> run.Partial[ptq]:
     TensorRT-LLM export: the best INT4 PTQ row of benchmarks/results/ptq.md. Its native
     checkpoint (outputs/smollm2_135m/ptq_int4_native) is the student of
     smollm2_135m_distill_qad_int4_cpu."""
-    return ptq_recipe(export_path="outputs/smollm2_135m/ptq_int4", algorithm="int4", export_format="trtllm",
-                      export_dtype="fp16", awq_block_size=32, model_dtype="float32")
+    return _smollm2_cpu("int4", awq_block_size=32)
 
 
 @run.cli.factory(target=ptq)
