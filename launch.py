@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recipes.launching import launch_recipe
+from recipes.launching import launch_recipe, split_executor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--list", action="store_true", help="list recipes and executors")
     args = parser.parse_intermixed_args(argv)
-    # NeMo-Run's CLI syntax: `executor=NAME` among the overrides
-    named = [item.partition("=")[2] for item in args.overrides if item.startswith("executor=")]
-    overrides = [item for item in args.overrides if not item.startswith("executor=")]
-    executor = named[-1] if named else args.executor or "local"
-    return launch_recipe(args.recipe, overrides, executor=executor, dryrun=args.dryrun,
+    named, overrides = split_executor(args.overrides)
+    return launch_recipe(args.recipe, overrides, executor=named or args.executor or "local", dryrun=args.dryrun,
                          yes=args.yes, list_only=args.list or not args.recipe)
 
 

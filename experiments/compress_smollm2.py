@@ -30,7 +30,7 @@ from recipes.convert import evaluate_recipe, export_recipe
 from recipes.distill import distillation_recipe
 from recipes.executors import EXECUTORS
 from recipes.finetune import finetune_recipe
-from recipes.launching import task_error_line, use_this_python, wait_for_terminal_states
+from recipes.launching import split_executor, task_error_line, use_this_python, wait_for_terminal_states
 from recipes.prune import prune_recipe
 from recipes.ptq import ptq_recipe
 
@@ -139,18 +139,15 @@ def experiment_main(argv: list[str] | None, make_tasks, name: str, default_work_
     """The command line of a pipeline experiment: executor=NAME (NeMo-Run's syntax, as launch.py and
     `nemo llm`; --executor NAME also works), --work-dir, --dryrun, --yes."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("executor_choice", nargs="?", metavar="executor=NAME", default=None)
     parser.add_argument("--executor", default=None, choices=sorted(EXECUTORS))
     parser.add_argument("--work-dir", default=default_work_dir)
     parser.add_argument("--dryrun", action="store_true")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    args = parser.parse_args(argv)
-    if args.executor_choice is not None:
-        key, _, name = args.executor_choice.partition("=")
-        if key != "executor" or name not in EXECUTORS:
-            parser.error(f"{args.executor_choice!r}: expected executor=NAME with NAME one of {', '.join(sorted(EXECUTORS))}")
-        args.executor = name
-    args.executor = args.executor or "local"
+    named, rest = split_executor(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    if named is not None and named not in EXECUTORS:
+        parser.error(f"executor={named!r}: choose one of {', '.join(sorted(EXECUTORS))}")
+    args.executor = named or args.executor or "local"
     tasks = make_tasks(work_dir=args.work_dir)
     if not (args.yes or args.dryrun) and sys.stdin.isatty():
         if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):

@@ -33,6 +33,12 @@ def all_executors() -> dict:
     return executors.EXECUTORS
 
 
+def split_executor(arguments: list[str]) -> tuple[str | None, list[str]]:
+    """NeMo-Run's CLI syntax: (NAME of the last `executor=NAME`, or None; the other arguments)."""
+    names = [item.partition("=")[2] for item in arguments if item.startswith("executor=")]
+    return (names[-1] if names else None), [item for item in arguments if not item.startswith("executor=")]
+
+
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code

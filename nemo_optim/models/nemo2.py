@@ -292,7 +292,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
     from megatron.core import dist_checkpointing
 
     from nemo_optim import runtime
-    from nemo_optim.checkpoint import atomic_directory, fork_writer_results_queue
+    from nemo_optim.checkpoint import HF_TOKENIZER_FILES, atomic_directory, fork_writer_results_queue
     from nemo_optim.models.fiddle_json import as_yaml_data, serialize
 
     context = nemo2_context(config)
@@ -305,7 +305,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
             (context_dir / IO_JSON).write_text(json.dumps(serialize(context)))
             (context_dir / MODEL_YAML).write_text(
                 yaml.safe_dump(as_yaml_data(context.arguments["model"]), sort_keys=False))
-            for name in hf.TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
+            for name in HF_TOKENIZER_FILES:
                 if (source_hf_dir / name).is_file():
                     shutil.copy2(source_hf_dir / name, context_dir / TOKENIZER_DIR / name)
             if (source_hf_dir / "generation_config.json").is_file():
