@@ -4,7 +4,7 @@ the parameters), equal token budgets.
 Rows: no training; plain cross-entropy fine-tuning; KD on logits; KD on logits + a cosine loss
 on the final norm's output; KD on logits + the LM loss (ModelOpt's balancer); and KD rows from a
 *corrected* teacher (Minitron's teacher correction: the teacher fine-tuned on the same train
-split first, `nemo_optim.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
+split first, `nemo_optim.stages.finetune`). Each: held-out perplexity, KL / top-1 agreement to the
 original teacher, seconds per step. Also the step-time ratio KD / (student fwd+bwd + teacher fwd).
 CE and the best KD recipe are also run at other lrs (rows "<row> @ lr X"); 'ppl / CE' divides by
 CE at its best lr. Both are repeated at their best lr with other seeds (rows "... , seed S": other
@@ -34,14 +34,14 @@ from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.distillation.config import load_distillation_config
-from nemo_optim.distillation.distill import distill
+from nemo_optim.stages.distill import distill
 from nemo_optim.evaluation import evaluate_model
-from nemo_optim.finetune import finetune
+from nemo_optim.stages.finetune import finetune
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
-from nemo_optim.pruning.prune import prune
+from nemo_optim.stages.prune import prune
 from nemo_optim.training import TrainingConfig
 
 TEACHER = SMOLLM2

@@ -49,7 +49,7 @@ def _train_rows(student_path: str, seq_length: int) -> torch.Tensor:
 
 def run_nemo_optim(args) -> dict:
     from nemo_optim.distillation.config import load_distillation_config
-    from nemo_optim.distillation.distill import distill
+    from nemo_optim.stages.distill import distill
     from nemo_optim.training import TrainingConfig
 
     output = Path(args.work_dir) / "nemo_optim_student"
@@ -144,7 +144,7 @@ def main() -> None:
         args.student_hf = str(Path(args.work_dir) / "student_hf")
         if not Path(args.student_hf).is_dir():
             # in a child: Linux keeps a process's peak RSS across fork + exec, so the parent stays small
-            subprocess.run([sys.executable, "-c", "from nemo_optim.convert import export_ckpt; "
+            subprocess.run([sys.executable, "-c", "from nemo_optim.stages.convert import export_ckpt; "
                             f"export_ckpt(path={args.student!r}, output_path={args.student_hf!r}, dtype='float32')"],
                            check=True)
     results = {side: _side(args, side) for side in ("nemo_optim", "plain")}

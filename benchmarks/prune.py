@@ -25,7 +25,7 @@ from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.pruning.config import PruningConfig
-from nemo_optim.pruning.prune import prune_language_model
+from nemo_optim.pruning.pruner import prune_language_model
 
 MODEL = SMOLLM2
 ROWS = {

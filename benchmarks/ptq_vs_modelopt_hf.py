@@ -89,7 +89,7 @@ def run_nemo_optim(point: str, work: Path) -> dict:
     import transformers  # noqa: F401
 
     from nemo_optim.quantization.config import ExportConfig
-    from nemo_optim.quantization.ptq import ptq
+    from nemo_optim.stages.ptq import ptq
 
     fmt, sequences = _parse(point)
     export_format = "hf" if fmt == "fp8" else "trtllm"  # the megatron HF exporter has no INT8 / INT4-AWQ

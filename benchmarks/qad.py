@@ -28,12 +28,12 @@ from benchmarks.common import reference_on_held_out, write_results
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.config import load_distillation_config
-from nemo_optim.distillation.distill import distill
+from nemo_optim.stages.distill import distill
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
-from nemo_optim.quantization.ptq import ptq
+from nemo_optim.stages.ptq import ptq
 from nemo_optim.training import TrainingConfig
 
 MODEL = SMOLLM2

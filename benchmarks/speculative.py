@@ -26,7 +26,7 @@ from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.speculative.config import SpeculativeConfig
 from nemo_optim.speculative.data import SelfDistillationConfig
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
-from nemo_optim.speculative.speculative import speculative
+from nemo_optim.stages.speculative import speculative
 from nemo_optim.training import TrainingConfig
 
 MODEL = SMOLLM2

@@ -3,29 +3,25 @@ model, tokens/second; multiple-choice task accuracy (`accuracy`, default: the em
 next-sentence cloze over held-out Python documentation) and lm-evaluation-harness tasks
 (`lm_eval`, optional extra). Results are a dataclass and JSON.
 
-    python -c "from nemo_optim.evaluation import evaluate; print(evaluate(model_path='smollm2-135m-instruct'))"
+The `evaluate` stage (nemo_optim.stages.evaluate) loads models and calls `evaluate_model`.
 """
 
-# No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry
-# function's annotations as real types.
+# No `from __future__ import annotations`: NeMo-Run's CLI parser reads these configs' annotations.
 
 import dataclasses
-from typing import Optional
-import json
 import math
 import time
-from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from nemo_optim import runtime
-from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice, task_items
+from nemo_optim.accuracy.multiple_choice import AccuracyConfig
 from nemo_optim.data.corpus import DataConfig, Split
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.errors import InputError, one_line_input_errors
+from nemo_optim.errors import InputError
 from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
-from nemo_optim.prelaunch import LaunchTarget, check_data_source
 
 
 @dataclasses.dataclass
@@ -137,62 +133,3 @@ def evaluate_model(
 
 def evaluation_tokens(config: EvaluationConfig, tokenizer) -> torch.Tensor:
     return packed_sequences(config.data, config.split, tokenizer, config.num_sequences)
-
-
-def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
-    """Pre-launch: the evaluation text and the task's items file are readable and valid."""
-    check_data_source("evaluation.data.source", evaluation.data if evaluation else None, launch_target)
-    if evaluation is not None and evaluation.accuracy is not None:
-        task_items(evaluation.accuracy)
-    if evaluation is not None and evaluation.lm_eval is not None:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise InputError("evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
-
-
-@one_line_input_errors
-def evaluate(
-    *,
-    model_path: str,
-    reference_model_path: Optional[str] = None,
-    evaluation: Optional[EvaluationConfig] = None,
-    output_path: Optional[str] = None,
-    parallel: Optional[runtime.ParallelConfig] = None,
-) -> EvaluationResult:
-    """Stage entry: evaluates the model at `model_path` (optionally against a reference) and
-    writes the result as JSON to `output_path`."""
-    from nemo_optim.models.loader import load_model, load_tokenizer
-
-    evaluation = evaluation or EvaluationConfig()
-    check_arguments(evaluation=evaluation)
-    with runtime.parallel_runtime(parallel):
-        loaded = load_model(model_path)
-        reference = load_model(reference_model_path).model if reference_model_path else None
-        tokenizer = load_tokenizer(loaded.hf_dir)
-        tokens = evaluation_tokens(evaluation, tokenizer)
-        result = evaluate_model(loaded.model, tokens, evaluation.micro_batch_size, reference)
-        del reference
-        if evaluation.accuracy is not None:
-            accuracy = evaluate_multiple_choice(loaded.model, tokenizer, evaluation.accuracy,
-                                                max_length=loaded.config.max_position_embeddings)
-            result.task_accuracy = accuracy.to_dict()
-        if evaluation.lm_eval is not None:
-            result.lm_eval = _run_lm_eval(loaded, tokenizer, evaluation.lm_eval)
-        if output_path and runtime.is_main_process():
-            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(output_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        runtime.print0(json.dumps(result.to_dict(), indent=2))
-    return result
-
-
-evaluate.check_arguments = check_arguments
-
-
-def _run_lm_eval(loaded, tokenizer, config: LmEvalConfig) -> dict:
-    from nemo_optim.accuracy.lm_eval_adapter import NemoOptimLM, run_lm_eval
-
-    lm = NemoOptimLM(loaded.model, tokenizer, max_length=loaded.config.max_position_embeddings,
-                     batch_size=config.batch_size)
-    return run_lm_eval(lm, config.tasks, include_path=config.include_path, num_fewshot=config.num_fewshot,
-                       limit=config.limit)

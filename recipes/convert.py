@@ -4,9 +4,10 @@
 import nemo_run as run
 
 from nemo_optim.accuracy.multiple_choice import AccuracyConfig
-from nemo_optim.convert import export_ckpt, import_ckpt
+from nemo_optim.stages.convert import export_ckpt, import_ckpt
 from nemo_optim.data.corpus import DataConfig
-from nemo_optim.evaluation import EvaluationConfig, evaluate
+from nemo_optim.evaluation import EvaluationConfig
+from nemo_optim.stages.evaluate import evaluate
 from nemo_optim.models.hf import SMOLLM2
 
 EMBEDDED_TASK = "embedded:stdlib-cloze"

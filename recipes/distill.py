@@ -7,7 +7,7 @@ import nemo_run as run
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
 from nemo_optim.data.corpus import DataConfig
-from nemo_optim.distillation.distill import distill
+from nemo_optim.stages.distill import distill
 from nemo_optim.models.hf import SMOLLM2
 from recipes.finetune import training_config
 

@@ -8,7 +8,7 @@ from typing import Optional
 import nemo_run as run
 
 from nemo_optim.data.corpus import DataConfig
-from nemo_optim.finetune import finetune
+from nemo_optim.stages.finetune import finetune
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.training import TrainingConfig
 

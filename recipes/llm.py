@@ -14,13 +14,13 @@ Importing this module registers the stage entry points and every recipe factory.
 
 import nemo_run as run
 
-from nemo_optim.convert import export_ckpt, import_ckpt
-from nemo_optim.distillation.distill import distill
-from nemo_optim.evaluation import evaluate
-from nemo_optim.finetune import finetune
-from nemo_optim.pruning.prune import prune
-from nemo_optim.quantization.ptq import ptq
-from nemo_optim.speculative.speculative import speculative
+from nemo_optim.stages.convert import export_ckpt, import_ckpt
+from nemo_optim.stages.distill import distill
+from nemo_optim.stages.evaluate import evaluate
+from nemo_optim.stages.finetune import finetune
+from nemo_optim.stages.prune import prune
+from nemo_optim.stages.ptq import ptq
+from nemo_optim.stages.speculative import speculative
 from recipes import convert, distill as distill_recipes, executors, finetune as finetune_recipes  # noqa: F401
 from recipes import prune as prune_recipes, ptq as ptq_recipes, speculative as speculative_recipes  # noqa: F401
 # (imported to register their factories)

@@ -7,7 +7,7 @@ import nemo_run as run
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pruning.config import PruningConfig
-from nemo_optim.pruning.prune import prune
+from nemo_optim.stages.prune import prune
 
 
 @run.cli.factory(target=prune)

@@ -6,7 +6,7 @@ import nemo_run as run
 
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
-from nemo_optim.quantization.ptq import ptq
+from nemo_optim.stages.ptq import ptq
 
 
 @run.cli.factory(target=ptq)

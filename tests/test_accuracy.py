@@ -215,7 +215,8 @@ def test_lm_eval_generate_until_and_rolling_match_transformers(tiny_hf_models, r
 
 
 def test_evaluate_stage_records_accuracy_and_lm_eval_and_report_shows_them(tiny_hf_models, tmp_path):
-    from nemo_optim.evaluation import EvaluationConfig, LmEvalConfig, evaluate
+    from nemo_optim.evaluation import EvaluationConfig, LmEvalConfig
+    from nemo_optim.stages.evaluate import evaluate
     from nemo_optim.report import report
 
     items = embedded_cloze_items()[:8]

@@ -12,7 +12,8 @@ import transformers
 
 from nemo_optim.data.corpus import DataConfig, DataError, load_documents, split_documents
 from nemo_optim.data.packing import pack_tokens, packed_sequences
-from nemo_optim.evaluation import EvaluationConfig, evaluate, evaluate_model, evaluation_tokens
+from nemo_optim.evaluation import EvaluationConfig, evaluate_model, evaluation_tokens
+from nemo_optim.stages.evaluate import evaluate
 from nemo_optim.models.loader import load_model
 
 

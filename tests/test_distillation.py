@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.config import DistillationConfigError, load_distillation_config
-from nemo_optim.distillation.distill import distill
+from nemo_optim.stages.distill import distill
 from nemo_optim.distillation.model import DistillationLossReduction, build_distillation_model, teacher_provider
 from nemo_optim.evaluation import evaluate_model
 from nemo_optim.models.forward import forward_logits, make_batch
@@ -207,7 +207,7 @@ def test_resume_with_other_settings_starts_over(pair, tmp_path, capsys):
 
 def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
     from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
-    from nemo_optim.quantization.ptq import ptq
+    from nemo_optim.stages.ptq import ptq
 
     teacher, student = pair["llama"]
     ptq(model_path=str(student), export_config=ExportConfig(path=str(tmp_path / "fp8"), export_format="hf", dtype="float32"),

@@ -14,7 +14,7 @@ import launch
 from nemo_optim.errors import InputError, OutputExistsError, one_line_input_errors, refuse_existing_outputs
 from nemo_optim.prelaunch import LaunchTarget
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
-from nemo_optim.quantization.ptq import ptq
+from nemo_optim.stages.ptq import ptq
 from recipes.launching import launch_target
 
 

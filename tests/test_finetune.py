@@ -10,7 +10,7 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.errors import OutputExistsError
 from nemo_optim.evaluation import evaluate_model
-from nemo_optim.finetune import finetune
+from nemo_optim.stages.finetune import finetune
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.training import TrainingConfig
 

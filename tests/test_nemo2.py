@@ -70,7 +70,7 @@ def test_a_nemo2_checkpoint_loads_with_its_tokenizer_and_transformers_logits(nem
 def test_stages_take_a_nemo2_checkpoint_and_export_it_to_hf(nemo2_checkpoint, expected, tmp_path):
     """Export (any stage's model path goes through the same loader): transformers reads the HF
     export of the NeMo 2 checkpoint and computes the same logits."""
-    from nemo_optim.convert import export_ckpt
+    from nemo_optim.stages.convert import export_ckpt
 
     export_ckpt(path=str(nemo2_checkpoint), output_path=str(tmp_path / "hf"), dtype="float32")
     expected = torch.load(expected)
@@ -182,7 +182,7 @@ def test_fiddle_json_is_what_fiddle_itself_writes_and_builds():
 @pytest.fixture(scope="module")
 def exported_nemo2(tiny_hf_models, tmp_path_factory) -> Path:
     """The tiny HF Llama, loaded by nemo-optim and exported as a NeMo 2 checkpoint (fp32)."""
-    from nemo_optim.convert import export_ckpt
+    from nemo_optim.stages.convert import export_ckpt
 
     output = tmp_path_factory.mktemp("exported") / "nemo2"
     export_ckpt(path=str(tiny_hf_models["llama"]), output_path=str(output), target="nemo2", dtype="float32")
@@ -215,7 +215,7 @@ def test_an_exported_nemo2_checkpoint_has_nemo2s_layout_and_loads_back(exported_
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_qwen_models_round_trip_through_nemo2(arch, tiny_hf_models, tmp_path):
-    from nemo_optim.convert import export_ckpt
+    from nemo_optim.stages.convert import export_ckpt
 
     export_ckpt(path=str(tiny_hf_models[arch]), output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
     written = yaml.safe_load((tmp_path / "nemo2" / "context" / "model.yaml").read_text())
@@ -246,10 +246,10 @@ def test_nemo2_itself_loads_what_nemo_optim_exports(student, tiny_hf_models, tmp
     and computes the logits nemo-optim computes, with the same tokenizer."""
     if not NEMO2_PYTHON.is_file():
         pytest.skip("NeMo 2 is not installed: make nemo2-venv")
-    from nemo_optim.convert import export_ckpt
+    from nemo_optim.stages.convert import export_ckpt
     from nemo_optim.data.corpus import DataConfig
     from nemo_optim.pruning.config import PruningConfig
-    from nemo_optim.pruning.prune import prune
+    from nemo_optim.stages.prune import prune
 
     source = str(tiny_hf_models["llama"])
     if student == "pruned":

@@ -13,7 +13,8 @@ from nemo_optim.data.corpus import DataConfig
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
 from nemo_optim.pruning.config import PruningConfig, PruningConfigError
-from nemo_optim.pruning.prune import prune, prune_language_model
+from nemo_optim.pruning.pruner import prune_language_model
+from nemo_optim.stages.prune import prune
 from tiny_models import VOCAB_SIZE
 
 AXES = {

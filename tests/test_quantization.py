@@ -17,7 +17,7 @@ from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization import modelopt_config
 from nemo_optim.quantization.config import ALGORITHMS, PRESET_METHODS, ExportConfig, QuantizationConfig, QuantizationConfigError
-from nemo_optim.quantization.ptq import ptq
+from nemo_optim.stages.ptq import ptq
 from nemo_optim.quantization.quantizer import (ExportVerificationError, auto_quantize, calibration_batches,
                                                calibration_loop, quantize, verify_export)
 from tiny_models import VOCAB_SIZE

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
-from nemo_optim.finetune import finetune
+from nemo_optim.stages.finetune import finetune
 from nemo_optim.models.loader import load_tokenizer
 from nemo_optim.speculative import model as draft_model
 from nemo_optim.speculative.config import SpeculativeConfig, SpeculativeConfigError
@@ -25,7 +24,7 @@ from nemo_optim.speculative.data import SelfDistillationConfig
 from nemo_optim.speculative.decoding import (EagleDrafter, ReferenceDrafter, drafter_for, greedy_decode,
                                              speculative_decode)
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
-from nemo_optim.speculative.speculative import speculative
+from nemo_optim.stages.speculative import speculative
 from nemo_optim.training import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -163,4 +163,13 @@ def replace(config: DistillationConfig, **changes) -> DistillationConfig:
 
 
 __all__ = ["DistillationConfig", "DistillationConfigError", "load_distillation_config", "validate_layer_names",
-           "describe", "replace"]
+           "describe", "replace", "chosen_distillation_config"]
+
+
+def chosen_distillation_config(path: str | None, config: DistillationConfig | None) -> DistillationConfig:
+    """The checked config from the YAML `path` or the code `config` (one of them, or neither
+    for ModelOpt's defaults)."""
+    if path and config is not None:
+        raise DistillationConfigError("both distillation_config_path and distillation_config are set; keep one "
+                                      "(on the CLI: distillation_config=None to use the YAML).")
+    return load_distillation_config(path or config)

@@ -149,3 +149,14 @@ def broadcast_from_last_stage(value: Any) -> Any:
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
     return box[0]
+
+
+@torch.no_grad()
+def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
+    """Greedy decoding without a KV cache (a smoke check of a model, not a server)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for _ in range(new_tokens):
+        tokens = torch.tensor([ids + [0]])  # forward_logits takes [B, S+1]: the last column is a dummy label
+        logits = forward_logits(model, tokens)
+        ids.append(broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None))
+    return tokenizer.decode(ids)

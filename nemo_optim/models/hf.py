@@ -283,3 +283,16 @@ def embedded_model_path(name: str) -> Path:
             f"run `make setup` (it installs it with --no-deps)."
         )
     return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+@torch.no_grad()
+def hf_export_logit_diff(model: torch.nn.Module, export_dir: Path, tokens: torch.Tensor) -> float:
+    """Reloads an HF export in transformers and compares its logits with the megatron model's."""
+    import transformers
+
+    from nemo_optim.models.forward import forward_logits
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    reference = hf_model(tokens[:, :-1]).logits.float()
+    ours = forward_logits(model, tokens)
+    return (ours - reference).abs().max().item()

@@ -1,2 +1,2 @@
-"""Structured pruning (Minitron width/depth via ModelOpt, or dropping layers): `PruningConfig`,
-`prune_language_model`, and the `prune` stage entry (nemo_optim.pruning.prune)."""
+"""Structured pruning (Minitron width/depth via ModelOpt, or dropping layers): `PruningConfig`
+(config.py) and `prune_language_model` (pruner.py). The `prune` stage: nemo_optim.stages.prune."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_optim import runtime
-from nemo_optim.checkpoint import atomic_directory
+from nemo_optim.checkpoint import atomic_directory, stored_quantization_settings
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
@@ -61,6 +61,20 @@ class QuantizationSummary:
         return (f"quantized {self.algorithm}: {self.enabled_quantizers} quantizers, "
                 f"{100 * self.quantized_linear_share:.1f}% of decoder linear weights, "
                 f"{self.effective_bits:.2f} effective bits/weight")
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model` carries an enabled ModelOpt quantizer (a PTQ / QAD checkpoint)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+
+
+def stored_quantization_config(path: Path) -> QuantizationConfig | None:
+    """The QuantizationConfig a quantized native checkpoint was calibrated with (its manifest);
+    None for other model sources."""
+    stored = stored_quantization_settings(path)
+    return QuantizationConfig(**stored) if stored else None
 
 
 def summarize(model: torch.nn.Module, algorithm: str | None) -> QuantizationSummary:

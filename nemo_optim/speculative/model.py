@@ -252,3 +252,14 @@ def load_exported_draft(speculative: SpeculativeModel, export_dir: str | Path) -
                 last = speculative.model.medusa_num_layers
                 mapped[f"medusa_heads.{head}.{last}.{rest[0]}"] = tensor
     _load_draft_weights(speculative.model, mapped, export_dir)
+
+
+def draft_loss(batch: dict, output) -> tuple[torch.Tensor, dict]:
+    """ModelOpt's own draft loss (EAGLE: KL to the base model's next-token distribution over
+    the training-time-test steps; Medusa: decayed cross-entropy of each head), and EAGLE's
+    per-step top-1 agreement with the base model."""
+    loss = output.loss
+    metrics = {"loss": loss.detach().clone()}
+    for step, accuracy in enumerate((getattr(output, "train_acc", None) or [[]])[0]):
+        metrics[f"draft_top1_step{step + 1}"] = torch.tensor(float(accuracy))
+    return loss, metrics

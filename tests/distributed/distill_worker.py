@@ -7,7 +7,7 @@ import signal
 
 import torch
 
-import nemo_optim.distillation.distill as distill_module
+import nemo_optim.stages.distill as distill_module
 from nemo_optim import training
 from nemo_optim.data.corpus import DataConfig
 

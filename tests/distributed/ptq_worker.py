@@ -3,7 +3,7 @@
 import argparse
 
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
-from nemo_optim.quantization.ptq import ptq
+from nemo_optim.stages.ptq import ptq
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -4,12 +4,10 @@ one fixed training batch order, and writes the trained draft's weights for compa
 import argparse
 import os
 
-from safetensors.torch import load_file, save_file
-
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.speculative.config import SpeculativeConfig
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
-from nemo_optim.speculative.speculative import speculative
+from nemo_optim.stages.speculative import speculative
 from nemo_optim.training import TrainingConfig
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ distillation data before distilling, so the student does not learn the teacher's
 with that data (SmolLM2-135M on the embedded corpus: teacher perplexity 20.4 -> 12.8 after 60
 steps, benchmarks/results/distill.md).
 
-    python -c "from nemo_optim.finetune import finetune; finetune(model_path='smollm2-135m-instruct', output_path='/tmp/teacher_corrected')"
+    python -c "from nemo_optim.stages.finetune import finetune; finetune(model_path='smollm2-135m-instruct', output_path='/tmp/teacher_corrected')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads finetune's annotations.
 """
@@ -16,19 +16,18 @@ from typing import Optional
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
-from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.prelaunch import LaunchTarget, check_data_source
-from nemo_optim.training import TrainingConfig, TrainingConfigError, TrainingResult, default_run_dir, lm_loss_reduction, train
+from nemo_optim.stage import refuse_existing_outputs, save_stage_model, stage_entry, stage_runtime
+from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, lm_loss_reduction, train
 
 
 def check_arguments(*, data: Optional[DataConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
-    """Pre-launch: a training text file that is missing or malformed."""
+    """Pre-launch: a training text file that is missing or malformed (the stage reads it itself)."""
     check_data_source("data.source", data, launch_target)
 
 
-@one_line_input_errors
+@stage_entry(check_arguments)
 def finetune(
     *,
     model_path: str,
@@ -62,12 +61,7 @@ def finetune(
     training = training or TrainingConfig()
     refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
-    parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
-                                      seed=training.seed)
-    with runtime.parallel_runtime(parallel):
-        mismatch = runtime.launched_processes_message(devices, num_nodes)
-        if mismatch:
-            raise TrainingConfigError(mismatch)
+    with stage_runtime(tp_size, pp_size, devices, num_nodes, seed=training.seed):
         loaded = load_model(model_path)
         tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
         runtime.print0(f"fine-tuning {loaded.config.num_parameters() / 1e6:.1f} M parameters with the LM loss")
@@ -76,17 +70,11 @@ def finetune(
                        lm_loss_reduction, training, run_dir, resume=resume,
                        fingerprint={"model": str(model_path), "data": dataclasses.asdict(data),
                                     "tp_size": tp_size, "pp_size": pp_size})
-        checkpoint.save_checkpoint(loaded.model, loaded.config, output_path, loaded.hf_dir, producer={
+        save_stage_model(loaded.model, loaded.config, output_path, loaded.hf_dir, hf_export_path, producer={
             "stage": "finetune", "model": str(model_path), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"), "run_dir": str(run_dir),
             # a quantized model (QAT) keeps its calibration settings: ptq exports it with them
             "quantization_config": checkpoint.stored_quantization_settings(model_path),
         })
-        runtime.print0(f"fine-tuned native checkpoint: {output_path} (metrics: {run_dir / 'metrics.jsonl'})")
-        if hf_export_path:
-            export_hf(loaded.model, loaded.hf_dir, hf_export_path, dtype=loaded.config.torch_dtype)
-            runtime.print0(f"HF export: {hf_export_path}")
+        runtime.print0(f"training metrics: {run_dir / 'metrics.jsonl'}")
     return result
-
-
-finetune.check_arguments = check_arguments

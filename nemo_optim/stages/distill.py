@@ -6,7 +6,7 @@ DistillationModel, train with `nemo_optim.training` (resumable), export the stud
 state such as quantizers is kept: a PTQ checkpoint as student gives QAD), save, optionally
 export to HF.
 
-    python -c "from nemo_optim.distillation.distill import distill; distill(student_model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', output_path='/tmp/distilled')"
+    python -c "from nemo_optim.stages.distill import distill; distill(student_model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', output_path='/tmp/distilled')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads distill's annotations.
 """
@@ -20,7 +20,7 @@ from modelopt.torch.distill.plugins.megatron import DistillationConfig
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.distillation.config import DistillationConfigError, describe, load_distillation_config
+from nemo_optim.distillation.config import chosen_distillation_config, describe
 from nemo_optim.distillation.model import (
     DistillationLossReduction,
     build_distillation_model,
@@ -28,23 +28,22 @@ from nemo_optim.distillation.model import (
     get_tensor_shapes_adjust_fn_for_distillation,
     teacher_provider,
 )
-from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
-from nemo_optim.models.hf import export_hf
 from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
-from nemo_optim.prelaunch import check_data_source
+from nemo_optim.prelaunch import LaunchTarget, check_data_source
+from nemo_optim.stage import refuse_existing_outputs, save_stage_model, stage_entry, stage_runtime
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
-def chosen_distillation_config(path: Optional[str], config: Optional[DistillationConfig]) -> DistillationConfig:
-    """The checked config from the YAML `path` or the code `config` (one of them, or neither
-    for ModelOpt's defaults)."""
-    if path and config is not None:
-        raise DistillationConfigError("both distillation_config_path and distillation_config are set; keep one "
-                                      "(on the CLI: distillation_config=None to use the YAML).")
-    return load_distillation_config(path or config)
+def check_arguments(*, distillation_config_path: Optional[str] = None,
+                    distillation_config: Optional[DistillationConfig] = None, data: Optional[DataConfig] = None,
+                    launch_target: Optional[LaunchTarget] = None, **_) -> None:
+    """Pre-launch (and at the start): one distillation config that loads, and a training text
+    file that is missing or malformed."""
+    chosen_distillation_config(distillation_config_path, distillation_config)
+    check_data_source("data.source", data, launch_target)
 
 
-@one_line_input_errors
+@stage_entry(check_arguments)
 def distill(
     *,
     student_model_path: str,
@@ -87,12 +86,7 @@ def distill(
     kd_config = chosen_distillation_config(distillation_config_path, distillation_config)
     refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
-    parallel = runtime.ParallelConfig(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
-                                      seed=training.seed)
-    with runtime.parallel_runtime(parallel):
-        mismatch = runtime.launched_processes_message(devices, num_nodes)
-        if mismatch:
-            raise DistillationConfigError(mismatch)
+    with stage_runtime(tp_size, pp_size, devices, num_nodes, seed=training.seed):
         student = load_model(student_model_path)
         tokenizer = load_tokenizer(tokenizer_path or student.hf_dir)
         teacher_config, _, _ = read_model_config(teacher_model_path)
@@ -112,7 +106,7 @@ def distill(
                            "tp_size": tp_size, "pp_size": pp_size})
 
         student_model = export_student(model)
-        checkpoint.save_checkpoint(student_model, student.config, output_path, student.hf_dir, producer={
+        save_stage_model(student_model, student.config, output_path, student.hf_dir, hf_export_path, producer={
             "stage": "distill", "student": str(student_model_path), "teacher": str(teacher_model_path),
             "distillation_config": describe(kd_config), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"),
@@ -120,17 +114,5 @@ def distill(
             # a quantized student (QAD) keeps its calibration settings: ptq exports it with them
             "quantization_config": checkpoint.stored_quantization_settings(student_model_path),
         })
-        runtime.print0(f"distilled native checkpoint: {output_path} (metrics: {run_dir / 'metrics.jsonl'})")
-        if hf_export_path:
-            export_hf(student_model, student.hf_dir, hf_export_path, dtype=student.config.torch_dtype)
-            runtime.print0(f"HF export: {hf_export_path}")
+        runtime.print0(f"training metrics: {run_dir / 'metrics.jsonl'}")
     return result
-
-
-def check_distill_arguments(**arguments) -> None:
-    """What can be checked before any model is loaded (launchers call it before submitting)."""
-    chosen_distillation_config(arguments.get("distillation_config_path"), arguments.get("distillation_config"))
-    check_data_source("data.source", arguments.get("data"), arguments.get("launch_target"))
-
-
-distill.check_arguments = check_distill_arguments

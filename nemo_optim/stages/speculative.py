@@ -13,7 +13,7 @@ Steps:
   5. the speculative checkpoint at `output_path` (draft weights, ModelOpt state, results),
   6. the deployment export at `export_path` (EAGLE: ModelOpt's exporter; Medusa: vLLM layout).
 
-    python -c "from nemo_optim.speculative.speculative import speculative; speculative(model_path='smollm2-135m-instruct', output_path='/tmp/eagle3')"
+    python -c "from nemo_optim.stages.speculative import speculative; speculative(model_path='smollm2-135m-instruct', output_path='/tmp/eagle3')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads these annotations.
 """
@@ -28,13 +28,13 @@ import torch
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
 from nemo_optim.models.forward import run_micro_batches
 from nemo_optim.models.loader import load_tokenizer
 from nemo_optim.speculative import model as draft_model
 from nemo_optim.speculative.config import SpeculativeConfig, SpeculativeConfigError
 from nemo_optim.speculative.data import SelfDistillationConfig, document_prompts, training_rows
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig, measure_draft
+from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 from nemo_optim.training import TrainingConfig, TrainingResult, default_run_dir, train
 
 
@@ -48,17 +48,6 @@ class SpeculativeResult:
     evaluation: dict
     """`SpeculativeEvaluation.to_dict()`: per draft length, acceptance length and tokens/s."""
     export_path: Optional[str] = None
-
-
-def draft_loss(batch: dict, output) -> tuple[torch.Tensor, dict]:
-    """ModelOpt's own draft loss (EAGLE: KL to the base model's next-token distribution over
-    the training-time-test steps; Medusa: decayed cross-entropy of each head), and EAGLE's
-    per-step top-1 agreement with the base model."""
-    loss = output.loss
-    metrics = {"loss": loss.detach().clone()}
-    for step, accuracy in enumerate((getattr(output, "train_acc", None) or [[]])[0]):
-        metrics[f"draft_top1_step{step + 1}"] = torch.tensor(float(accuracy))
-    return loss, metrics
 
 
 def check_arguments(*, model_path: str, output_path: str, speculative_config: Optional[SpeculativeConfig] = None,
@@ -80,7 +69,7 @@ def check_arguments(*, model_path: str, output_path: str, speculative_config: Op
             f"speculative_config.num_medusa_heads to at least {max(lengths)}.")
 
 
-@one_line_input_errors
+@stage_entry(check_arguments)
 def speculative(
     *,
     model_path: str,
@@ -124,10 +113,7 @@ def speculative(
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     base_hf_dir = draft_model.base_hf_directory(model_path)
     # every process holds the whole model; more processes (torchrun) are data parallel
-    with runtime.parallel_runtime(runtime.ParallelConfig(seed=training.seed)):
-        mismatch = runtime.launched_processes_message(devices, num_nodes)
-        if mismatch:
-            raise SpeculativeConfigError(mismatch)
+    with stage_runtime(devices=devices, num_nodes=num_nodes, seed=training.seed):
         base = draft_model.load_base(base_hf_dir, DTYPES[dtype])
         tokenizer = load_tokenizer(base_hf_dir)
         train_rows = training_rows(base, base_hf_dir, data, tokenizer, self_distillation)
@@ -138,7 +124,7 @@ def speculative(
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         runtime.print0(f"training {speculative_config.algorithm} draft: {trainable / 1e6:.2f} M parameters on "
                        f"{len(train_rows)} rows of {data.seq_length} tokens")
-        result = train(model, train_rows, val_rows, draft_loss, training, run_dir, resume=resume,
+        result = train(model, train_rows, val_rows, draft_model.draft_loss, training, run_dir, resume=resume,
                        forward_backward=run_micro_batches,
                        fingerprint={"model": str(model_path), "speculative": dataclasses.asdict(speculative_config),
                                     "data": dataclasses.asdict(data),
@@ -163,6 +149,3 @@ def speculative(
         measured = runtime.broadcast_object(measured)
     return SpeculativeResult(output_path=str(output_path), training=result, evaluation=measured,
                              export_path=str(export_path) if export_path else None)
-
-
-speculative.check_arguments = check_arguments

@@ -9,7 +9,7 @@ Steps:
   5. export (unified HF or TensorRT-LLM) and verify that the export carries the format.
 
 CPU:
-    python -c "from nemo_optim.quantization.ptq import ptq; from nemo_optim.quantization.config import *; \
+    python -c "from nemo_optim.stages.ptq import ptq; from nemo_optim.quantization.config import *; \
 ptq(model_path='smollm2-135m-instruct', export_config=ExportConfig(path='/tmp/fp8'))"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads ptq's annotations.
@@ -19,21 +19,20 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import load_documents
-from nemo_optim.errors import one_line_input_errors, refuse_existing_outputs
+from nemo_optim.models.forward import greedy_sample
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
-from nemo_optim.quantization.quantizer import auto_quantize, export_quantized, quantize
-
-
-def is_quantized(model: torch.nn.Module) -> bool:
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+from nemo_optim.quantization.quantizer import (
+    auto_quantize,
+    export_quantized,
+    is_quantized,
+    quantize,
+    stored_quantization_config,
+)
+from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 
 
 def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
@@ -50,7 +49,7 @@ def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
         check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(), launch_target)
 
 
-@one_line_input_errors
+@stage_entry(check_arguments)
 def ptq(
     *,
     model_path: str,
@@ -60,6 +59,8 @@ def ptq(
     quantization_config: Optional[QuantizationConfig] = None,
     tokenizer_path: Optional[str] = None,
     trust_remote_code: bool = False,
+    devices: Optional[int] = None,
+    num_nodes: Optional[int] = None,
     save_path: Optional[str] = None,
     overwrite: bool = False,
     model_dtype: Optional[str] = None,
@@ -75,6 +76,8 @@ def ptq(
         quantization_config: algorithm, calibration data and exclusions.
         tokenizer_path: tokenizer directory if not the model's own.
         trust_remote_code: accepted for NeMo 2 compatibility; only built-in architectures load.
+        devices / num_nodes: processes per node and nodes this job was launched with (None: not
+            checked; the job needs calibration_tp x calibration_pp processes or a multiple).
         save_path: native checkpoint of the quantized model (default: `<export path>_native`).
         model_dtype: parameter dtype while calibrating (float32 on CPU, bfloat16 on GPU).
         transformer_impl: layer spec (local on CPU; modelopt/transformer_engine on GPU).
@@ -84,15 +87,15 @@ def ptq(
     save_path = save_path or f"{export_config.path.rstrip('/')}_native"
     # 1. everything that can be checked before loading a model
     quantization_config.check_hardware(runtime.use_cuda())
-    quantization_config.check_export_format(export_config.export_format)
+    check_arguments(quantization_config=quantization_config, export_config=export_config)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
     refuse_existing_outputs([("export_config.path", export_config.path), ("save_path", save_path)], overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
         raise QuantizationConfigError(f"tokenizer_path={tokenizer_path!r}: directory not found.")
 
-    parallel = runtime.ParallelConfig(tensor_model_parallel_size=calibration_tp, pipeline_model_parallel_size=calibration_pp)
-    with runtime.parallel_runtime(parallel):
+    with stage_runtime(calibration_tp, calibration_pp, devices, num_nodes,
+                       tp_field="calibration_tp", pp_field="calibration_pp"):
         loaded = load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl)
         tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
         model = loaded.model
@@ -120,7 +123,7 @@ def ptq(
         if calibration_tp > 1:
             # ModelOpt's exporters write TP shards into one file: export from a TP=1 reload of
             # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
-            runtime.set_model_parallel_sizes(dataclasses.replace(parallel, tensor_model_parallel_size=1))
+            runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=calibration_pp))
             model = load_model(save_path).model
         export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
                                        loaded.config.hf_architecture)
@@ -128,26 +131,3 @@ def ptq(
         if export_config.generate_sample:
             runtime.print0(f"sample: {greedy_sample(model, tokenizer)!r}")
     return export_path
-
-
-def stored_quantization_config(path: Path) -> Optional[QuantizationConfig]:
-    """The QuantizationConfig a quantized native checkpoint was calibrated with (its manifest);
-    None for other model sources."""
-    stored = checkpoint.stored_quantization_settings(path)
-    return QuantizationConfig(**stored) if stored else None
-
-
-@torch.no_grad()
-def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
-    """Greedy decoding without a KV cache (a smoke check of the quantized model, not a server)."""
-    from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
-
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for _ in range(new_tokens):
-        tokens = torch.tensor([ids + [0]])  # forward_logits takes [B, S+1]: the last column is a dummy label
-        logits = forward_logits(model, tokens)
-        ids.append(broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None))
-    return tokenizer.decode(ids)
-
-
-ptq.check_arguments = check_arguments

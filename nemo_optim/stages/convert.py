@@ -7,28 +7,27 @@ Steps of `import_ckpt`:
   4. save the native checkpoint (atomic), 5. optionally export to HF and check that
      transformers reloads the export with the same logits.
 
-    python -c "from nemo_optim.convert import import_ckpt; import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
+    python -c "from nemo_optim.stages.convert import import_ckpt; import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
 """
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry
 # function's annotations as real types.
 
 import dataclasses
-from typing import Optional
 import json
 import resource
 import time
 from pathlib import Path
-
-import torch
+from typing import Optional
 
 from nemo_optim import checkpoint, runtime
-from nemo_optim.errors import InputError, one_line_input_errors, refuse_existing_outputs
+from nemo_optim.errors import InputError
 from nemo_optim.evaluation import EvaluationConfig, EvaluationResult, evaluate_model, evaluation_tokens
 from nemo_optim.models.config import DTYPES
-from nemo_optim.models.forward import forward_logits
-from nemo_optim.models.hf import export_hf
+from nemo_optim.models.hf import export_hf, hf_export_logit_diff
 from nemo_optim.models.loader import load_model, load_tokenizer
+from nemo_optim.quantization.quantizer import is_quantized
+from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 
 
 @dataclasses.dataclass
@@ -73,18 +72,13 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-@torch.no_grad()
-def hf_export_logit_diff(model: torch.nn.Module, export_dir: Path, tokens: torch.Tensor) -> float:
-    """Reloads an HF export in transformers and compares its logits with the megatron model's."""
-    import transformers
-
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
-    reference = hf_model(tokens[:, :-1]).logits.float()
-    ours = forward_logits(model, tokens)
-    return (ours - reference).abs().max().item()
+def check_import_arguments(*, dtype: str = "float32", **_) -> None:
+    """Pre-launch (and at the start): the dtype is known."""
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
 
 
-@one_line_input_errors
+@stage_entry(check_import_arguments)
 def import_ckpt(
     *,
     source: str,
@@ -93,7 +87,6 @@ def import_ckpt(
     evaluation: Optional[EvaluationConfig] = None,
     dtype: str = "float32",
     overwrite: bool = False,
-    parallel: Optional[runtime.ParallelConfig] = None,
 ) -> ImportReport:
     """Stage entry: import `source` into a native checkpoint at `output_path`.
 
@@ -104,10 +97,9 @@ def import_ckpt(
         evaluation: if set, evaluate the imported model (perplexity, tokens/s).
         dtype: parameter dtype (float32 on CPU, bfloat16 on GPU).
     """
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    check_import_arguments(dtype=dtype)
     refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
-    with runtime.parallel_runtime(parallel):
+    with stage_runtime():
         began = time.perf_counter()
         loaded = load_model(source, dtype=dtype)
         import_seconds = time.perf_counter() - began
@@ -162,7 +154,7 @@ def check_export_arguments(*, target: str = "hf", dtype: str = "bfloat16", **_) 
         raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
 
 
-@one_line_input_errors
+@stage_entry(check_export_arguments)
 def export_ckpt(
     *,
     path: str,
@@ -170,7 +162,6 @@ def export_ckpt(
     target: str = "hf",
     dtype: str = "bfloat16",
     overwrite: bool = False,
-    parallel: Optional[runtime.ParallelConfig] = None,
 ) -> Path:
     """Stage entry (NeMo 2's `llm.export_ckpt` arguments): export the model at `path` (native
     checkpoint, NeMo 2 checkpoint, HF directory, GGUF) as `target`: "hf" (an HF directory) or
@@ -178,13 +169,12 @@ def export_ckpt(
     students included)."""
     check_export_arguments(target=target, dtype=dtype)
     refuse_existing_outputs([("output_path", output_path)], overwrite)
-    with runtime.parallel_runtime(parallel):
+    with stage_runtime():
         loaded = load_model(path)
         if target == "hf":
             export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])
         else:
             from nemo_optim.models.nemo2 import write_nemo2_checkpoint
-            from nemo_optim.quantization.ptq import is_quantized
 
             if is_quantized(loaded.model):
                 raise InputError(f"path={path!r} is quantized: target='nemo2' writes unquantized models (NeMo 2 "
@@ -193,6 +183,3 @@ def export_ckpt(
             write_nemo2_checkpoint(model, dataclasses.replace(loaded.config, dtype=dtype), output_path, loaded.hf_dir)
     runtime.print0(f"{target} export: {output_path}")
     return Path(output_path)
-
-
-export_ckpt.check_arguments = check_export_arguments
