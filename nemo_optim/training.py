@@ -1,6 +1,6 @@
 """A small training loop on megatron's schedules, shared by distillation and plain fine-tuning.
 
-Micro-batches with gradient accumulation to a global batch, AdamW, linear warmup + cosine LR,
+Micro-batches with gradient accumulation to a global batch, AdamW, linear warmup + cosine LR (torch),
 global-norm gradient clipping across TP/PP, validation every N steps, TensorBoard + console
 logging, and checkpoints every N steps holding everything a bit-exact resume needs (model,
 optimizer, scheduler, RNG states, the data position and the metrics so far).
@@ -97,15 +97,18 @@ class TrainingConfig:
         return self.precision == "bf16" or (self.precision == "auto" and runtime.use_cuda())
 
 
-def lr_factor(step: int, config: TrainingConfig) -> float:
-    """Multiplier of `config.lr` at optimizer step `step` (0-based): linear warmup, then
-    cosine decay to `min_lr` at `max_steps`."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    decay_steps = max(config.max_steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def learning_rate_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers for linear warmup to `lr` (step k of W trains at lr * (k+1)/W, never
+    at 0), then cosine decay to `min_lr` at `max_steps`; stepped once per optimizer step."""
+    from torch.optim import lr_scheduler
+
+    warmup = config.warmup_steps
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.max_steps - warmup, 1), eta_min=config.min_lr)
+    if warmup == 0:
+        return cosine
+    ramp = (lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+            if warmup > 1 else lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1))
+    return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def lm_loss_reduction(batch: dict[str, torch.Tensor], output: torch.Tensor):
@@ -150,45 +153,65 @@ def _trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _reduce_gradients(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-    """Averages gradients over data-parallel replicas and sums the tied embedding / output
-    weight's gradient across the first and last pipeline stage (no DDP wrapper here)."""
-    from megatron.core import parallel_state
+class _GradientSync:
+    """Gradients summed where megatron-core sums them. A megatron model trains inside megatron's
+    DistributedDataParallel (contiguous gradient buffers) and `finalize_model_grads` averages
+    over data-parallel replicas and sums the tied embedding / output weight across the first and
+    last pipeline stage. A model outside megatron (speculative's transformers base + draft) only
+    needs its gradients averaged over the data-parallel replicas."""
 
-    if parallel_state.get_data_parallel_world_size() > 1:
-        group = parallel_state.get_data_parallel_group()
-        for param in params:
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad, group=group)
-                param.grad /= parallel_state.get_data_parallel_world_size()
-    if (parallel_state.get_pipeline_model_parallel_world_size() > 1
-            and getattr(model, "share_embeddings_and_output_weights", False)
-            and parallel_state.is_rank_in_embedding_group()):
-        weight = model.shared_embedding_or_output_weight()
-        if weight is not None and weight.grad is not None:
-            torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter]):
+        from megatron.core.transformer.module import MegatronModule
+
+        self.params = params
+        self.ddp = None
+        self.model = model  # what the schedule runs
+        if isinstance(model, MegatronModule):
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+            self.ddp = self.model = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+
+    def zero(self) -> None:
+        for param in self.params:
+            param.grad = None  # the backward hooks accumulate into the buffer, not into .grad
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+
+    def finalize(self) -> None:
+        """After the step's micro-batches: reduced gradients in every `param.grad`."""
+        from megatron.core import parallel_state
+
+        if self.ddp is not None:
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.ddp])
+            for param in self.params:
+                param.grad = param.main_grad
+            return
+        replicas = parallel_state.get_data_parallel_world_size()
+        if replicas > 1:
+            for param in self.params:
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad, group=parallel_state.get_data_parallel_group())
+                    param.grad /= replicas
 
 
 def _clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clips to a global norm over the whole model (all TP/PP ranks); TP-replicated and
-    pipeline-tied copies are counted once. Returns the norm before clipping."""
+    """Clips to a global norm over the whole model: megatron's norm over all TP/PP ranks
+    (TP-replicated and pipeline-tied copies counted once), torch's in-place scaling. Returns
+    the norm before clipping."""
     from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
     from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    squares = torch.zeros((), dtype=torch.float64, device=runtime.device())
-    for param in params:
-        if param.grad is not None and param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
-            squares += param.grad.double().pow(2).sum()
-    if parallel_state.get_model_parallel_group() is not None and torch.distributed.get_world_size(
-            parallel_state.get_model_parallel_group()) > 1:
-        torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-    norm = float(squares.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        for param in params:
-            if param.grad is not None:
-                param.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
+    grads = [p.grad for p in params
+             if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    norm = get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm,
+                                             torch.tensor(norm, device=runtime.device()))
+    return float(norm)
 
 
 def _rng_state() -> dict:
@@ -359,7 +382,8 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    scheduler = learning_rate_scheduler(optimizer, config)
+    gradients = _GradientSync(model, params)
 
     start_step, history, resumed_from = 0, [], None
     newest = newest_checkpoint(run_dir) if resume else None
@@ -392,7 +416,7 @@ def train(
         with torch.no_grad(), autocast:
             for start in range(0, len(val_tokens), config.micro_batch_size):
                 batch = make_batch(val_tokens[start : start + config.micro_batch_size])
-                outputs += forward_backward(model, [batch], loss_fn, num_micro_batches=1, seq_length=seq_length,
+                outputs += forward_backward(gradients.model, [batch], loss_fn, num_micro_batches=1, seq_length=seq_length,
                                         micro_batch_size=config.micro_batch_size, forward_only=True, with_labels=True,
                                         adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
         metrics = _mean_metrics(outputs)
@@ -411,12 +435,12 @@ def train(
     model.train()
     for step in range(start_step, config.max_steps):
         began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        gradients.zero()
         with autocast:
-            outputs = forward_backward(model, micro_batches(step), loss_fn, num_micro_batches=num_micro,
+            outputs = forward_backward(gradients.model, micro_batches(step), loss_fn, num_micro_batches=num_micro,
                                    seq_length=seq_length, micro_batch_size=config.micro_batch_size,
                                    forward_only=False, with_labels=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
-        _reduce_gradients(model, params)
+        gradients.finalize()
         grad_norm = _clip_gradients(params, config.clip_grad)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()

@@ -14,7 +14,7 @@ import transformers
 
 from nemo_optim import runtime
 from nemo_optim.models.loader import load_model
-from nemo_optim.training import TrainingConfig, lm_loss_reduction, lr_factor, train
+from nemo_optim.training import TrainingConfig, learning_rate_scheduler, lm_loss_reduction, train
 
 CONFIG = TrainingConfig(max_steps=4, global_batch_size=4, micro_batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=2,
                         weight_decay=0.01, clip_grad=0.5, val_check_interval=0, checkpoint_interval=0, log_interval=1,
@@ -85,7 +85,12 @@ def test_lr_curve_is_megatrons_warmup_cosine_schedule():
     for _ in range(config.max_steps + 1):
         megatron_lr.append(optimizer.param_groups[0]["lr"])
         megatron.step(1)
-    ours = [config.lr * lr_factor(step, config) for step in range(config.max_steps + 1)]
+    ours_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler, ours = learning_rate_scheduler(ours_optimizer, config), []
+    for _ in range(config.max_steps + 1):
+        ours.append(ours_optimizer.param_groups[0]["lr"])
+        ours_optimizer.step()
+        scheduler.step()
     for step, lr in enumerate(ours):
         expected = megatron_lr[step + 1] if step < config.warmup_steps else megatron_lr[step]
         assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15), step
