@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recipes.launching import launch_recipe, split_executor
+from nemo_optim_recipes.launching import launch_recipe, split_executor
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,13 @@ from modelopt.torch.distill.plugins.megatron import DistillationConfig
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pipeline import run_stage
 from nemo_optim.report import report
-from recipes.convert import evaluate_recipe, export_recipe
-from recipes.distill import distillation_recipe
-from recipes.executors import EXECUTORS
-from recipes.finetune import finetune_recipe
-from recipes.launching import split_executor, task_error_line, use_this_python, wait_for_terminal_states
-from recipes.prune import prune_recipe
-from recipes.ptq import ptq_recipe
+from nemo_optim_recipes.convert import evaluate_recipe, export_recipe
+from nemo_optim_recipes.distill import distillation_recipe
+from nemo_optim_recipes.executors import EXECUTORS
+from nemo_optim_recipes.finetune import finetune_recipe
+from nemo_optim_recipes.launching import split_executor, task_error_line, use_this_python, wait_for_terminal_states
+from nemo_optim_recipes.prune import prune_recipe
+from nemo_optim_recipes.ptq import ptq_recipe
 
 
 def stage_task(recipe: run.Partial, name: str, output: str, work_dir: str, inputs: list) -> run.Partial:

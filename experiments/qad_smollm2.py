@@ -19,8 +19,8 @@ import nemo_run as run
 from experiments.compress_smollm2 import evaluation_tasks, experiment_main, stage_task
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.report import report
-from recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
-from recipes.ptq import smollm2_135m_ptq_int4_cpu
+from nemo_optim_recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
+from nemo_optim_recipes.ptq import smollm2_135m_ptq_int4_cpu
 
 
 def qad_tasks(

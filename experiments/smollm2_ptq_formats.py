@@ -11,9 +11,9 @@ import sys
 
 import nemo_run as run
 
-from recipes.executors import local
-from recipes.launching import use_this_python, wait_for_terminal_states
-from recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
+from nemo_optim_recipes.executors import local
+from nemo_optim_recipes.launching import use_this_python, wait_for_terminal_states
+from nemo_optim_recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
 
 
 def quick(recipe: run.Partial) -> run.Partial:

@@ -17,7 +17,7 @@ import nemo_run as run
 from experiments.compress_smollm2 import experiment_main, stage_task
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.report import report
-from recipes.speculative import smollm2_135m_speculative_eagle3_cpu, smollm2_135m_speculative_medusa_cpu
+from nemo_optim_recipes.speculative import smollm2_135m_speculative_eagle3_cpu, smollm2_135m_speculative_medusa_cpu
 
 
 def speculative_tasks(

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,14 +161,36 @@ def fork_writer_results_queue() -> None:
     """megatron's dist-checkpoint writer collects its workers' results through a Manager queue it
     starts with the 'spawn' method: a fresh interpreter that re-imports the entry script, torch and
     megatron (~5 s on CPU, once per process). A Manager forked from this process serves the same
-    queue without the re-import (megatron forks its writer workers from here too). Skipped if a
-    megatron version no longer has that module-level queue."""
+    queue without the re-import (megatron forks its writer workers from here too). The Manager
+    lets go of this process's stdout/stderr and exits when this process dies (even by SIGKILL), so
+    nothing reading this process's output waits on it. Skipped if a megatron version no longer
+    has that module-level queue."""
     import multiprocessing
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", ...) is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(_serve_only_while_parent_lives, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _serve_only_while_parent_lives(parent: int) -> None:
+    import threading
+    import time
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def save_checkpoint(

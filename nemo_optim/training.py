@@ -5,10 +5,11 @@ global-norm gradient clipping across TP/PP, validation every N steps, TensorBoar
 logging, and checkpoints every N steps holding everything a bit-exact resume needs (model,
 optimizer, scheduler, RNG states, the data position and the metrics so far).
 
-Training checkpoints are per-rank files (resume needs the same TP/PP/DP layout); the stage's
-final model is saved as a native checkpoint, which any layout can load.
+Training checkpoints hold a megatron model's weights and AdamW moments as a dist-checkpoint
+(`state/`), so a run resumes at another TP/PP too (bit-exact at the same layout), plus small
+per-rank files (scheduler, RNG states). The stage's final model is a native checkpoint.
 
-    <run_dir>/checkpoints/step_0000050/rank00000.pt ... + meta.json
+    <run_dir>/checkpoints/step_0000050/state/  rank00000.pt ...  meta.json
     <run_dir>/metrics.jsonl      one JSON line per logged train step and per validation
     <run_dir>/tensorboard/
 """
@@ -249,13 +250,52 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
+def _sharded_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A megatron model's weights and AdamW moments as megatron sharded tensors (each moment keyed
+    like its parameter), so dist-checkpointing saves them once and reshards them on load: a run
+    resumes at another TP/PP. AdamW's step count is the training step (restored from it)."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    model_state = model.sharded_state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:  # a template to load into needs the moments before the first step
+        if not optimizer.state[param]:
+            optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                          exp_avg_sq=torch.zeros_like(param))
+    optimizer_state = optimizer.state_dict()  # its param_groups stay each rank's own (not persisted)
+    optim_state_to_sharding_state(optimizer_state, get_param_id_to_sharded_param_map(model_state, params),
+                                  exclude_keys=("step",))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _is_megatron(model: torch.nn.Module) -> bool:
+    from megatron.core.transformer.module import MegatronModule
+
+    return isinstance(model, MegatronModule)
+
+
 def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, history, keep: int,
                               fingerprint: dict) -> None:
+    """A megatron model's weights and optimizer moments go into a dist-checkpoint (`state/`); a
+    model outside megatron (replicated on every rank) into rank 0's file. Every rank's file keeps
+    what is not sharded: scheduler, hyperparameters, RNG states."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     with checkpoint.atomic_directory(root / f"step_{step:07d}") as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step},
-                   tmp / f"rank{runtime.rank():05d}.pt")
+        extras = {"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step}
+        if _is_megatron(model):
+            from megatron.core import dist_checkpointing
+
+            checkpoint.fork_writer_results_queue()
+            if runtime.is_main_process():
+                (tmp / "state").mkdir()
+            runtime.barrier()
+            dist_checkpointing.save(_sharded_training_state(model, optimizer), str(tmp / "state"))
+        elif runtime.is_main_process():
+            extras.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+        torch.save(extras, tmp / f"rank{runtime.rank():05d}.pt")
         runtime.barrier()
         if runtime.is_main_process():
             # meta.json last: with it the directory is complete (and the rename makes it visible)
@@ -273,19 +313,40 @@ def _settings_changed(path: Path, fingerprint: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
 
 
-def _load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
+def _load_training_checkpoint(path: Path, model, optimizer, scheduler, seed: int) -> tuple[int, list]:
+    """Restores a training checkpoint; a megatron model's weights and moments are resharded to
+    this run's TP/PP. RNG states are restored when the layout is the one saved (a bit-exact
+    resume), otherwise reseeded from (seed, step)."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta["layout"] != _layout():
+    step = meta["step"]
+    same_layout = meta["layout"] == _layout()
+    if not _is_megatron(model) and meta["layout"]["world_size"] != runtime.world_size():
         raise TrainingConfigError(
-            f"{path}: saved with {meta['layout']}, this run has {_layout()}; resume with the same "
-            f"processes and TP/PP, or start fresh with resume=False."
-        )
-    state = torch.load(path / f"rank{runtime.rank():05d}.pt", weights_only=False, map_location=runtime.device())
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return meta["step"], meta["history"]
+            f"{path}: saved by {meta['layout']['world_size']} processes, this run has {runtime.world_size()}; resume "
+            f"with the same processes, or start fresh with resume=False.")
+    extras = torch.load(path / f"rank{runtime.rank() if same_layout else 0:05d}.pt", weights_only=False,
+                        map_location=runtime.device())
+    if _is_megatron(model):
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load(_sharded_training_state(model, optimizer), str(path / "state"))
+        model.load_state_dict(loaded["model"], strict=False)
+        for param_state in loaded["optimizer"]["state"].values():
+            param_state["step"] = torch.tensor(float(step))
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        if not runtime.is_main_process():
+            extras.update(torch.load(path / "rank00000.pt", weights_only=False, map_location=runtime.device()))
+        model.load_state_dict(extras["model"])
+        optimizer.load_state_dict(extras["optimizer"])
+    scheduler.load_state_dict(extras["scheduler"])
+    if same_layout:
+        _set_rng_state(extras["rng"])
+    else:
+        runtime.print0(f"{path}: saved with {meta['layout']}, resuming with {_layout()} (weights and optimizer "
+                       f"moments resharded; random states reseeded)")
+        runtime.seed_everything(seed + step)
+    return step, meta["history"]
 
 
 class _Log:
@@ -393,7 +454,7 @@ def train(
         runtime.print0(f"not resuming from {newest}: settings changed ({', '.join(changed)}); starting over")
         newest = None
     if newest is not None:
-        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler)
+        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler, config.seed)
         resumed_from = start_step
         runtime.print0(f"resumed from {newest} (step {start_step})")
     else:

@@ -9,7 +9,7 @@ from modelopt.torch.distill.plugins.megatron import DistillationConfig
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.stages.distill import distill
 from nemo_optim.models.hf import SMOLLM2
-from recipes.finetune import training_config
+from nemo_optim_recipes.finetune import training_config
 
 # QAD of SmolLM2 INT4 on CPU (benchmarks/results/qad.md)
 QAD_STEPS, QAD_LR = 60, 1e-3

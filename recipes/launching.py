@@ -22,13 +22,13 @@ TERMINAL_STATES = TERMINAL_FAILURES | {"SUCCEEDED"}
 
 
 def all_recipes() -> dict:
-    from recipes import llm
+    from nemo_optim_recipes import llm
 
     return llm.RECIPES
 
 
 def all_executors() -> dict:
-    from recipes import executors
+    from nemo_optim_recipes import executors
 
     return executors.EXECUTORS
 

@@ -21,8 +21,8 @@ from nemo_optim.stages.finetune import finetune
 from nemo_optim.stages.prune import prune
 from nemo_optim.stages.ptq import ptq
 from nemo_optim.stages.speculative import speculative
-from recipes import convert, distill as distill_recipes, executors, finetune as finetune_recipes  # noqa: F401
-from recipes import prune as prune_recipes, ptq as ptq_recipes, speculative as speculative_recipes  # noqa: F401
+from nemo_optim_recipes import convert, distill as distill_recipes, executors, finetune as finetune_recipes  # noqa: F401
+from nemo_optim_recipes import prune as prune_recipes, ptq as ptq_recipes, speculative as speculative_recipes  # noqa: F401
 # (imported to register their factories)
 
 STAGES = (import_ckpt, export_ckpt, evaluate, ptq, prune, finetune, distill, speculative)

@@ -11,7 +11,7 @@ from nemo_optim.speculative.config import SpeculativeConfig
 from nemo_optim.speculative.data import SelfDistillationConfig
 from nemo_optim.speculative.measure import SpeculativeEvaluationConfig
 from nemo_optim.stages.speculative import speculative
-from recipes.finetune import training_config
+from nemo_optim_recipes.finetune import training_config
 
 
 @run.cli.factory(target=speculative)

@@ -281,8 +281,8 @@ def test_smollm2_log_likelihoods_match_transformers(runtime_single):
 def test_cli_override_turns_on_an_optional_section_from_its_defaults():
     import fiddle as fdl
 
-    from recipes.convert import evaluate_recipe
-    from recipes.launching import apply_overrides
+    from nemo_optim_recipes.convert import evaluate_recipe
+    from nemo_optim_recipes.launching import apply_overrides
 
     partial = apply_overrides(evaluate_recipe(), ['evaluation.lm_eval.tasks=["tiny_cloze"]', "evaluation.accuracy=None",
                                                   "evaluation.lm_eval.limit=4"])

@@ -193,6 +193,33 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kill, pair, kd_yaml, tm
     assert all(torch.equal(clean_weights[k], resumed_weights[k]) for k in clean_weights)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_a_run_saved_at_tp1_resumes_at_another_layout(tp, pp, pair, kd_yaml, tmp_path):
+    """Training checkpoints are dist-checkpoints: killed after step 3 at TP1 (newest checkpoint:
+    step 2), resumed with two processes at TP2 or PP2, the run ends where an uninterrupted TP1
+    run ends (weights and AdamW moments resharded; float sums in another order)."""
+    teacher, student = pair["llama"]
+    common = ("--student", str(student), "--teacher", str(teacher), "--config", str(kd_yaml), "--steps", "6")
+    clean = _run_worker(*common, "--output", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    output = tmp_path / "killed"
+    killed = _run_worker(*common, "--output", str(output), "--kill-after-step", "3")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = _run_worker(*common, "--output", str(output), "--tp", str(tp), "--pp", str(pp), nproc=2)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert "weights and optimizer moments resharded" in resumed.stdout
+    expected, got = _history(tmp_path / "clean"), _history(output)
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in expected]
+    for want, have in zip(expected, got):
+        for key in ("loss", "logits_loss", "lr"):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], rel=2e-4, abs=1e-6), (key, want, have)
+    clean_weights, resumed_weights = _final_weights(tmp_path / "clean"), _final_weights(output)
+    assert all(torch.allclose(clean_weights[k], resumed_weights[k], rtol=1e-3, atol=1e-5) for k in clean_weights)
+
+
 def test_resume_with_other_settings_starts_over(pair, tmp_path, capsys):
     teacher, student = pair["llama"]
     kwargs = dict(student_model_path=str(student), teacher_model_path=str(teacher), data=DataConfig(seq_length=32),

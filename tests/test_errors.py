@@ -15,7 +15,7 @@ from nemo_optim.errors import InputError, OutputExistsError, one_line_input_erro
 from nemo_optim.prelaunch import LaunchTarget
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.stages.ptq import ptq
-from recipes.launching import launch_target
+from nemo_optim_recipes.launching import launch_target
 
 
 def _damaged_copy(source: Path, directory: Path, damage: str) -> Path:

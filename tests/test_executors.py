@@ -13,9 +13,9 @@ import nemo_run as run
 import pytest
 import yaml
 
-from recipes import llm
-from recipes.executors import EXECUTORS
-from recipes.launching import executor_with_overrides, rendered_job
+from nemo_optim_recipes import llm
+from nemo_optim_recipes.executors import EXECUTORS
+from nemo_optim_recipes.launching import executor_with_overrides, rendered_job
 
 REPO = Path(__file__).resolve().parents[1]
 KUBECONFIG = """apiVersion: v1
@@ -91,7 +91,7 @@ def test_slurm_dryrun_prints_the_sbatch_script():
 
 def test_kubeflow_trainjob_manifest_and_its_command(kubeconfig, tiny_hf_models, tmp_path):
     partial = launch_partial = llm.RECIPES["ptq_recipe"]()
-    from recipes.launching import apply_overrides
+    from nemo_optim_recipes.launching import apply_overrides
 
     export = tmp_path / "fp8"
     launch_partial = apply_overrides(partial, [f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}",

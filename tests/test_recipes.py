@@ -11,9 +11,9 @@ import nemo_run as run
 import pytest
 
 import launch
-from recipes import llm
-from recipes.launching import apply_overrides
-from recipes.naming import parse_recipe_name, recipe_name
+from nemo_optim_recipes import llm
+from nemo_optim_recipes.launching import apply_overrides
+from nemo_optim_recipes.naming import parse_recipe_name, recipe_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,3 +172,21 @@ def test_a_finished_output_is_not_replaced_unless_asked(tiny_hf_models, tmp_path
     assert launch.main(arguments + ["overwrite=True", "--dryrun"]) == 0
     for name, recipe in llm.RECIPES.items():
         assert not recipe().__arguments__.get("overwrite"), name
+
+
+def test_the_recipes_directory_installs_under_a_project_specific_name():
+    """`recipes/` installs as `nemo_optim_recipes` (torchtune installs a top-level `recipes`), and
+    every package of the core library is in pyproject's explicit list."""
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    import nemo_optim_recipes.llm  # noqa: F401  (what `nemo llm` imports)
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    library = {".".join(p.parent.relative_to(root).parts) for p in (root / "nemo_optim").rglob("__init__.py")}
+    assert sorted(setuptools["packages"]) == sorted(library | {"nemo_optim_recipes"})
+    assert setuptools["package-dir"] == {"nemo_optim_recipes": "recipes"}
+    assert Path(nemo_optim_recipes.__file__).resolve().parent == root / "recipes"
+    assert "recipes" not in sys.modules  # nothing imports the directory under its bare name

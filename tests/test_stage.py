@@ -12,7 +12,7 @@ from nemo_optim.errors import OutputExistsError
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.quantization.config import ExportConfig
 from nemo_optim.stage import StageArgumentError, stage_runtime
-from recipes.llm import STAGES
+from nemo_optim_recipes.llm import STAGES
 
 # the smallest arguments of each stage, with every output at `{out}`
 OUTPUT_ARGUMENTS = {

@@ -102,8 +102,7 @@ def distill(
         result = train(model, train_tokens, val_tokens, DistillationLossReduction(model, kd_config), training,
                        run_dir, resume=resume, adjust_tensor_shapes_fn=adjust_fn, fingerprint={
                            "student": str(student_model_path), "teacher": str(teacher_model_path),
-                           "distillation_config": describe(kd_config), "data": dataclasses.asdict(data),
-                           "tp_size": tp_size, "pp_size": pp_size})
+                           "distillation_config": describe(kd_config), "data": dataclasses.asdict(data)})
 
         student_model = export_student(model)
         save_stage_model(student_model, student.config, output_path, student.hf_dir, hf_export_path, producer={

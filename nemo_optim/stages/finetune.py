@@ -68,8 +68,7 @@ def finetune(
         result = train(loaded.model, packed_sequences(data, "train", tokenizer),
                        packed_sequences(data, "validation", tokenizer, training.num_val_sequences),
                        lm_loss_reduction, training, run_dir, resume=resume,
-                       fingerprint={"model": str(model_path), "data": dataclasses.asdict(data),
-                                    "tp_size": tp_size, "pp_size": pp_size})
+                       fingerprint={"model": str(model_path), "data": dataclasses.asdict(data)})
         save_stage_model(loaded.model, loaded.config, output_path, loaded.hf_dir, hf_export_path, producer={
             "stage": "finetune", "model": str(model_path), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"), "run_dir": str(run_dir),
