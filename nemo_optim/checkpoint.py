@@ -178,19 +178,21 @@ def fork_writer_results_queue() -> None:
 
 
 def _serve_only_while_parent_lives(parent: int) -> None:
-    import threading
-    import time
+    import ctypes
+    import gc
+    import signal
+
+    gc.freeze()  # never traverse the objects inherited from the forked (multi-threaded) parent
 
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-
-    def exit_with_parent() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
+    try:  # Linux: the kernel ends this server when the process that forked it dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
         os._exit(0)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def save_checkpoint(
