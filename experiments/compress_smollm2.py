@@ -19,7 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import fiddle as fdl
 import nemo_run as run
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
@@ -30,7 +29,7 @@ from nemo_optim_recipes.convert import evaluate_recipe, export_recipe
 from nemo_optim_recipes.distill import distillation_recipe
 from nemo_optim_recipes.executors import EXECUTORS
 from nemo_optim_recipes.finetune import finetune_recipe
-from nemo_optim_recipes.launching import split_executor, task_error_line, use_this_python, wait_for_terminal_states
+from nemo_optim_recipes.launching import run_experiment, split_executor
 from nemo_optim_recipes.prune import prune_recipe
 from nemo_optim_recipes.ptq import ptq_recipe
 
@@ -114,25 +113,7 @@ def pipeline_tasks(
 def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun: bool = False,
                  name: str = "compress_smollm2") -> int:
     """One experiment, tasks in order; returns a process exit code (non-zero if a task failed)."""
-    use_this_python()
-    with run.Experiment(name, log_level="WARN") as exp:
-        for task_name, task in tasks.items():
-            exp.add(task, executor=fdl.build(EXECUTORS[executor]()), name=task_name)
-        if dryrun:
-            exp.dryrun()
-            return 0
-        exp.run(sequential=True, detach=False)
-        states = wait_for_terminal_states(exp)
-        log_dirs = {job.id: job.executor.job_dir for job in exp.jobs}
-        for job in exp.jobs:
-            print(f"{job.id}: {states[job.id]} (logs: {job.executor.job_dir})")
-    failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
-    if failed:
-        reason = task_error_line(log_dirs[failed[0]])  # the first failure; later tasks were not run
-        print(f"error: task(s) {', '.join(failed)} did not succeed"
-              + (f"; {failed[0]} failed: {reason}" if reason else "; see the logs above."), file=sys.stderr)
-        return 1
-    return 0
+    return run_experiment(name, tasks, EXECUTORS[executor](), dryrun=dryrun)
 
 
 def experiment_main(argv: list[str] | None, make_tasks, name: str, default_work_dir: str, description: str) -> int:

@@ -12,7 +12,7 @@ import sys
 import nemo_run as run
 
 from nemo_optim_recipes.executors import local
-from nemo_optim_recipes.launching import use_this_python, wait_for_terminal_states
+from nemo_optim_recipes.launching import run_experiment
 from nemo_optim_recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
 
 
@@ -34,24 +34,11 @@ def tasks(overwrite: bool = False) -> dict[str, run.Partial]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fiddle as fdl
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dryrun", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace the exports of an earlier run")
     args = parser.parse_args(argv)
-    use_this_python()
-    with run.Experiment("smollm2_ptq_formats", log_level="WARN") as exp:
-        for name, task in tasks(args.overwrite).items():
-            exp.add(task, executor=fdl.build(local()), name=name)
-        if args.dryrun:
-            exp.dryrun()
-            return 0
-        exp.run(sequential=True, detach=False)
-        states = wait_for_terminal_states(exp)
-    failed = {k: v for k, v in states.items() if v != "SUCCEEDED"}
-    print(states)
-    return 1 if failed else 0
+    return run_experiment("smollm2_ptq_formats", tasks(args.overwrite), local(), dryrun=args.dryrun)
 
 
 if __name__ == "__main__":

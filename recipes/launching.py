@@ -278,6 +278,35 @@ def use_this_python() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+def run_experiment(name: str, tasks: dict[str, run.Partial], executor: run.Config, *, dryrun: bool = False,
+                   tail_logs: bool = False) -> int:
+    """The one wrapper around a NeMo-Run experiment: its tasks in order, each on its own executor
+    built from the `executor` config, then what
+    NeMo-Run does not give: the real final states (polled until terminal: Slurm may still be
+    SUBMITTED when `exp.run` returns), one line per task with its logs, and a process exit code.
+    A failed task's own error line (a stage's one-line input error, or the exception it ended
+    with) is the last thing printed; 0 when every task SUCCEEDED."""
+    use_this_python()
+    with run.Experiment(name, log_level="WARN") as exp:
+        for task_name, task in tasks.items():
+            exp.add(task, executor=fdl.build(executor), name=task_name)
+        if dryrun:
+            exp.dryrun()
+            return 0
+        exp.run(sequential=True, detach=False, tail_logs=tail_logs)
+        states = wait_for_terminal_states(exp)
+        log_dirs = {job.id: Path(job.executor.job_dir) for job in exp.jobs}
+        for job in exp.jobs:
+            print(f"{job.id}: {states[job.id]} (logs: {log_dirs[job.id]})")
+    failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
+    if not failed:
+        return 0
+    reason = task_error_line(log_dirs[failed[0]])  # the first failure; sequential tasks after it did not run
+    if reason:
+        return fail(f"{failed[0]} failed: {reason}", code=1)
+    return fail(f"task(s) {', '.join(f'{job_id} {states[job_id]}' for job_id in failed)}; see the logs above.", code=1)
+
+
 def launch_recipe(
     recipe: str | None,
     overrides: list[str],
@@ -320,19 +349,4 @@ def launch_recipe(
         print(partial)
         if input(f"Run {recipe} on {executor}? [y/N] ").strip().lower() not in ("y", "yes"):
             return fail("not confirmed", code=1)
-    use_this_python()
-    with run.Experiment(recipe, executor=job_executor, log_level="WARN") as exp:
-        exp.add(partial, name=recipe)
-        exp.run(sequential=True, detach=False, tail_logs=True)
-        states = wait_for_terminal_states(exp)
-        failed = {job_id: state for job_id, state in states.items() if state != "SUCCEEDED"}
-        log_dirs = {job.id: Path(job.executor.job_dir) for job in exp.jobs}
-        for job in exp.jobs:
-            print(f"{job.id}: {states[job.id]} (logs: {log_dirs[job.id]})")
-    if failed:
-        reasons = {job_id: task_error_line(log_dirs[job_id]) for job_id in failed}
-        if len(failed) == 1 and all(reasons.values()):
-            # the task's own error is the last thing the user reads, not NeMo-Run's boilerplate
-            return fail(f"{recipe} failed: {next(iter(reasons.values()))}", code=1)
-        return fail(f"task(s) {', '.join(f'{k} {v}' for k, v in failed.items())}; see the logs above.", code=1)
-    return 0
+    return run_experiment(recipe, {recipe: partial}, executor_config, tail_logs=True)
