@@ -334,11 +334,11 @@ def _load_training_checkpoint(path: Path, model, optimizer, scheduler, seed: int
         for param_state in loaded["optimizer"]["state"].values():
             param_state["step"] = torch.tensor(float(step))
         optimizer.load_state_dict(loaded["optimizer"])
-    else:
-        if not runtime.is_main_process():
-            extras.update(torch.load(path / "rank00000.pt", weights_only=False, map_location=runtime.device()))
-        model.load_state_dict(extras["model"])
-        optimizer.load_state_dict(extras["optimizer"])
+    else:  # replicated on every rank: rank 0's file holds it
+        replicated = extras if runtime.is_main_process() else torch.load(
+            path / "rank00000.pt", weights_only=False, map_location=runtime.device())
+        model.load_state_dict(replicated["model"])
+        optimizer.load_state_dict(replicated["optimizer"])
     scheduler.load_state_dict(extras["scheduler"])
     if same_layout:
         _set_rng_state(extras["rng"])
