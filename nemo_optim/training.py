@@ -401,6 +401,35 @@ def _mean_metrics(outputs: list[dict]) -> dict:
     return broadcast_from_last_stage(dict(zip(keys, values.tolist())))
 
 
+def _adamw(params: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay},
+         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+
+
+def _resume_or_start(run_dir: Path, resume: bool, fingerprint: dict, model, optimizer, scheduler,
+                     seed: int) -> tuple[int, list]:
+    """(first step, metrics so far): from the newest complete checkpoint made with the same
+    settings, else a fresh, seeded start (older checkpoints of this run_dir removed)."""
+    newest = newest_checkpoint(run_dir) if resume else None
+    changed = _settings_changed(newest, fingerprint) if newest is not None else []
+    if changed:
+        # continuing would mix two different runs: this one starts over
+        runtime.print0(f"not resuming from {newest}: settings changed ({', '.join(changed)}); starting over")
+        newest = None
+    if newest is not None:
+        step, history = _load_training_checkpoint(newest, model, optimizer, scheduler, seed)
+        runtime.print0(f"resumed from {newest} (step {step})")
+        return step, history
+    if runtime.is_main_process():
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    runtime.barrier()
+    runtime.seed_everything(seed)
+    return 0, []
+
+
 def train(
     model: torch.nn.Module,
     train_tokens: torch.Tensor,
@@ -437,35 +466,16 @@ def train(
                                       f"micro_batch_size={config.micro_batch_size}.")
 
     params = _trainable_parameters(model)
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-    )
+    optimizer = _adamw(params, config)
     scheduler = learning_rate_scheduler(optimizer, config)
     gradients = _GradientSync(model, params)
-
-    start_step, history, resumed_from = 0, [], None
-    newest = newest_checkpoint(run_dir) if resume else None
-    changed = _settings_changed(newest, fingerprint) if newest is not None else []
-    if changed:
-        # continuing would mix two different runs: this one starts over
-        runtime.print0(f"not resuming from {newest}: settings changed ({', '.join(changed)}); starting over")
-        newest = None
-    if newest is not None:
-        start_step, history = _load_training_checkpoint(newest, model, optimizer, scheduler, config.seed)
-        resumed_from = start_step
-        runtime.print0(f"resumed from {newest} (step {start_step})")
-    else:
-        if runtime.is_main_process():
-            shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        runtime.barrier()
-        runtime.seed_everything(config.seed)
+    start_step, history = _resume_or_start(run_dir, resume, fingerprint, model, optimizer, scheduler, config.seed)
+    resumed_from = start_step or None
     log = _Log(run_dir, history, enabled=runtime.is_main_process())
     order = _SampleOrder(len(train_tokens), config.seed)
 
     def micro_batches(step: int):
+        # this rank's share of global batch `step`, in the seeded sample order
         first = step * config.global_batch_size + dp_rank * num_micro * config.micro_batch_size
         for m in range(num_micro):
             rows = [order[first + m * config.micro_batch_size + i] for i in range(config.micro_batch_size)]
