@@ -154,6 +154,12 @@ def _trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _is_megatron(model: torch.nn.Module) -> bool:
+    from megatron.core.transformer.module import MegatronModule
+
+    return isinstance(model, MegatronModule)
+
+
 class _GradientSync:
     """Gradients summed where megatron-core sums them. A megatron model trains inside megatron's
     DistributedDataParallel (contiguous gradient buffers) and `finalize_model_grads` averages
@@ -162,12 +168,10 @@ class _GradientSync:
     needs its gradients averaged over the data-parallel replicas."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter]):
-        from megatron.core.transformer.module import MegatronModule
-
         self.params = params
         self.ddp = None
         self.model = model  # what the schedule runs
-        if isinstance(model, MegatronModule):
+        if _is_megatron(model):
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
             self.ddp = self.model = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
@@ -269,12 +273,6 @@ def _sharded_training_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     optim_state_to_sharding_state(optimizer_state, get_param_id_to_sharded_param_map(model_state, params),
                                   exclude_keys=("step",))
     return {"model": model_state, "optimizer": optimizer_state}
-
-
-def _is_megatron(model: torch.nn.Module) -> bool:
-    from megatron.core.transformer.module import MegatronModule
-
-    return isinstance(model, MegatronModule)
 
 
 def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, history, keep: int,

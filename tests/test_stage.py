@@ -32,7 +32,7 @@ OUTPUT_ARGUMENTS = {
 def test_the_stage_list_is_the_one_the_cli_serves():
     assert sorted(stage.__name__ for stage in STAGES) == sorted(OUTPUT_ARGUMENTS)
     for stage in STAGES:
-        assert stage.__module__ == f"nemo_optim.stages.{stage.__module__.rsplit('.', 1)[1]}"
+        assert stage.__module__.startswith("nemo_optim.stages."), stage.__module__
         parameters = inspect.signature(stage).parameters
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values()), stage.__name__
         assert parameters["overwrite"].default is False, stage.__name__
