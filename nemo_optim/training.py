@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -428,6 +429,37 @@ def _resume_or_start(run_dir: Path, resume: bool, fingerprint: dict, model, opti
     return 0, []
 
 
+def _micro_batches(train_tokens: torch.Tensor, order: _SampleOrder, step: int, config: TrainingConfig,
+                   dp_rank: int, num_micro: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's share of global batch `step`, in the seeded sample order."""
+    first = step * config.global_batch_size + dp_rank * num_micro * config.micro_batch_size
+    for m in range(num_micro):
+        rows = [order[first + m * config.micro_batch_size + i] for i in range(config.micro_batch_size)]
+        yield make_batch(train_tokens[rows])
+
+
+def _validation_metrics(model: torch.nn.Module, val_tokens: torch.Tensor, loss_fn: LossFn, config: TrainingConfig,
+                        forward_backward: Callable[..., list], adjust_tensor_shapes_fn: Optional[Callable]) -> dict:
+    """Mean loss metrics (and perplexity) over `val_tokens`; leaves `model` in train mode."""
+    model.eval()
+    outputs = []
+    with torch.no_grad(), _autocast(config):
+        for start in range(0, len(val_tokens), config.micro_batch_size):
+            batch = make_batch(val_tokens[start : start + config.micro_batch_size])
+            outputs += forward_backward(model, [batch], loss_fn, num_micro_batches=1, seq_length=val_tokens.shape[1] - 1,
+                                        micro_batch_size=config.micro_batch_size, forward_only=True, with_labels=True,
+                                        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
+    model.train()
+    metrics = _mean_metrics(outputs)
+    if "lm_loss" in metrics:
+        metrics["perplexity"] = math.exp(min(metrics["lm_loss"], 50.0))
+    return metrics
+
+
+def _autocast(config: TrainingConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if config.use_bf16() else contextlib.nullcontext()
+
+
 def train(
     model: torch.nn.Module,
     train_tokens: torch.Tensor,
@@ -454,7 +486,6 @@ def train(
     fingerprint = json.loads(json.dumps({**(fingerprint or {}), "training": dataclasses.asdict(config)}))
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), runtime.data_parallel_rank()
     num_micro = config.micro_batches_per_step(dp_size)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.use_bf16() else contextlib.nullcontext())
     seq_length = train_tokens.shape[1] - 1
     if val_tokens is not None:
         # whole micro-batches only: pipeline stages exchange tensors of one fixed shape
@@ -472,29 +503,6 @@ def train(
     log = _Log(run_dir, history, enabled=runtime.is_main_process())
     order = _SampleOrder(len(train_tokens), config.seed)
 
-    def micro_batches(step: int):
-        # this rank's share of global batch `step`, in the seeded sample order
-        first = step * config.global_batch_size + dp_rank * num_micro * config.micro_batch_size
-        for m in range(num_micro):
-            rows = [order[first + m * config.micro_batch_size + i] for i in range(config.micro_batch_size)]
-            yield make_batch(train_tokens[rows])
-
-    def validate(step: int) -> None:
-        model.eval()
-        outputs = []
-        with torch.no_grad(), autocast:
-            for start in range(0, len(val_tokens), config.micro_batch_size):
-                batch = make_batch(val_tokens[start : start + config.micro_batch_size])
-                outputs += forward_backward(gradients.model, [batch], loss_fn, num_micro_batches=1, seq_length=seq_length,
-                                        micro_batch_size=config.micro_batch_size, forward_only=True, with_labels=True,
-                                        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
-        metrics = _mean_metrics(outputs)
-        if "lm_loss" in metrics:
-            metrics["perplexity"] = math.exp(min(metrics["lm_loss"], 50.0))
-        log.record({"kind": "validation", "step": step, **metrics})
-        runtime.print0(f"validation step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        model.train()
-
     progress = None
     if runtime.is_main_process() and sys.stderr.isatty():
         from tqdm import tqdm
@@ -505,8 +513,9 @@ def train(
     for step in range(start_step, config.max_steps):
         began = time.perf_counter()
         gradients.zero()
-        with autocast:
-            outputs = forward_backward(gradients.model, micro_batches(step), loss_fn, num_micro_batches=num_micro,
+        with _autocast(config):
+            batches = _micro_batches(train_tokens, order, step, config, dp_rank, num_micro)
+            outputs = forward_backward(gradients.model, batches, loss_fn, num_micro_batches=num_micro,
                                    seq_length=seq_length, micro_batch_size=config.micro_batch_size,
                                    forward_only=False, with_labels=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
         gradients.finalize()
@@ -529,7 +538,10 @@ def train(
             progress.update(1)
         if val_tokens is not None and config.val_check_interval and (
                 done % config.val_check_interval == 0 or done == config.max_steps):
-            validate(done)
+            metrics = _validation_metrics(gradients.model, val_tokens, loss_fn, config, forward_backward,
+                                          adjust_tensor_shapes_fn)
+            log.record({"kind": "validation", "step": done, **metrics})
+            runtime.print0(f"validation step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if config.checkpoint_interval and (done % config.checkpoint_interval == 0 or done == config.max_steps):
             _save_training_checkpoint(run_dir, done, model, optimizer, scheduler, log.history,
                                       config.keep_last_checkpoints, fingerprint)
