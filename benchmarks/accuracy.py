@@ -31,7 +31,7 @@ from pathlib import Path
 
 import fiddle as fdl
 
-from benchmarks.common import write_results
+from benchmarks.common import check_rows, results_arguments, write_results
 from nemo_optim import runtime
 from nemo_optim.accuracy.multiple_choice import AccuracyConfig, evaluate_multiple_choice, task_items
 from nemo_optim.models.hf import SMOLLM2
@@ -92,14 +92,13 @@ def _paired(reference: dict, result: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS)
+    results_arguments(parser, ROWS)
     parser.add_argument("--items", type=int, default=None, help="score the first N items (default: all)")
     parser.add_argument("--compress-dir", type=Path, default=Path("outputs/compress_smollm2"))
     parser.add_argument("--qad-dir", type=Path, default=Path("outputs/qad_smollm2"))
     parser.add_argument("--work-dir", type=Path, default=None, help="PTQ checkpoints (default: a new temp dir)")
-    parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    check_rows(parser, args.rows, ROWS)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="accuracy-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     config = AccuracyConfig(task=TASK, num_items=args.items)

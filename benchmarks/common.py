@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: a JSON + markdown table writer and the quantization benchmarks' held-out text."""
+"""Shared pieces of the benchmarks: the results options (--rows / --note / --out), rows kept from the
+previous results file, a JSON + markdown table writer and the quantization benchmarks' held-out text."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
@@ -10,6 +12,44 @@ from typing import Any
 from nemo_optim.checkpoint import library_versions
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+
+
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def results_arguments(parser: argparse.ArgumentParser, rows: list[str] | None = None) -> None:
+    """--note and --out for every benchmark; with `rows`, also --rows: a subset reruns only those rows
+    and keeps the others from the previous results file (`merge_previous_rows`)."""
+    if rows is not None:
+        parser.add_argument("--rows", nargs="*", default=list(rows),
+                            help=f"rows to run (default: all of {list(rows)}); with a subset, the other rows are kept "
+                                 f"from the previous results file")
+    parser.add_argument("--note", default="", help="appended to the notes (e.g. what shared the machine)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+
+
+def check_rows(parser: argparse.ArgumentParser, chosen: list[str], rows: list[str]) -> None:
+    unknown = [row for row in chosen if row not in rows]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {list(rows)}")
+
+
+def previous_results(name: str, out_dir: Path) -> dict[str, Any]:
+    """The last results file of benchmark `name` ({} if none)."""
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def merge_previous_rows(rows: list[dict[str, Any]], previous: dict[str, Any], order: list[str],
+                        key: str = "row") -> tuple[list[dict[str, Any]], list[str]]:
+    """`rows` measured now, plus the rows of `order` they lack taken from `previous` (marked
+    reused), sorted by `order`. Returns (rows, names of the reused rows)."""
+    measured = {row[key] for row in rows}
+    kept = {row[key]: row for row in previous.get("rows", [])}
+    reused = [name for name in order if name not in measured and name in kept]
+    merged = rows + [dict(kept[name], reused=True) for name in reused]
+    merged.sort(key=lambda row: order.index(row[key]) if row[key] in order else len(order))
+    return merged, reused
 
 
 def reference_on_held_out(model_name: str, seq_length: int, num_sequences: int):

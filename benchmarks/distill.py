@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import check_rows, previous_results, results_arguments, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -169,24 +169,19 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--teacher-correction-lr", type=float, default=1e-4)
     parser.add_argument("--eval-sequences", type=int, default=32)
-    parser.add_argument("--rows", nargs="*", default=list(ALL_ROWS),
-                        help="trained rows to run; the others are kept from the previous results file (same settings)")
+    results_arguments(parser, list(ALL_ROWS))
     parser.add_argument("--core", action="store_true",
                         help=f"run only {list(CORE_ROWS)} (~35 min on 2 cores)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--reuse-checkpoints", action="store_true",
                         help="rows whose trained student is already complete in --work-dir are evaluated, not retrained")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.core:
         args.rows = list(CORE_ROWS)
-    unknown = [r for r in args.rows if r not in ALL_ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ALL_ROWS)}")
+    check_rows(parser, args.rows, list(ALL_ROWS))
     previous_rows = {}
     if set(args.rows) != set(ALL_ROWS):
-        previous = json.loads((args.out / "distill.json").read_text())
-        previous_rows = {row["model"]: row for row in previous["rows"]}
+        previous_rows = {row["model"]: row for row in previous_results("distill", args.out).get("rows", [])}
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded", seq_length=args.seq_length)

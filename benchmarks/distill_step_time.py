@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     with runtime.parallel_runtime():
         student = load_model(args.student)
@@ -90,7 +89,7 @@ def main() -> None:
              f"{TEACHER}; fp32 on CPU, {torch.get_num_threads()} threads. Optimizer time excluded from all rows. "
              f"Goal: ratio <= 1.10.")
     write_results("distill_step_time", rows, [("part", "part"), ("seconds", "seconds"), ("ratio", "KD / parts")],
-                  notes, args.out)
+                  f"{notes} {args.note}".strip(), args.out)
 
 
 if __name__ == "__main__":

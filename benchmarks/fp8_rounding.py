@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -45,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-sequences", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     quantizer = per_token_fp8_quantizer()
     squared_error, squared_norm = defaultdict(float), defaultdict(float)
@@ -83,7 +82,7 @@ def main() -> None:
              f"(benchmarks/ptq.py's held-out text); per linear kind, min / median / max over the layers. The last "
              f"row is the same quantizer on Gaussian tokens: the format's floor when nothing underflows.")
     write_results("fp8_rounding", rows, [("row", "input"), ("min", "min"), ("median", "median"), ("max", "max")],
-                  notes, args.out)
+                  f"{notes} {args.note}".strip(), args.out)
 
 
 if __name__ == "__main__":

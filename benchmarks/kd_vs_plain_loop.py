@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 SEED, LR, WEIGHT_DECAY, BETAS, CLIP = 1234, 1e-4, 0.01, (0.9, 0.95), 1.0
@@ -132,8 +132,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--side", choices=["nemo_optim", "plain"], default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     if args.side:  # one side, in its own process
         result = run_nemo_optim(args) if args.side == "nemo_optim" else run_plain_loop(args)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -42,7 +41,7 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     rows = []
     scores_dir = tempfile.mkdtemp(prefix="prune-scores-")
@@ -80,7 +79,7 @@ def main() -> None:
     write_results("prune", rows, [
         ("row", "pruning"), ("params_m", "params (M)"), ("params_share", "share"), ("perplexity", "ppl"),
         ("loss", "loss"), ("kl", "KL"), ("top1_agreement", "top-1"), ("prune_seconds", "seconds"),
-    ], notes, args.out)
+    ], f"{notes} {args.note}".strip(), args.out)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 
 import modelopt.torch.quantization as mtq
 
-from benchmarks.common import reference_on_held_out, write_results
+from benchmarks.common import (
+    check_rows,
+    merge_previous_rows,
+    previous_results,
+    reference_on_held_out,
+    results_arguments,
+    write_results,
+)
 from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
@@ -86,24 +91,16 @@ def _wall_time_ratio(forward_loop, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS),
-                        help="row names (default: all); with a subset, the other rows are kept from the previous results file")
+    results_arguments(parser, list(ROWS))
     parser.add_argument("--calib-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--note", default="", help="appended to the notes (e.g. what shared the machine)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="alternating raw / nemo-optim FP8 runs for the wall-time ratio (0: skip)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    unknown = [r for r in args.rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
-    previous_rows, wall_time = {}, None
-    if set(args.rows) != set(ROWS) and (args.out / "ptq.json").is_file():
-        previous = json.loads((args.out / "ptq.json").read_text())
-        previous_rows = {row["row"]: row for row in previous["rows"]}
-        wall_time = previous.get("wall_time_ratio")  # kept when this run does not time
+    check_rows(parser, args.rows, list(ROWS))
+    previous = previous_results("ptq", args.out) if set(args.rows) != set(ROWS) else {}
+    wall_time = previous.get("wall_time_ratio")  # kept when this run does not time
 
     rows = []
     with runtime.parallel_runtime():
@@ -150,11 +147,7 @@ def main() -> None:
         if args.timing_repeats:
             wall_time = {"ratio": _wall_time_ratio(forward_loop, args.timing_repeats), "repeats": args.timing_repeats,
                          "measured": datetime.date.today().isoformat()}
-    measured = {row["row"] for row in rows}
-    reused = [name for name in ROWS if name not in measured and name in previous_rows]
-    rows += [dict(previous_rows[name], reused=True) for name in reused]
-    order = ["Q4_1 GGUF as fp32 (reference)", *ROWS]
-    rows.sort(key=lambda row: order.index(row["row"]) if row["row"] in order else len(order))
+    rows, reused = merge_previous_rows(rows, previous, ["Q4_1 GGUF as fp32 (reference)", *ROWS])
     notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG"}
@@ -170,8 +170,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     if args.side:  # one (side, point), in its own process
         side, point = args.side.split(":")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import reference_on_held_out, write_results
+from benchmarks.common import check_rows, previous_results, results_arguments, reference_on_held_out, write_results
 from nemo_optim import checkpoint, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.distillation.config import load_distillation_config
@@ -71,9 +70,7 @@ def _quantized(fmt: str, work: Path, args) -> tuple[Path, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS),
-                        help=f"QAD rows (default: all of {list(ROWS)}); with a subset, the other rows are kept from the "
-                             f"previous results file")
+    results_arguments(parser, list(ROWS))
     parser.add_argument("--steps", type=int, default=None, help="every row's QAD steps (default: the row's own)")
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -81,15 +78,11 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--work-dir", type=Path, default=None, help="PTQ checkpoints made here are reused")
-    parser.add_argument("--note", default="", help="appended to the notes (e.g. what shared the machine)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    unknown = [r for r in args.rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+    check_rows(parser, args.rows, list(ROWS))
     previous_rows = {}
-    if set(args.rows) != set(ROWS) and (args.out / "qad.json").is_file():
-        previous_rows = {row["row"]: row for row in json.loads((args.out / "qad.json").read_text())["rows"]}
+    if set(args.rows) != set(ROWS):
+        previous_rows = {row["row"]: row for row in previous_results("qad", args.out).get("rows", [])}
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="qad-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded:pydoc", seq_length=args.seq_length)

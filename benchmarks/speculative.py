@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import check_rows, previous_results, results_arguments, write_results
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.speculative.config import SpeculativeConfig
@@ -45,19 +44,15 @@ ROWS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"of {list(ROWS)}")
+    results_arguments(parser, list(ROWS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every row (default: the row's)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--prompts", type=int, default=256, help="self-distillation prompts (training split)")
     parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--note", default="", help="appended to the notes (e.g. what shared the machine)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    unknown = [r for r in args.rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; valid: {list(ROWS)}")
+    check_rows(parser, args.rows, list(ROWS))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="speculative-bench-"))
     data = DataConfig(source="embedded", seq_length=256)
     evaluation = SpeculativeEvaluationConfig(num_prompts=args.eval_prompts, prompt_tokens=64,
@@ -87,7 +82,8 @@ def main() -> None:
                 "final_validation_loss": result.training.last("validation").get("loss"),
                 "config": dataclasses.asdict(config), "measured": datetime.date.today().isoformat(),
             })
-    rows = [row for row in _previous_rows(args.out) if row["row"] not in args.rows] + rows
+    # one line per draft length: a row kept from the last run keeps all of its lines
+    rows = [row for row in previous_results("speculative", args.out).get("rows", []) if row["row"] not in args.rows] + rows
     notes = (
         f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) on CPU, {torch.get_num_threads()} threads, "
         f"batch 1. Drafts trained by the `speculative` stage with the base model frozen: {args.prompts} prompts of "
@@ -108,11 +104,6 @@ def main() -> None:
         ("speedup", "speed-up"), ("identical_prompts", "identical"), ("training_tokens", "training tokens"),
         ("training_minutes", "training minutes"), ("stage_minutes", "stage minutes"), ("measured", "measured"),
     ], notes, args.out, extra={"args": {k: str(v) for k, v in vars(args).items()}})
-
-
-def _previous_rows(out: Path) -> list[dict]:
-    path = out / "speculative.json"
-    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 if __name__ == "__main__":
