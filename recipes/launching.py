@@ -236,7 +236,7 @@ def wait_for_terminal_states(exp: run.Experiment, poll_seconds: float = 5.0, tim
     SUBMITTED or RUNNING, so the state is polled from the scheduler until it is terminal."""
     began = time.monotonic()
     while True:
-        states = {job.id: state_name(job.status(runner=exp._runner)) for job in exp.jobs}
+        states = {job_id: state_name(info["status"]) for job_id, info in exp.status(return_dict=True).items()}
         if all(state in TERMINAL_STATES for state in states.values()):
             return states
         if timeout is not None and time.monotonic() - began > timeout:
