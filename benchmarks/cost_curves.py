@@ -2,8 +2,12 @@
 of calibration sequences and against model size, and a KD step's time against sequence length.
 Each point runs in its own process (its peak RSS is its own).
 
-PTQ: FP8 with ModelOpt's preset max calibration (GPTQ-lite, AWQ and auto_quantize add their own
-passes on top; benchmarks/results/ptq.md), 256-token sequences of pydoc text, batches of 4. Models:
+PTQ: FP8 with ModelOpt's preset max calibration, 256-token sequences of pydoc text, batches of 4;
+on SmolLM2 also with GPTQ-lite after it (nemo-optim's FP8 default), with auto_quantize (fp8 or 16
+bits per layer under 8.38 bits, the choice re-calibrated on a fresh copy of the model; batches of 4
+rows and of 1), and as the
+whole ptq stage (load, calibrate, native checkpoint, unified HF export; its "calibration s" is the
+stage's). Models:
 the tiny test Llama (2 layers, hidden 64), SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to
 fp32), and a random model of SmolLM2's shape at twice its width (hidden 1152, MLP 3072, 18/6
 heads). "Model memory" is the fp32 weights; "RSS over baseline" is the process's peak RSS minus its
@@ -28,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 SAMPLES = (16, 64, 256)
@@ -68,28 +72,52 @@ def _wide_model(directory: Path) -> Path:
     return directory
 
 
-def ptq_point(model_path: str, samples: int) -> dict:
+# how the model is quantized at a point: FP8 with ModelOpt's preset max calibration, with nemo-optim's
+# default FP8 calibration (max, then GPTQ-lite), with auto_quantize (fp8 or 16 bits per layer, then
+# the chosen formats re-calibrated on a fresh copy, as the ptq stage does), or the whole ptq stage
+# (load, calibrate, native checkpoint, unified HF export)
+PTQ_METHODS = {"ptq": "FP8 max", "ptq_gptq": "FP8 max + GPTQ-lite", "ptq_auto": "FP8 auto_quantize 8.38 bits",
+               "ptq_auto_rows1": "FP8 auto_quantize 8.38 bits, 1 row per step", "ptq_stage": "FP8 max, whole ptq stage"}
+
+
+def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str | None = None) -> dict:
     import torch
 
     from nemo_optim import runtime
-    from nemo_optim.models.loader import load_model, load_tokenizer
-    from nemo_optim.quantization.config import QuantizationConfig
-    from nemo_optim.quantization.quantizer import calibration_loop, quantize
+    from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
+    from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
+    from nemo_optim.quantization.quantizer import auto_quantize, calibration_loop, quantize
+    from nemo_optim.stages.ptq import ptq
 
+    config = QuantizationConfig(algorithm="fp8", calibration_algorithm=None if method == "ptq_gptq" else "preset",
+                                calibration_dataset_size=samples, calibration_seq_len=256)
+    if method.startswith("ptq_auto"):
+        config = QuantizationConfig(algorithm="fp8", auto_quantize_bits=8.38, auto_quantize_formats=["fp8"],
+                                    calibration_dataset_size=samples, calibration_seq_len=256,
+                                    calibration_batch_size=1 if method == "ptq_auto_rows1" else 4)
     baseline = _current_rss_gib()  # after the imports (their own peak can exceed a small model's)
-    with runtime.parallel_runtime():
-        loaded = load_model(model_path)
-        parameters = sum(p.numel() for p in loaded.model.parameters())
-        config = QuantizationConfig(algorithm="fp8", calibration_algorithm="preset",
-                                    calibration_dataset_size=samples, calibration_seq_len=256)
-        loop = calibration_loop(config, load_tokenizer(loaded.hf_dir))
-        began = time.perf_counter()
-        quantize(loaded.model, config, loop)
-        seconds = time.perf_counter() - began
-    peak = _rss_gib()
-    return {"parameters_m": parameters / 1e6, "model_gib": parameters * 4 / 2**30, "samples": samples,
-            "calibration_seconds": seconds, "seconds_per_sample": seconds / samples, "peak_rss_gib": peak,
-            "rss_over_baseline_gib": peak - baseline, "threads": torch.get_num_threads()}
+    began = time.perf_counter()
+    if method == "ptq_stage":
+        ptq(model_path=model_path, quantization_config=config, overwrite=True,
+            export_config=ExportConfig(path=str(Path(work_dir) / f"stage_{samples}"), generate_sample=False))
+        peak = _rss_gib()
+        parameters = read_model_config(model_path)[0].num_parameters()
+    else:
+        with runtime.parallel_runtime():
+            loaded = load_model(model_path)
+            parameters = sum(p.numel() for p in loaded.model.parameters())
+            tokenizer = load_tokenizer(loaded.hf_dir)
+            began = time.perf_counter()
+            if method.startswith("ptq_auto"):
+                auto_quantize(loaded.model, config, tokenizer, fresh_model=lambda: load_model(model_path).model)
+            else:
+                quantize(loaded.model, config, calibration_loop(config, tokenizer))
+        peak = _rss_gib()
+    seconds = time.perf_counter() - began
+    return {"method": PTQ_METHODS[method], "parameters_m": parameters / 1e6, "model_gib": parameters * 4 / 2**30,
+            "samples": samples, "calibration_seconds": seconds, "seconds_per_sample": seconds / samples,
+            "peak_rss_gib": peak, "rss_over_baseline_gib": peak - baseline,
+            "over_model": (peak - baseline) / (parameters * 4 / 2**30), "threads": torch.get_num_threads()}
 
 
 def kd_point(student: str, seq_length: int) -> dict:
@@ -136,7 +164,7 @@ def _run(args, point: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], kd: list[dict], out_dir: Path) -> None:
+def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], ptq_stages: list[dict], kd: list[dict], out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,9 +174,11 @@ def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], kd: list[dict], out_di
     axes[0].plot([r["samples"] for r in ptq_samples], [r["calibration_seconds"] for r in ptq_samples], "o-")
     axes[0].set(xlabel="calibration sequences (x 256 tokens)", ylabel="seconds", title="SmolLM2 FP8 calibration time")
     axes[1].plot([r["model_gib"] for r in ptq_sizes], [r["rss_over_baseline_gib"] for r in ptq_sizes], "o-",
-                 label="peak RSS over baseline")
+                 label="load + calibration")
+    axes[1].plot([r["model_gib"] for r in ptq_stages], [r["rss_over_baseline_gib"] for r in ptq_stages], "s-",
+                 label="whole ptq stage (+ save, export)")
     axes[1].plot([r["model_gib"] for r in ptq_sizes], [1.5 * r["model_gib"] for r in ptq_sizes], "--", label="1.5x model")
-    axes[1].set(xlabel="fp32 model (GiB)", ylabel="GiB", title="PTQ memory vs model size (16 sequences)")
+    axes[1].set(xlabel="fp32 model (GiB)", ylabel="peak RSS over baseline (GiB)", title="PTQ FP8 memory vs model size (16 sequences)")
     axes[1].legend()
     axes[2].plot([r["seq_length"] for r in kd], [r["step_seconds"] for r in kd], "o-")
     axes[2].set(xlabel="sequence length", ylabel="seconds", title="KD step (4 sequences)")
@@ -163,12 +193,11 @@ def main() -> None:
     parser.add_argument("--tiny", default=None, help="HF dir of a tiny model (default: made like the tests' tiny Llama)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--note", default="")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    results_arguments(parser)
     args = parser.parse_args()
     if args.point:  # one measurement, in its own process
         kind, model, value = args.point.split(":", 2)
-        result = ptq_point(model, int(value)) if kind == "ptq" else kd_point(model, int(value))
+        result = ptq_point(model, int(value), kind, args.work_dir) if kind in PTQ_METHODS else kd_point(model, int(value))
         (Path(args.work_dir) / f"{args.point.replace(':', '_').replace('/', '_')}.json").write_text(json.dumps(result))
         return
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="cost-curves-")
@@ -186,10 +215,13 @@ def main() -> None:
                     f"from pathlib import Path; _wide_model(Path({str(work / 'wide')!r}))"], check=True)
     wide = str(work / "wide")
     ptq_samples = [dict(_run(args, f"ptq:{SMOLLM2}:{n}"), model="SmolLM2") for n in SAMPLES]
-    ptq_sizes = [dict(_run(args, f"ptq:{path}:16"), model=label)
-                 for label, path in (("tiny Llama", args.tiny), ("SmolLM2", SMOLLM2), ("SmolLM2 x2 width (random)", wide))]
+    models = (("tiny Llama", args.tiny), ("SmolLM2", SMOLLM2), ("SmolLM2 x2 width (random)", wide))
+    ptq_sizes = [dict(_run(args, f"ptq:{path}:16"), model=label) for label, path in models]
+    ptq_methods = [dict(_run(args, f"{method}:{SMOLLM2}:16"), model="SmolLM2") for method in ("ptq_gptq", "ptq_auto", "ptq_auto_rows1")]
+    ptq_stages = [dict(_run(args, f"ptq_stage:{path}:16"), model=label) for label, path in models[1:]]
     kd = [_run(args, f"kd:{args.student}:{n}") for n in SEQ_LENGTHS]
-    rows = ([{"row": f"PTQ FP8, {r['model']}, {r['samples']} sequences", **r} for r in ptq_samples + ptq_sizes[::2]]
+    rows = ([{"row": f"PTQ {r['method']}, {r['model']}, {r['samples']} sequences", **r}
+             for r in ptq_samples + ptq_sizes[::2] + ptq_methods + ptq_stages]
             + [{"row": f"KD step, {r['seq_length']} tokens", **r} for r in kd])
     first = ptq_samples[0]["seconds_per_sample"]
     linearity = ", ".join(f"{r['samples']}: {r['seconds_per_sample'] / first:.2f}x" for r in ptq_samples)
@@ -199,9 +231,10 @@ def main() -> None:
         ("row", "point"), ("parameters_m", "params (M)"), ("model_gib", "model (GiB)"),
         ("calibration_seconds", "calibration s"), ("seconds_per_sample", "s / sequence"),
         ("peak_rss_gib", "peak RSS (GiB)"), ("rss_over_baseline_gib", "RSS over baseline (GiB)"),
+        ("over_model", "over baseline / model"),
         ("step_seconds", "KD step s"), ("tokens_per_second", "KD tokens/s"),
     ], notes, args.out, extra={"args": {k: str(v) for k, v in vars(args).items()}})
-    _plot(ptq_samples, ptq_sizes, kd, args.out)
+    _plot(ptq_samples, ptq_sizes, ptq_stages, kd, args.out)
 
 
 if __name__ == "__main__":

@@ -324,8 +324,11 @@ def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_mo
     for name, calibration in (("search only", "preset"), ("gptq_lite", None)):
         config = _config("int4", auto_quantize_bits=9.0, auto_quantize_formats=["int4", "int8_wo"], calibration_algorithm=calibration)
         tokens = torch.cat(calibration_batches(config, tiny_tokenizer))
-        model, summary = auto_quantize(load_model(tiny_hf_models["llama"]).model, config, tiny_tokenizer,
+        searched = load_model(tiny_hf_models["llama"]).model
+        model, summary = auto_quantize(searched, config, tiny_tokenizer,
                                        fresh_model=lambda: load_model(tiny_hf_models["llama"]).model)
+        # re-calibrated on a fresh copy: the searched model's weights were released before it loaded
+        assert all(p.is_meta for p in searched.parameters()) == (calibration is None)
         logits, reference = forward_logits(model, tokens), forward_logits(reference_model, tokens)
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
         results[name] = (kl, dict(summary.per_layer_formats))

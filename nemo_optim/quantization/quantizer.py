@@ -279,10 +279,17 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     """ModelOpt `auto_quantize`: per-layer formats among `config.auto_quantize_formats` under
     `config.auto_quantize_bits` effective bits (PP=1).
 
+    The search's sensitivity pass is a forward + backward that keeps every candidate layer's
+    output error for its batch: its memory grows with `config.calibration_batch_size` rows per
+    step (benchmarks/results/cost_curves.md). Fewer rows per step do not give the same choice:
+    every score shrinks with the rows (the loss is a mean over them) and ModelOpt's LP solver
+    separates small scores less well.
+
     `fresh_model` loads the unquantized model again: the chosen formats are then quantized
     and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
-    searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled). The caller
-    still holds the searched model, so memory peaks at two copies of the model."""
+    searched model itself re-calibrates badly: a tiny Llama's KL to fp32 doubled). The searched
+    `model`'s tensors are released first (moved to the meta device), so only one copy of the
+    weights is resident: use the returned model, not the one passed in."""
     import modelopt.torch.quantization as mtq
     from megatron.core import parallel_state
 
@@ -323,6 +330,8 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
             warnings.filterwarnings("ignore", message="get_auto_quantize_config")  # "uses algorithm='max'": replaced here
             chosen = mtq.get_auto_quantize_config(search_state)
         chosen["algorithm"] = recalibration
+        model.to_empty(device="meta")  # the caller's reference stays; its weights need not
+        del model
         model = fresh_model()
         model.eval()
         model = mtq.quantize(model, chosen, calibration_loop(config, tokenizer))
