@@ -1,4 +1,4 @@
-"""The CPU runtime's allocator setting, checked in a fresh process (pytest's own heap would blur
+"""The CPU runtime's allocator settings, checked in a fresh process (pytest's own heap would blur
 a resident-memory measurement)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 
 # Buffers of 4 MiB (a SmolLM2 layer's activations or weight copy) interleaved with small buffers
 # that stay alive, as calibration leaves quantizer state between activations; then the large
-# ones are freed. Reports how much of their memory is still resident, inside the setting and after.
+# ones are freed. Reports how much of their memory is still resident: inside the mmap setting,
+# after it, and after release_free_heap.
 _HELD_AFTER_FREE = r"""
 import json, torch
 from pathlib import Path
@@ -35,7 +36,10 @@ with runtime.parallel_runtime():
     with runtime.freed_buffers_returned_to_os() as applied:
         inside = held_after_free()
     after = held_after_free()
-print(json.dumps({"applied": applied, "inside": inside, "after": after}))
+    resident = rss_mib()
+    runtime.release_free_heap()
+    released_mib = resident - rss_mib()
+print(json.dumps({"applied": applied, "inside": inside, "after": after, "released_mib": released_mib}))
 """
 
 
@@ -45,13 +49,15 @@ def _measure(env_overrides: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_forward_passes_return_freed_buffers_to_the_os_and_the_heap_is_reused_after():
+def test_loading_returns_freed_buffers_to_the_os_and_loops_release_the_free_heap():
     measured = _measure({})
     assert measured["applied"] is True
     assert measured["inside"]["grown_mib"] > 200 and measured["after"]["grown_mib"] > 200
     assert measured["inside"]["held_mib"] < 16, measured  # every 4 MiB buffer was its own mapping
     # after: glibc's settled thresholds again, so loops that re-allocate (GPTQ-lite) reuse the heap
     assert measured["after"]["held_mib"] > 200, measured
+    # ... and release_free_heap gives the freed pages between the live small buffers back
+    assert measured["released_mib"] > 200, measured
 
 
 def test_a_users_own_malloc_setting_is_left_alone():

@@ -243,9 +243,10 @@ def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
         # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize). Its
         # quantizers are in place by now: the logits are skipped unless the output layer has one.
         skip = output_layer_skipped(model) if not output_layer_quantized(model) else contextlib.nullcontext()
-        with skip, runtime.freed_buffers_returned_to_os():
+        with skip:
             for batch in runtime.progress(batches, description="calibration"):
                 forward_only(model, batch)
+                runtime.release_free_heap()  # freed activations do not pile up as resident heap
 
     return forward_loop
 
