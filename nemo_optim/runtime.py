@@ -119,6 +119,24 @@ def progress(iterable=None, *, description: str, total: int | None = None):
     return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, disable=not is_main_process())
 
 
+@contextlib.contextmanager
+def progress_over_layers(layers: torch.nn.ModuleList, description: str) -> Iterator[None]:
+    """A progress bar for code we do not own that walks `layers` (ModelOpt's exporters show none):
+    inside, iterating the list reports each layer. Only the list object's class is swapped, and
+    restored on leaving."""
+    plain = type(layers)
+
+    class LayersWithProgress(plain):
+        def __iter__(self):
+            return iter(progress(list(plain.__iter__(self)), description=description))
+
+    layers.__class__ = LayersWithProgress
+    try:
+        yield
+    finally:
+        layers.__class__ = plain
+
+
 # --- CPU adjustments -------------------------------------------------------------------------
 
 def _is_cuda_device(value) -> bool:

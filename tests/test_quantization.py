@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import modelopt.torch.quantization as mtq
 import pytest
@@ -172,6 +173,19 @@ def test_fp8_hf_export_passes_the_guard_and_a_tampered_one_fails(tiny_hf_models,
     (export / "hf_quant_config.json").unlink()
     with pytest.raises(ExportVerificationError, match="declares no quantization"):
         verify_export(export, "hf", {"FP8"})
+
+
+def test_the_hf_export_shows_progress_over_the_layers(tiny_hf_models, tmp_path, capfd):
+    """ModelOpt's megatron HF exporter prints no progress of its own; the export phase shows a bar
+    over the decoder layers (2 here)."""
+    _ptq(tiny_hf_models["llama"], tmp_path / "fp8", "fp8", "hf")
+    err = capfd.readouterr().err
+    assert re.search(r"export: 100%\|[^|]*\| 2/2 ", err), err[-2000:]
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    with runtime.progress_over_layers(layers, "walk"):
+        assert list(layers) == list(layers._modules.values())
+    assert type(layers) is torch.nn.ModuleList
+    assert "walk: 100%" in capfd.readouterr().err
 
 
 def test_silent_bf16_export_is_caught_and_the_native_checkpoint_avoids_recalibration(tiny_hf_models, tmp_path, capsys):
