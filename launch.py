@@ -2,11 +2,11 @@
 
     python launch.py smollm2_135m_import_cpu --yes                 # local, one process
     python launch.py smollm2_135m_import_cpu output_path=/tmp/x --dryrun
-    python launch.py RECIPE executor=torchrun --yes                # 2 processes (torchrun)
-    python launch.py RECIPE executor=slurm executor.account=ACC executor.partition=batch --yes
+    python launch.py RECIPE run.executor=torchrun --yes                # 2 processes (torchrun)
+    python launch.py RECIPE run.executor=slurm run.executor.account=ACC run.executor.partition=batch --yes
 
 Overrides and the executor use NeMo-Run's syntax, the same as `nemo llm STAGE --factory RECIPE ...`
-(`--executor NAME` is accepted too).
+and the experiments (`--executor NAME` is accepted too).
 
 Exits non-zero, with the log path, when a task fails (NeMo-Run itself exits 0).
 """
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe name (see --list)", nargs="?")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe's fields")
-    parser.add_argument("--executor", default=None, help="executor factory name, as executor=NAME (default: local)")
+    parser.add_argument("--executor", default=None, help="executor factory name, as run.executor=NAME (default: local)")
     parser.add_argument("--dryrun", action="store_true", help="print what would run, run nothing")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--list", action="store_true", help="list recipes and executors")

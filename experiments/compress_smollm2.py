@@ -6,8 +6,8 @@
     evaluate every model -> report
 
     .venv/bin/python -m experiments.compress_smollm2 --yes          # ~30 min on 2 CPU cores
-    .venv/bin/python -m experiments.compress_smollm2 --dryrun
-    .venv/bin/python -m experiments.compress_smollm2 executor=slurm --yes
+    .venv/bin/python -m experiments.compress_smollm2 --dryrun --yes    # prints the tasks (NeMo-Run asks first)
+    .venv/bin/python -m experiments.compress_smollm2 run.executor=slurm run.executor.partition=batch distill_steps=60 --yes
 
 Every task is a recipe with small edits, wrapped in `run_stage`: a stage whose output is
 complete and was made from the same inputs and settings is skipped, so re-running after a crash
@@ -15,13 +15,12 @@ complete and was made from the same inputs and settings is skipped, so re-runnin
 resumes from its last training checkpoint. The report (markdown + PNG) is always rewritten.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 import nemo_run as run
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
+from experiments.entrypoint import run_tasks
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pipeline import run_stage
 from nemo_optim.report import report
@@ -29,7 +28,7 @@ from nemo_optim_recipes.convert import evaluate_recipe, export_recipe
 from nemo_optim_recipes.distill import distillation_recipe
 from nemo_optim_recipes.executors import EXECUTORS
 from nemo_optim_recipes.finetune import finetune_recipe
-from nemo_optim_recipes.launching import run_experiment, split_executor
+from nemo_optim_recipes.launching import run_experiment
 from nemo_optim_recipes.prune import prune_recipe
 from nemo_optim_recipes.ptq import ptq_recipe
 
@@ -116,32 +115,25 @@ def run_pipeline(tasks: dict[str, run.Partial], executor: str = "local", dryrun:
     return run_experiment(name, tasks, EXECUTORS[executor](), dryrun=dryrun)
 
 
-def experiment_main(argv: list[str] | None, make_tasks, name: str, default_work_dir: str, description: str) -> int:
-    """The command line of a pipeline experiment: executor=NAME (NeMo-Run's syntax, as launch.py and
-    `nemo llm`; --executor NAME also works), --work-dir, --dryrun, --yes."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--executor", default=None, choices=sorted(EXECUTORS))
-    parser.add_argument("--work-dir", default=default_work_dir)
-    parser.add_argument("--dryrun", action="store_true")
-    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    named, rest = split_executor(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(rest)
-    if named is not None and named not in EXECUTORS:
-        parser.error(f"executor={named!r}: choose one of {', '.join(sorted(EXECUTORS))}")
-    args.executor = named or args.executor or "local"
-    tasks = make_tasks(work_dir=args.work_dir)
-    if not (args.yes or args.dryrun) and sys.stdin.isatty():
-        if input(f"Run {', '.join(tasks)} on {args.executor}? [y/N] ").strip().lower() not in ("y", "yes"):
-            return 1
-    code = run_pipeline(tasks, args.executor, args.dryrun, name=name)
-    if code == 0 and not args.dryrun:
-        print(f"report: {Path(args.work_dir).resolve() / 'report' / 'report.md'}")
-    return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    return experiment_main(argv, pipeline_tasks, "compress_smollm2", "outputs/compress_smollm2", __doc__)
+@run.cli.entrypoint(type="experiment", namespace="experiments")
+def compress_smollm2(
+    ctx: run.cli.RunContext,
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/compress_smollm2",
+    target_num_layers: int = 18,
+    importance_samples: int = 32,
+    teacher_correction_steps: int = 30,
+    teacher_correction_lr: float = 1e-4,
+    distill_steps: int = 30,
+    lr: float = 1e-3,
+    calibration_samples: int = 16,
+    eval_sequences: int = 16,
+    seq_length: int = 256,
+) -> None:
+    """prune -> correct the teacher -> distill -> FP8 PTQ -> export -> evaluate -> report (pipeline_tasks)."""
+    settings = {key: value for key, value in locals().items() if key != "ctx"}  # pipeline_tasks' arguments
+    run_tasks(ctx, "compress_smollm2", pipeline_tasks(**settings), report=f"{work_dir}/report/report.md")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.cli.main(compress_smollm2)

@@ -6,17 +6,17 @@
     own format, no recalibration) -> evaluate PTQ and QAD on held-out text -> report
 
     .venv/bin/python -m experiments.qad_smollm2 --yes       # 17 min on 2 CPU cores
-    .venv/bin/python -m experiments.qad_smollm2 --dryrun
+    .venv/bin/python -m experiments.qad_smollm2 steps=120 --dryrun --yes
 
 Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).
 """
 
-import sys
 from pathlib import Path
 
 import nemo_run as run
 
-from experiments.compress_smollm2 import evaluation_tasks, experiment_main, stage_task
+from experiments.compress_smollm2 import evaluation_tasks, stage_task
+from experiments.entrypoint import run_tasks
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.report import report
 from nemo_optim_recipes.distill import QAD_LR, QAD_STEPS, smollm2_135m_distill_qad_int4_cpu
@@ -65,9 +65,21 @@ def qad_tasks(
     return tasks
 
 
-def main(argv: list[str] | None = None) -> int:
-    return experiment_main(argv, qad_tasks, "qad_smollm2", "outputs/qad_smollm2", __doc__)
+@run.cli.entrypoint(type="experiment", namespace="experiments")
+def qad_smollm2(
+    ctx: run.cli.RunContext,
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/qad_smollm2",
+    steps: int = QAD_STEPS,
+    lr: float = QAD_LR,
+    calibration_samples: int = 64,
+    eval_sequences: int = 32,
+    seq_length: int = 256,
+) -> None:
+    """INT4 PTQ -> QAD -> INT4 export -> evaluate -> report (qad_tasks)."""
+    settings = {key: value for key, value in locals().items() if key != "ctx"}  # qad_tasks' arguments
+    run_tasks(ctx, "qad_smollm2", qad_tasks(**settings), report=f"{work_dir}/report/report.md")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.cli.main(qad_smollm2)

@@ -1,18 +1,14 @@
 """Experiment: SmolLM2-135M quantized to three formats, one NeMo-Run task each.
 
-    .venv/bin/python -m experiments.smollm2_ptq_formats            # runs locally, sequentially
-    .venv/bin/python -m experiments.smollm2_ptq_formats --dryrun
+    .venv/bin/python -m experiments.smollm2_ptq_formats --yes           # runs locally, sequentially
+    .venv/bin/python -m experiments.smollm2_ptq_formats overwrite=True run.executor=torchrun --yes
 
 Each task is a recipe with a small edit (fewer calibration sequences for a quick CPU run).
 """
 
-import argparse
-import sys
-
 import nemo_run as run
 
-from nemo_optim_recipes.executors import local
-from nemo_optim_recipes.launching import run_experiment
+from experiments.entrypoint import run_tasks
 from nemo_optim_recipes.ptq import smollm2_135m_ptq_fp8_cpu, smollm2_135m_ptq_int4_awq_cpu, smollm2_135m_ptq_int8_sq_cpu
 
 
@@ -33,13 +29,11 @@ def tasks(overwrite: bool = False) -> dict[str, run.Partial]:
     return recipes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dryrun", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="replace the exports of an earlier run")
-    args = parser.parse_args(argv)
-    return run_experiment("smollm2_ptq_formats", tasks(args.overwrite), local(), dryrun=args.dryrun)
+@run.cli.entrypoint(type="experiment", namespace="experiments")
+def smollm2_ptq_formats(ctx: run.cli.RunContext, overwrite: bool = False) -> None:
+    """FP8, INT8-SmoothQuant and INT4-AWQ exports of SmolLM2 (tasks)."""
+    run_tasks(ctx, "smollm2_ptq_formats", tasks(overwrite))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.cli.main(smollm2_ptq_formats)

@@ -4,17 +4,17 @@
     Medusa (same data, cached) -> report (acceptance length and speed-up per draft length)
 
     .venv/bin/python -m experiments.speculative_smollm2 --yes        # ~70 min on 2 CPU cores
-    .venv/bin/python -m experiments.speculative_smollm2 --dryrun
+    .venv/bin/python -m experiments.speculative_smollm2 eagle3_steps=20 medusa_steps=5 --dryrun --yes
 
 Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).
 """
 
-import sys
 from pathlib import Path
 
 import nemo_run as run
 
-from experiments.compress_smollm2 import experiment_main, stage_task
+from experiments.compress_smollm2 import stage_task
+from experiments.entrypoint import run_tasks
 from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.report import report
 from nemo_optim_recipes.speculative import smollm2_135m_speculative_eagle3_cpu, smollm2_135m_speculative_medusa_cpu
@@ -54,9 +54,23 @@ def speculative_tasks(
     return tasks
 
 
-def main(argv: list[str] | None = None) -> int:
-    return experiment_main(argv, speculative_tasks, "speculative_smollm2", "outputs/speculative_smollm2", __doc__)
+@run.cli.entrypoint(type="experiment", namespace="experiments")
+def speculative_smollm2(
+    ctx: run.cli.RunContext,
+    model: str = SMOLLM2,
+    work_dir: str = "outputs/speculative_smollm2",
+    eagle3_steps: int = 0,
+    medusa_steps: int = 0,
+    self_distillation_prompts: int = 0,
+    seq_length: int = 0,
+    draft_vocab_size: int = 0,
+    eval_prompts: int = 8,
+    max_new_tokens: int = 0,
+) -> None:
+    """EAGLE-3 and Medusa drafts -> report (speculative_tasks; a value of 0 keeps the recipe's)."""
+    settings = {key: value for key, value in locals().items() if key != "ctx"}  # speculative_tasks' arguments
+    run_tasks(ctx, "speculative_smollm2", speculative_tasks(**settings), report=f"{work_dir}/report/report.md")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.cli.main(speculative_smollm2)

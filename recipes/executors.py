@@ -1,4 +1,4 @@
-"""Executor factories. `launch.py RECIPE executor=NAME` and `nemo llm ... executor=NAME` use them.
+"""Executor factories: `run.executor=NAME` for launch.py, `nemo llm ...` and the experiments.
 
 Cluster settings may come from the environment, so a cluster profile is a file of exports:
 
@@ -9,7 +9,7 @@ Cluster settings may come from the environment, so a cluster profile is a file o
     NEMO_OPTIM_SKYPILOT_CLOUD / _GPUS, NEMO_OPTIM_DGXC_*, NEMO_OPTIM_LEPTON_* (pass-through; Skypilot
     needs `pip install nemo_run[skypilot]`)
 
-A value given as an argument (or `executor.x=` on the command line) wins over the environment.
+A value given as an argument (or `run.executor.x=` on the command line) wins over the environment.
 """
 
 import os

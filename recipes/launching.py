@@ -34,7 +34,12 @@ def all_executors() -> dict:
 
 
 def split_executor(arguments: list[str]) -> tuple[str | None, list[str]]:
-    """NeMo-Run's CLI syntax: (NAME of the last `executor=NAME`, or None; the other arguments)."""
+    """NeMo-Run's CLI syntax, as `nemo llm` and the experiments take it: `run.executor=NAME` and
+    `run.executor.FIELD=VALUE`. Returns (NAME of the last `run.executor=`, or None; the other
+    arguments, executor fields as `executor.FIELD=VALUE`). The bare `executor=` form of earlier
+    versions of this launcher is still read."""
+    arguments = [item.removeprefix("run.") if item.startswith(("run.executor=", "run.executor.")) else item
+                 for item in arguments]
     names = [item.partition("=")[2] for item in arguments if item.startswith("executor=")]
     return (names[-1] if names else None), [item for item in arguments if not item.startswith("executor=")]
 

@@ -2,7 +2,7 @@
 `nemo_run.cli` entry-point group):
 
     nemo llm import_ckpt --factory smollm2_135m_import_cpu --yes
-    nemo llm evaluate model_path=outputs/smollm2_135m/native executor=local --yes
+    nemo llm evaluate model_path=outputs/smollm2_135m/native run.executor=local --yes
     nemo llm ptq --factory smollm2_135m_ptq_fp8_cpu quantization_config.calibration_dataset_size=16 --yes
     nemo llm finetune --factory smollm2_135m_finetune_teacher_cpu training.max_steps=10 --yes
     nemo llm distill --factory smollm2_135m_distill_depth20_cpu training.max_steps=10 --yes

@@ -79,9 +79,9 @@ def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_slurm_dryrun_prints_the_sbatch_script():
-    result = _launch("llama31_8b_ptq_fp8_8gpu_h100_bf16", "executor=slurm", "executor.partition=batch",
-                     "executor.gpus_per_node=8", "executor.ntasks_per_node=8",
-                     "executor.container_image=nvcr.io/nvidia/nemo:25.11", "--dryrun", NEMO_OPTIM_SLURM_ACCOUNT="llm-team")
+    result = _launch("llama31_8b_ptq_fp8_8gpu_h100_bf16", "run.executor=slurm", "run.executor.partition=batch",
+                     "run.executor.gpus_per_node=8", "run.executor.ntasks_per_node=8",
+                     "run.executor.container_image=nvcr.io/nvidia/nemo:25.11", "--dryrun", NEMO_OPTIM_SLURM_ACCOUNT="llm-team")
     out = result.stdout
     assert result.returncode == 0, result.stderr[-3000:]
     assert "#SBATCH --account=llm-team" in out and "#SBATCH --partition=batch" in out
@@ -148,7 +148,7 @@ def test_slurm_runs_a_stage_and_reports_a_failing_one(slurm_cluster, tiny_hf_mod
     export = tmp_path / "fp8"
     result = _launch("ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}",
                      "quantization_config.calibration_dataset_size=4", "quantization_config.calibration_seq_len=32",
-                     "--executor", "slurm", "executor.partition=debug", "--yes")
+                     "run.executor=slurm", "run.executor.partition=debug", "--yes")
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert (export / "hf_quant_config.json").is_file() and (tmp_path / "fp8_native" / "manifest.json").is_file()

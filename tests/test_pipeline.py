@@ -5,6 +5,9 @@ interrupted distillation resumes; the report has every model and its plots."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import fiddle as fdl
 import nemo_run as run
@@ -35,6 +38,20 @@ def test_every_pipeline_task_serializes_and_dry_runs(tiny_hf_models, tmp_path):
     for task in tasks.values():
         assert serializer.deserialize(serializer.serialize(task)) == task
     assert run_pipeline(tasks, dryrun=True, name="pipeline-test") == 0
+
+
+def test_the_experiment_command_line_is_nemo_runs_and_a_failed_task_exits_non_zero(tmp_path):
+    """`python -m experiments.compress_smollm2` is a NeMo-Run experiment entrypoint: its settings are
+    `name=value` arguments; a failing first task (a model path that does not exist) ends it with that
+    task's own error line and exit 1, and the tasks after it never start."""
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, "-m", "experiments.compress_smollm2", f"model={tmp_path / 'missing'}",
+                             f"work_dir={work}", "teacher_correction_steps=0", "--yes"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: prune failed: model path '{tmp_path / 'missing'}': found nothing"), result.stderr[-2000:]
+    assert "prune: FAILED" in result.stdout and not (work / "pruned").exists()
 
 
 def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_path):

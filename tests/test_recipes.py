@@ -70,7 +70,8 @@ def test_unknown_recipe_and_bad_key_list_the_valid_ones(capsys):
     assert "expected a value of type int, got 'abc'" in capsys.readouterr().err
     assert launch.main(["smollm2_135m_import_cpu", "evaluation.num_sequences=0", "--dryrun"]) == 2
     assert "num_sequences=0 must be at least 1" in capsys.readouterr().err
-    for executor in (["executor=nowhere"], ["--executor", "nowhere"]):  # NeMo-Run's syntax, and the flag
+    # NeMo-Run's syntax, this launcher's earlier one, and the flag
+    for executor in (["run.executor=nowhere"], ["executor=nowhere"], ["--executor", "nowhere"]):
         assert launch.main(["smollm2_135m_import_cpu", *executor, "--yes"]) == 2
         assert capsys.readouterr().err.strip() == (
             "error: executor 'nowhere' is unknown; valid executors: dgxcloud, kubeflow, lepton, local, skypilot, slurm, "
@@ -110,10 +111,12 @@ def test_nemo_llm_namespace_is_registered():
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
     assert "/tmp/nowhere" in dry.stdout
     assert not Path("/tmp/nowhere").exists()
+    # the executor in NeMo-Run's syntax, as launch.py and the experiments take it
     dry = subprocess.run([str(nemo), "llm", "distill", "--factory", "smollm2_135m_distill_depth20_cpu",
-                          "training.max_steps=7", "--dryrun", "--yes"], capture_output=True, text=True, timeout=300)
+                          "training.max_steps=7", "run.executor=slurm", "run.executor.partition=batch", "--dryrun",
+                          "--yes"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
-    assert "max_steps=7" in dry.stdout
+    assert "max_steps=7" in dry.stdout and "SlurmExecutor" in dry.stdout and "partition='batch'" in dry.stdout
     dry = subprocess.run([str(nemo), "llm", "speculative", "--factory", "smollm2_135m_speculative_eagle3_cpu",
                           "speculative_config.num_draft_tokens=3", "--dryrun", "--yes"], capture_output=True,
                          text=True, timeout=300)
