@@ -95,6 +95,11 @@ def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str 
         config = QuantizationConfig(algorithm="fp8", auto_quantize_bits=8.38, auto_quantize_formats=["fp8"],
                                     calibration_dataset_size=samples, calibration_seq_len=256,
                                     calibration_batch_size=1 if method == "ptq_auto_rows1" else 4)
+    import megatron.core.models.gpt  # noqa: F401  the libraries PTQ loads, imported before the baseline
+    import modelopt.torch.export  # noqa: F401
+    import modelopt.torch.quantization  # noqa: F401
+    import transformers  # noqa: F401
+
     baseline = _current_rss_gib()  # after the imports (their own peak can exceed a small model's)
     began = time.perf_counter()
     if method == "ptq_stage":

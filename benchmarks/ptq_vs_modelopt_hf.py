@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import results_arguments, write_results
+from benchmarks.common import merge_previous_rows, previous_results, results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG"}
@@ -163,7 +163,8 @@ def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS),
+                        help="formats to measure (default: all); the other rows are kept from the previous results file")
     parser.add_argument("--long-calibration", default=LONG_CALIBRATION,
                         help="FORMAT@ROWS measured again with more calibration rows ('' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (the median is reported)")
@@ -214,11 +215,19 @@ def main() -> None:
         fmt, sequences = _parse(point)
         hf_side = results["modelopt_hf"]
         for side, label in (("nemo_optim", "nemo-optim ptq"), ("modelopt_hf", "ModelOpt HF path")):
-            rows.append({"format": fmt, "calibration_sequences": sequences, "row": label, **results[side],
+            rows.append({"format": fmt, "calibration_sequences": sequences, "row": label, "point": f"{point} {label}",
+                         **results[side],
                          "wall_vs_hf": results[side]["wall_seconds"] / hf_side["wall_seconds"],
                          "process_vs_hf": results[side]["process_seconds"] / hf_side["process_seconds"]})
         print(rows[-2:], flush=True)
-    notes = (f"{torch.get_num_threads()} threads. " + " ".join(__doc__.split("\n\n")[1].split()) + " " + args.note).strip()
+    previous = previous_results("ptq_vs_modelopt_hf", args.out)
+    for row in previous.get("rows", []):  # rows of files written before rows had a point
+        row.setdefault("point", f"{row['format']}@{row['calibration_sequences']} {row['row']}")
+    order = [f"{fmt}@{CALIBRATION_SEQUENCES} {label}" for fmt in FORMATS for label in ("nemo-optim ptq", "ModelOpt HF path")]
+    order += [f"{LONG_CALIBRATION} {label}" for label in ("nemo-optim ptq", "ModelOpt HF path")]
+    rows, reused = merge_previous_rows(rows, previous, order, key="point")
+    notes = (f"{torch.get_num_threads()} threads. " + " ".join(__doc__.split("\n\n")[1].split())
+             + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "") + " " + args.note).strip()
     write_results("ptq_vs_modelopt_hf", rows, [
         ("format", "format"), ("calibration_sequences", "calib. rows"), ("row", "path"), ("perplexity", "ppl"), ("kl", "KL"), ("top1_agreement", "top-1"),
         ("wall_seconds", "load->export s"), ("wall_vs_hf", "vs HF path"), ("process_seconds", "command s"),
