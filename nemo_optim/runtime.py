@@ -20,6 +20,7 @@ On a CPU with 2 processes (TP=2, PP=2): the tests marked `distributed` start tor
 
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 from collections.abc import Iterator
@@ -229,7 +230,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
-def _libc():
+@functools.lru_cache(maxsize=1)
+def _libc():  # cached: find_library runs ldconfig, and release_free_heap is called every batch
     import ctypes
     import ctypes.util
 
@@ -269,8 +271,8 @@ def freed_buffers_returned_to_os(threshold_bytes: int = 2**20) -> Iterator[bool]
 def release_free_heap() -> None:
     """Gives the free pages inside glibc's heaps back to the OS (`malloc_trim`). Between the passes of a
     loop (a calibration batch) it keeps freed activations from piling up as fragmented, resident
-    heap: SmolLM2's FP8 calibration peaked 0.65 GiB over the loaded model's baseline in most runs
-    instead of 0.65-1.2, for ~5% more time. A no-op on GPU and off glibc."""
+    heap: SmolLM2's FP8 load + calibration peaked 0.65 GiB over the memory before loading (1.3x
+    the model) in most runs instead of 0.65-1.2, for ~5% more time. A no-op on GPU and off glibc."""
     libc = None if use_cuda() else _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
