@@ -213,8 +213,9 @@ def save_checkpoint(
             weights.mkdir()
         runtime.barrier()
         fork_writer_results_queue()
-        dist_checkpointing.save(model.sharded_state_dict(), str(weights))
-        save_sharded_modelopt_state([model], str(weights))
+        with runtime.freed_buffers_returned_to_os():  # the writer's clones do not stay resident
+            dist_checkpointing.save(model.sharded_state_dict(), str(weights))
+            save_sharded_modelopt_state([model], str(weights))
         if runtime.is_main_process():
             model_config.save(tmp / MODEL_CONFIG)
             copy_hf_metadata(Path(source_hf_dir), tmp / HF_DIR)

@@ -177,7 +177,8 @@ def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory
 
     from nemo_optim import runtime
 
-    with runtime.progress_over_layers(model.decoder.layers, "export"):
+    # its state dict in the export dtype does not stay resident afterwards
+    with runtime.progress_over_layers(model.decoder.layers, "export"), runtime.freed_buffers_returned_to_os():
         export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(directory))
     if not runtime.is_main_process():
         return
