@@ -241,7 +241,8 @@ def wait_for_terminal_states(exp: run.Experiment, poll_seconds: float = 5.0, tim
     SUBMITTED or RUNNING, so the state is polled from the scheduler until it is terminal."""
     began = time.monotonic()
     while True:
-        states = {job_id: state_name(info["status"]) for job_id, info in exp.status(return_dict=True).items()}
+        statuses = exp.status(return_dict=True)  # gathered by threads: in no particular order
+        states = {job.id: state_name(statuses[job.id]["status"]) for job in exp.jobs}
         if all(state in TERMINAL_STATES for state in states.values()):
             return states
         if timeout is not None and time.monotonic() - began > timeout:
@@ -306,7 +307,7 @@ def run_experiment(name: str, tasks: dict[str, run.Partial], executor: run.Confi
     failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
     if not failed:
         return 0
-    reason = task_error_line(log_dirs[failed[0]])  # the first failure; sequential tasks after it did not run
+    reason = task_error_line(log_dirs[failed[0]])  # the first failure in task order: later ones follow from it
     if reason:
         return fail(f"{failed[0]} failed: {reason}", code=1)
     return fail(f"task(s) {', '.join(f'{job_id} {states[job_id]}' for job_id in failed)}; see the logs above.", code=1)
