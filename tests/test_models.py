@@ -111,3 +111,24 @@ def test_invalid_model_config_lists_every_error():
                        num_query_groups=4, vocab_size=512, dtype="float8")
     message = str(error.value)
     assert "num_layers=0" in message and "num_query_groups=4" in message and "dtype='float8'" in message
+
+
+def test_local_spec_attention_is_torch_sdpa_and_equals_megatrons(tiny_hf_models, runtime_single):
+    """The CPU spec's core attention computes causal attention with torch's fused kernel; on the
+    same query/key/value (grouped query heads) it equals megatron's own DotProductAttention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from nemo_optim.models.attention import SDPADotProductAttention
+
+    model = load_model(tiny_hf_models["llama"]).model
+    attention = model.decoder.layers[0].self_attention.core_attention
+    assert type(attention) is SDPADotProductAttention
+    heads, groups = attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(17, 2, heads, attention.hidden_size_per_attention_head, generator=generator)
+    key, value = (torch.randn(17, 2, groups, attention.hidden_size_per_attention_head, generator=generator)
+                  for _ in range(2))
+    ours = attention(query, key, value, None)
+    megatrons = DotProductAttention.forward(attention, query, key, value, None)
+    assert ours.shape == megatrons.shape == (17, 2, heads * attention.hidden_size_per_attention_head)
+    torch.testing.assert_close(ours, megatrons, atol=1e-6, rtol=1e-5)

@@ -169,9 +169,13 @@ def _layer_spec(config: GPTModelConfig, mcore_config):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if config.transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(
+        from nemo_optim.models.attention import SDPADotProductAttention
+
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
             qk_layernorm=config.qk_layernorm, normalization=config.normalization
         )
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+        return spec
     if config.transformer_impl == "modelopt":
         from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
