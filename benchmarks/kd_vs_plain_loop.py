@@ -6,7 +6,9 @@ Both sides: teacher SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32), s
 its HF export), the same packed rows of the embedded corpus's train split in the same order
 (nemo-optim's seeded sample order), 2 micro-batches of 2 x 256 tokens per step, AdamW (lr 1e-4
 constant, betas 0.9/0.95, weight decay 0.01 on matrices), gradients clipped at 1.0, fp32 on CPU.
-Each side runs in its own process (peak RSS is that process's).
+Each side runs in its own process (peak RSS is that process's); the two sides alternate, --runs times
+each (this VM's speed drifts by 10-20% from minute to minute), and each side's s/step is the median
+over its runs of the run's median step after the first.
 
     .venv/bin/python -m benchmarks.kd_vs_plain_loop                 # ~6 min on 2 cores
     .venv/bin/python -m benchmarks.kd_vs_plain_loop --steps 3       # smoke
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--runs", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--side", choices=["nemo_optim", "plain"], default=None, help=argparse.SUPPRESS)
     results_arguments(parser)
     args = parser.parse_args()
@@ -146,20 +149,29 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", "from nemo_optim.stages.convert import export_ckpt; "
                             f"export_ckpt(path={args.student!r}, output_path={args.student_hf!r}, dtype='float32')"],
                            check=True)
-    results = {side: _side(args, side) for side in ("nemo_optim", "plain")}
+    runs = {"nemo_optim": [], "plain": []}
+    for _ in range(args.runs):
+        for side in runs:
+            runs[side].append(_side(args, side))
     tokens = args.micro_batch * args.micro_batches * args.seq_length
     rows = []
     for side, label in (("nemo_optim", "nemo-optim `distill` (megatron-core + ModelOpt)"),
                         ("plain", "plain PyTorch loop on transformers models")):
-        result = results[side]
-        steady = statistics.median(result["step_seconds"][1:])  # the first step warms up
-        rows.append({"row": label, "seconds_per_step": steady, "tokens_per_second": tokens / steady,
-                     "peak_rss_gib": result["peak_rss_gib"], "first_loss": result["losses"][0],
-                     "last_loss": result["losses"][-1], "losses": result["losses"]})
+        first = runs[side][0]
+        steady = [statistics.median(run["step_seconds"][1:]) for run in runs[side]]  # the first step warms up
+        rows.append({"row": label, "seconds_per_step": statistics.median(steady), "run_seconds_per_step": steady,
+                     "tokens_per_second": tokens / statistics.median(steady),
+                     "peak_rss_gib": max(run["peak_rss_gib"] for run in runs[side]), "first_loss": first["losses"][0],
+                     "last_loss": first["losses"][-1], "losses": first["losses"],
+                     "same_losses_every_run": all(run["losses"] == first["losses"] for run in runs[side])})
+    pair_ratios = [plain / nemo for nemo, plain in zip(rows[0]["run_seconds_per_step"], rows[1]["run_seconds_per_step"])]
     ratio = rows[0]["tokens_per_second"] / rows[1]["tokens_per_second"]
     rows[0]["speed_vs_plain"], rows[1]["speed_vs_plain"] = ratio, 1.0
+    rows[0]["speed_vs_plain_per_run"] = pair_ratios
     notes = (f"{args.steps} optimizer steps of {args.micro_batches} x {args.micro_batch} x {args.seq_length} = {tokens} "
-             f"tokens, fp32 on CPU ({torch.get_num_threads()} threads); tokens/s from the median step after the first. "
+             f"tokens, fp32 on CPU ({torch.get_num_threads()} threads), {args.runs} alternating runs per side; tokens/s from "
+             f"the median over runs of each run's median step after the first; nemo-optim / plain per run pair: "
+             f"{', '.join(f'{r:.2f}' for r in pair_ratios)}. "
              f"Goal: nemo-optim >= 0.9x the plain loop's tokens/s, the same loss curve within noise. Step 1's loss "
              f"is computed before any update on the same batch, so both sides must agree there. " + __doc__.split("\n\n")[1]
              .replace("\n", " ") + " " + args.note).strip()
