@@ -78,11 +78,11 @@ def _wall_time_ratio(forward_loop, repeats: int) -> float:
     raw_seconds, ours_seconds = [], []
     config = QuantizationConfig(algorithm="fp8", calibration_algorithm="preset")
     for _ in range(repeats):
-        for seconds, quantize in ((raw_seconds, lambda m: mtq.quantize(m, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop)),
-                                  (ours_seconds, lambda m: quantize(m, config, forward_loop))):
+        for seconds, run in ((raw_seconds, lambda m: mtq.quantize(m, copy.deepcopy(mtq.FP8_DEFAULT_CFG), forward_loop)),
+                             (ours_seconds, lambda m: quantize(m, config, forward_loop))):
             model = load_model(MODEL).model
             began = time.perf_counter()
-            quantize(model)
+            run(model)
             seconds.append(time.perf_counter() - began)
             del model
     print({"raw_seconds": raw_seconds, "nemo_optim_seconds": ours_seconds}, flush=True)
@@ -143,10 +143,16 @@ def main() -> None:
                 "measured": datetime.date.today().isoformat(),
             })
             print(rows[-1], flush=True)
+            write_ptq_results(args, rows, previous, wall_time)  # a later row's failure keeps this one
             del model
         if args.timing_repeats:
             wall_time = {"ratio": _wall_time_ratio(forward_loop, args.timing_repeats), "repeats": args.timing_repeats,
                          "measured": datetime.date.today().isoformat()}
+    write_ptq_results(args, rows, previous, wall_time)
+
+
+def write_ptq_results(args, rows: list[dict], previous: dict, wall_time: dict | None) -> None:
+    """ptq.json / ptq.md: `rows` measured now, the other rows kept from `previous`."""
     rows, reused = merge_previous_rows(rows, previous, ["Q4_1 GGUF as fp32 (reference)", *ROWS])
     notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
@@ -174,6 +180,8 @@ def main() -> None:
         ("top1_agreement", "top-1"), ("calibration_seconds", "calib s"), ("effective_bits", "bits/weight"),
         ("quantized_share", "quantized share"), ("estimated_size_mb", "size MB (est.)"), ("measured", "measured"),
     ], notes, args.out, extra={"wall_time_ratio": wall_time})
+
+
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def progress(iterable=None, *, description: str, total: int | None = None):
+def progress(iterable=None, *, description: str, total: int | None = None, disable: bool = False):
     """A tqdm progress bar with an ETA for a long phase, on the main process only."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, disable=not is_main_process())
+    return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, disable=disable or not is_main_process())
 
 
 @contextlib.contextmanager

@@ -71,31 +71,74 @@ def test_our_config_equals_the_raw_modelopt_preset(tiny_hf_models, tiny_tokenize
 def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tiny_hf_models, tiny_tokenizer, runtime_single):
     """Oracles: raw mtq.quantize with the same method chain, and the unquantized model. The
     default FP8 calibration (max, then GPTQ-lite) must land closer to fp32 than the preset's
-    max calibration alone, which `calibration_algorithm="preset"` still gives exactly."""
+    max calibration alone, which `calibration_algorithm="preset"` still gives exactly. With
+    gptq_hessian_budget=0 (one pass) it is ModelOpt's chain exactly; by default the tiny model's
+    two layers take a pass each: the first layer's weights are the same as in one pass (same
+    Hessians), the second's see the first's GPTQ-updated weights, and the result stays as close
+    to fp32 as one pass."""
     tuned = _config("fp8")
     forward_loop = calibration_loop(tuned, tiny_tokenizer)
     # the held-out text: calibration-like, unseen samples
     tokens = torch.cat(calibration_batches(_config("fp8", calibration_dataset="embedded:docstrings"), tiny_tokenizer))
     reference = forward_logits(load_model(tiny_hf_models["llama"]).model, tokens)
 
-    def quantized_logits(config=None, raw_config=None):
+    def quantized(config=None, raw_config=None):
         model = load_model(tiny_hf_models["llama"]).model
         if raw_config is not None:
             model = mtq.quantize(model, raw_config, forward_loop)
         else:
             model, _ = quantize(model, config, forward_loop)
-        return forward_logits(model, tokens)
+        return model, forward_logits(model, tokens)
 
     def kl(logits):
         return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
 
-    ours = quantized_logits(tuned)
     chain = {"quant_cfg": copy.deepcopy(mtq.FP8_DEFAULT_CFG["quant_cfg"]),
              "algorithm": [{"method": "max"}, {"method": modelopt_config.gptq_method(), "block_size": 128}]}
-    torch.testing.assert_close(ours, quantized_logits(raw_config=chain), rtol=0, atol=0)
-    preset = quantized_logits(_config("fp8", calibration_algorithm="preset"))
-    torch.testing.assert_close(preset, quantized_logits(raw_config=copy.deepcopy(mtq.FP8_DEFAULT_CFG)), rtol=0, atol=0)
-    assert kl(ours) < kl(preset), (kl(ours), kl(preset))
+    raw_model, raw = quantized(raw_config=chain)
+    one_pass = quantized(_config("fp8", gptq_hessian_budget=0))[1]
+    torch.testing.assert_close(one_pass, raw, rtol=0, atol=0)
+    passes_model, passes = quantized(tuned)
+    layers = passes_model.decoder.layers, raw_model.decoder.layers
+    for name in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+        first, first_raw = (layer[0].get_submodule(name).weight for layer in layers)
+        second, second_raw = (layer[1].get_submodule(name).weight for layer in layers)
+        torch.testing.assert_close(first, first_raw, rtol=0, atol=0)
+        assert not torch.equal(second, second_raw), name
+    preset = quantized(_config("fp8", calibration_algorithm="preset"))[1]
+    torch.testing.assert_close(preset, quantized(raw_config=copy.deepcopy(mtq.FP8_DEFAULT_CFG))[1], rtol=0, atol=0)
+    assert kl(one_pass) < kl(preset) and kl(passes) < kl(preset), (kl(one_pass), kl(passes), kl(preset))
+    assert kl(passes) < 1.1 * kl(one_pass), (kl(passes), kl(one_pass))
+
+
+def test_gptq_passes_keep_one_group_of_hessians_at_a_time(tiny_hf_models, tiny_tokenizer, runtime_single, monkeypatch):
+    """Each GPTQ-lite pass sees only its group's weight quantizers switched on (ModelOpt collects a
+    Hessian for exactly those) and, at PP=1, runs the decoder only up to the group's last layer;
+    everything is switched back on after."""
+    from nemo_optim.quantization import gptq_passes
+
+    model = load_model(tiny_hf_models["llama"]).model
+    layer_bytes = gptq_passes.hessian_bytes(model.decoder.layers[0])
+    assert layer_bytes == 0  # nothing quantized yet
+    seen = []
+    original = mtq.calibrate
+
+    def recording_calibrate(model, algorithm, forward_loop):
+        if isinstance(algorithm, dict) and algorithm["method"] == modelopt_config.gptq_method():
+            enabled = [name for name, m in model.named_modules()
+                       if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled]
+            seen.append((len(model.decoder.layers), sorted({name.split(".")[2] for name in enabled})))
+        return original(model, algorithm, forward_loop)
+
+    monkeypatch.setattr(mtq, "calibrate", recording_calibrate)
+    quantized, summary = quantize(model, _config("fp8"), tokenizer=tiny_tokenizer)
+    assert seen == [(1, ["0"]), (2, ["1"])], seen
+    assert len(quantized.decoder.layers) == 2 and summary.quantized_linear_share == 1.0
+    assert gptq_passes.hessian_bytes(quantized.decoder.layers[0]) == 4 * (3 * 64 ** 2 + 128 ** 2)
+    # a budget that holds both layers' Hessians: one pass, as ModelOpt runs it
+    seen.clear()
+    quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", gptq_hessian_budget=10.0), tokenizer=tiny_tokenizer)
+    assert seen == [(2, ["0", "1"])], seen
 
 
 def test_preset_methods_table_matches_modelopt():
@@ -255,11 +298,14 @@ def test_cli_errors_are_one_line_and_nonzero(capsys):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_calibration_at_tp2_or_pp2_exports_the_same_fp8_checkpoint(tp, pp, tiny_hf_models, tmp_path):
+@pytest.mark.parametrize("tp,pp,calibration", [(2, 1, "preset"), (1, 2, "preset"), (1, 2, None)],
+                         ids=["tp2", "pp2", "pp2-gptq-passes"])
+def test_calibration_at_tp2_or_pp2_exports_the_same_fp8_checkpoint(tp, pp, calibration, tiny_hf_models, tmp_path):
     """Oracle: the single-process export. Per-tensor amax must be synced across TP ranks and
     pipeline stages must each export their layers. Max calibration ("preset"): GPTQ-lite sees
-    only its shard's Hessian in row-parallel layers, so at TP>1 it is close but not equal."""
+    only its shard's Hessian in row-parallel layers, so at TP>1 it is close but not equal. At
+    PP=2 the default (max + GPTQ-lite, one layer per pass on this model) forms the same passes
+    by global layer number as one process (which also stops each pass's forward early)."""
     import os
     import subprocess
     import sys
@@ -270,11 +316,11 @@ def test_calibration_at_tp2_or_pp2_exports_the_same_fp8_checkpoint(tp, pp, tiny_
     repo = Path(__file__).resolve().parents[1]
     single = ptq(model_path=str(tiny_hf_models["llama"]),
                  export_config=ExportConfig(path=str(tmp_path / "single"), export_format="hf", dtype="float32"),
-                 quantization_config=_config("fp8", calibration_algorithm="preset"))
+                 quantization_config=_config("fp8", calibration_algorithm=calibration))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(repo / "tests" / "distributed" / "ptq_worker.py"), "--model", str(tiny_hf_models["llama"]),
-               "--export", str(tmp_path / "parallel"), "--tp", str(tp), "--pp", str(pp),
-               "--calibration-algorithm", "preset"]
+               "--export", str(tmp_path / "parallel"), "--tp", str(tp), "--pp", str(pp)]
+    command += ["--calibration-algorithm", calibration] if calibration else []
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -28,7 +28,7 @@ from nemo_optim.checkpoint import atomic_directory, stored_quantization_settings
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
-from nemo_optim.quantization import modelopt_config
+from nemo_optim.quantization import gptq_passes, modelopt_config
 from nemo_optim.quantization.config import (
     ALGORITHMS,
     BLOCKED,
@@ -269,7 +269,8 @@ def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: F
             raise ValueError("quantize needs a forward_loop or a tokenizer to build one.")
         forward_loop = calibration_loop(config, tokenizer)
     model.eval()
-    model = mtq.quantize(model, modelopt_quantization_config(config, model), forward_loop)
+    model = gptq_passes.quantize(model, modelopt_quantization_config(config, model), forward_loop,
+                                 modelopt_config.gptq_method(), config.gptq_hessian_budget)
     summary = summarize(model, config.algorithm or "custom")
     runtime.print0(summary.line())
     return model, summary
@@ -335,7 +336,8 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
         del model
         model = fresh_model()
         model.eval()
-        model = mtq.quantize(model, chosen, calibration_loop(config, tokenizer))
+        model = gptq_passes.quantize(model, chosen, calibration_loop(config, tokenizer), modelopt_config.gptq_method(),
+                                     config.gptq_hessian_budget)
     elif recalibration is not None:
         runtime.print0("auto_quantize: no fresh_model given, the chosen formats keep the search's max calibration.")
     summary = summarize(model, f"auto_quantize({effective_bits} bits: {', '.join(formats)})")
