@@ -86,7 +86,7 @@ def load_model(
     if transformer_impl is not None:
         config = dataclasses.replace(config, transformer_impl=transformer_impl)
     with runtime.freed_buffers_returned_to_os():  # the importers' temporaries do not stay resident
-        model = build_gpt_model(config)
+        model = build_gpt_model(config, initialize=False)  # every weight is loaded below
         if source.kind == "native":
             model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
         elif source.kind == "nemo2":

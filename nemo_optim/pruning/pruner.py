@@ -96,7 +96,7 @@ def prune_language_model(
 def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.Module:
     """A plain megatron model built from `config`, holding `pruned`'s weights; fails loudly if
     any weight's shape disagrees with the config (the silent-unpruned-checkpoint bug)."""
-    static = build_gpt_model(config)
+    static = build_gpt_model(config, initialize=False)  # every weight is copied below (missing ones fail)
     state = {k: v for k, v in pruned.state_dict().items() if not k.endswith("_extra_state")}
     expected = {k: v.shape for k, v in static.state_dict().items() if not k.endswith("_extra_state")}
     mismatched = [f"{k}: {tuple(state[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
