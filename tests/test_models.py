@@ -36,9 +36,11 @@ def test_mcore_logits_match_transformers(arch, tiny_hf_models, runtime_single):
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= 1e-3
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
-    # built without megatron's random init (every weight was imported); modules built later from
-    # the config (ModelOpt's draft heads) initialise as usual
-    assert loaded.model.config.perform_initialization
+    # built without megatron's random values (every weight was imported), with the tensor-parallel
+    # attributes megatron sets while initializing; modules built later from the config initialise
+    fc1, fc2 = loaded.model.decoder.layers[0].mlp.linear_fc1.weight, loaded.model.decoder.layers[0].mlp.linear_fc2.weight
+    assert (fc1.tensor_model_parallel, fc1.partition_dim, fc2.tensor_model_parallel, fc2.partition_dim) == (True, 0, True, 1)
+    assert "_zeros_instead_of_random" not in repr(loaded.model.config.init_method)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
