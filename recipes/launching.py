@@ -254,12 +254,15 @@ def rendered_job(partial: run.Partial, executor: run.Executor, name: str) -> str
     """What a scheduler would receive, without submitting: the sbatch script for Slurm, the
     TrainJob manifest (YAML) for Kubeflow, the command line otherwise."""
     import yaml
+    from nemo_run.run.torchx_backend.packaging import package
 
     with run.Experiment(f"{name}-dryrun", executor=executor, log_level="ERROR") as exp:
         exp.add(partial, name=name)
         exp.dryrun(log=False, delete_exp_dir=False)
         job = exp.jobs[0]
-        role = job._executable.roles[0]
+        # the app NeMo-Run's dry run packaged (Job.prepare's call; the Job keeps it private)
+        app = package(job.id, job.task, executor=job.executor, serialize_to_file=True)
+        role = app.roles[0]
         macros = job.executor.macro_values()
         if macros:
             role = macros.apply(role)
@@ -271,7 +274,8 @@ def rendered_job(partial: run.Partial, executor: run.Executor, name: str) -> str
             from nemo_run.run.torchx_backend.schedulers.kubeflow import create_scheduler
 
             # the scheduler's own dry run: with a work-dir claim the command becomes its launch.sh
-            request = create_scheduler("dryrun")._submit_dryrun(job._executable, job.executor).request
+            # torchx's public submit_dryrun resolves its cfg as a mapping; NeMo-Run's scheduler takes the executor
+            request = create_scheduler("dryrun")._submit_dryrun(app, job.executor).request
             return yaml.safe_dump(job.executor.get_job_body(job.executor._trainjob_name(name), request.cmd), sort_keys=False)
         return " ".join(command)
 
