@@ -198,8 +198,8 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
 
     `initialize=False` fills zeros instead of random values, for a caller that loads every weight next
     (megatron's normal_ init was ~0.6 of SmolLM2's 1.4 s load on CPU). The init functions are
-    swapped for a no-op rather than megatron's `perform_initialization=False`: megatron sets a
-    weight's tensor-parallel attributes only inside its init step, and TP training needs them."""
+    swapped for zero fills rather than setting megatron's `perform_initialization=False`: megatron
+    sets a weight's tensor-parallel attributes only inside its init step, and TP training needs them."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
