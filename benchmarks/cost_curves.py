@@ -4,8 +4,8 @@ Each point runs in its own process (its peak RSS is its own).
 
 PTQ: FP8 with ModelOpt's preset max calibration, 256-token sequences of pydoc text, batches of 4;
 on SmolLM2 also with GPTQ-lite after it (nemo-optim's FP8 default), with auto_quantize (fp8 or 16
-bits per layer under 8.38 bits, the choice re-calibrated on a fresh copy of the model; batches of 4
-rows and of 1), and as the
+bits per layer under 8.38 bits; its sensitivity pass backward one row at a time, each decoder layer
+recomputed; the choice re-calibrated with GPTQ-lite on a fresh copy of the model), and as the
 whole ptq stage (load, calibrate, native checkpoint, unified HF export; its "calibration s" is the
 stage's). Models:
 the tiny test Llama (2 layers, hidden 64), SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to
@@ -77,7 +77,7 @@ def _wide_model(directory: Path) -> Path:
 # the chosen formats re-calibrated on a fresh copy, as the ptq stage does), or the whole ptq stage
 # (load, calibrate, native checkpoint, unified HF export)
 PTQ_METHODS = {"ptq": "FP8 max", "ptq_gptq": "FP8 max + GPTQ-lite", "ptq_auto": "FP8 auto_quantize 8.38 bits",
-               "ptq_auto_rows1": "FP8 auto_quantize 8.38 bits, 1 row per step", "ptq_stage": "FP8 max, whole ptq stage"}
+               "ptq_stage": "FP8 max, whole ptq stage"}
 
 
 def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str | None = None) -> dict:
@@ -91,10 +91,9 @@ def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str 
 
     config = QuantizationConfig(algorithm="fp8", calibration_algorithm=None if method == "ptq_gptq" else "preset",
                                 calibration_dataset_size=samples, calibration_seq_len=256)
-    if method.startswith("ptq_auto"):
+    if method == "ptq_auto":
         config = QuantizationConfig(algorithm="fp8", auto_quantize_bits=8.38, auto_quantize_formats=["fp8"],
-                                    calibration_dataset_size=samples, calibration_seq_len=256,
-                                    calibration_batch_size=1 if method == "ptq_auto_rows1" else 4)
+                                    calibration_dataset_size=samples, calibration_seq_len=256)
     import megatron.core.models.gpt  # noqa: F401  the libraries PTQ loads, imported before the baseline
     import modelopt.torch.export  # noqa: F401
     import modelopt.torch.quantization  # noqa: F401
@@ -113,7 +112,7 @@ def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str 
             parameters = sum(p.numel() for p in loaded.model.parameters())
             tokenizer = load_tokenizer(loaded.hf_dir)
             began = time.perf_counter()
-            if method.startswith("ptq_auto"):
+            if method == "ptq_auto":
                 auto_quantize(loaded.model, config, tokenizer, fresh_model=lambda: load_model(model_path).model)
             else:
                 quantize(loaded.model, config, calibration_loop(config, tokenizer))
@@ -222,7 +221,7 @@ def main() -> None:
     ptq_samples = [dict(_run(args, f"ptq:{SMOLLM2}:{n}"), model="SmolLM2") for n in SAMPLES]
     models = (("tiny Llama", args.tiny), ("SmolLM2", SMOLLM2), ("SmolLM2 x2 width (random)", wide))
     ptq_sizes = [dict(_run(args, f"ptq:{path}:16"), model=label) for label, path in models]
-    ptq_methods = [dict(_run(args, f"{method}:{SMOLLM2}:16"), model="SmolLM2") for method in ("ptq_gptq", "ptq_auto", "ptq_auto_rows1")]
+    ptq_methods = [dict(_run(args, f"{method}:{SMOLLM2}:16"), model="SmolLM2") for method in ("ptq_gptq", "ptq_auto")]
     ptq_stages = [dict(_run(args, f"ptq_stage:{path}:16"), model=label) for label, path in models[1:]]
     kd = [_run(args, f"kd:{args.student}:{n}") for n in SEQ_LENGTHS]
     rows = ([{"row": f"PTQ {r['method']}, {r['model']}, {r['samples']} sequences", **r}

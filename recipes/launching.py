@@ -271,12 +271,13 @@ def rendered_job(partial: run.Partial, executor: run.Executor, name: str) -> str
             scripts = sorted(Path(job.executor.experiment_dir).glob("*_sbatch.sh"))
             return scripts[-1].read_text()
         if type(job.executor).__name__ == "KubeflowExecutor":
-            from nemo_run.run.torchx_backend.schedulers.kubeflow import create_scheduler
+            from nemo_run.run.torchx_backend.launcher import launch
+            from nemo_run.run.torchx_backend.schedulers.api import get_executor_str
 
-            # the scheduler's own dry run: with a work-dir claim the command becomes its launch.sh
-            # torchx's public submit_dryrun resolves its cfg as a mapping; NeMo-Run's scheduler takes the executor
-            request = create_scheduler("dryrun")._submit_dryrun(app, job.executor).request
-            return yaml.safe_dump(job.executor.get_job_body(job.executor._trainjob_name(name), request.cmd), sort_keys=False)
+            # the scheduler's own dry run (what Job.launch(dryrun=True) calls): with a work-dir claim
+            # the command becomes its launch.sh. A real launch appends a unique suffix to the name.
+            _, dryrun_info = launch(app, get_executor_str(job.executor), job.executor, dryrun=True)
+            return yaml.safe_dump(job.executor.get_job_body(name, dryrun_info.request.cmd), sort_keys=False)
         return " ".join(command)
 
 

@@ -402,6 +402,59 @@ def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_mo
     assert results["gptq_lite"][0] < 0.9 * results["search only"][0], results
 
 
+def test_auto_quantize_scoring_holds_one_layer_and_equals_modelopts_whole_batch_backward(
+        tiny_hf_models, tiny_tokenizer, runtime_single, monkeypatch):
+    """Oracle: ModelOpt's own gradient scoring on plain autograd (whole logits, torch's cross
+    entropy, the whole batch in one backward, every weight's gradient). nemo-optim's megatron
+    support (each decoder layer recomputed in backward, one row per backward, chunked loss) must
+    give the same sensitivity scores and choice while at most one decoder layer's modules hold
+    their output errors at any moment (ModelOpt's plain path holds every layer's)."""
+    from modelopt.torch.quantization import algorithms
+
+    from nemo_optim.models.forward import make_batch
+    from nemo_optim.quantization import auto_quantize_scoring
+
+    batches = [make_batch(rows) for rows in calibration_batches(_config("fp8"), tiny_tokenizer)]
+    entries, _ = modelopt_config.preset_entries("FP8_DEFAULT_CFG")
+    fp8 = {"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": "max"}
+
+    score = algorithms._get_auto_quantize_score
+
+    def search(**steps):
+        model = load_model(tiny_hf_models["llama"]).model
+        holding = []
+
+        def counted_score(grad_output, output_diff):  # called by every module's scoring backward hook
+            holding.append(sum(bool(getattr(m, "output_diff_dict", None)) for m in model.modules()))
+            return score(grad_output, output_diff)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(algorithms, "_get_auto_quantize_score", counted_score)
+            _, state = mtq.auto_quantize(model, constraints={"effective_bits": 12.0}, quantization_formats=[fp8],
+                                         data_loader=batches, disabled_layers=["*output_layer*"],
+                                         num_calib_steps=len(batches), num_score_steps=len(batches), **steps)
+        assert not any("forward" in vars(layer) for layer in model.decoder.layers)  # the recompute is undone
+        return {name: stats["scores"] for name, stats in state["candidate_stats"].items()}, state["best"]["recipe"], max(holding)
+
+    auto_quantize_scoring.register_megatron_scoring()
+    ours, our_choice, our_holders = search(forward_step=auto_quantize_scoring.forward_step,
+                                           forward_backward_step=auto_quantize_scoring.forward_backward_step)
+    searcher = algorithms.AutoQuantizeGradientSearcher
+    monkeypatch.setattr(searcher, "_custom_support", [
+        support for support in searcher._custom_support
+        if support[1] is not auto_quantize_scoring.recompute_decoder_layers])
+    plain, plain_choice, plain_holders = search(
+        forward_step=lambda model, batch: model(batch["input_ids"], batch["position_ids"], None),
+        loss_func=lambda logits, batch: F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()))
+    assert ours.keys() == plain.keys()
+    for name in ours:
+        assert ours[name] == pytest.approx(plain[name], rel=1e-3), name
+    decoder = [scores for name, scores in ours.items() if name.startswith("decoder.layers.")]
+    assert len(decoder) == 8 and min(scores[0] for scores in decoder) > 0  # [fp8, 16 bits (0)]
+    assert {str(k): str(v) for k, v in our_choice.items()} == {str(k): str(v) for k, v in plain_choice.items()}
+    assert (our_holders, plain_holders) == (4, 8)  # qkv, proj, fc1, fc2 of one layer / of both
+
+
 def test_custom_config_file_in_either_form_matches_the_preset(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
     """A JSON ModelOpt config (JSON turns (4, 3) into [4, 3] and -1 keys into "-1") gives the
     same model as the preset it was written from, in dict and in list form."""

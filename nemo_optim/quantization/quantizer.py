@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nemo_optim import runtime
 from nemo_optim.checkpoint import atomic_directory, stored_quantization_settings
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
-from nemo_optim.quantization import gptq_passes, modelopt_config
+from nemo_optim.quantization import auto_quantize_scoring, gptq_passes, modelopt_config
 from nemo_optim.quantization.config import (
     ALGORITHMS,
     BLOCKED,
@@ -258,7 +257,6 @@ def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: F
     """`mtq.quantize` with `config`: inserts quantizers, calibrates (with `forward_loop`, or
     `config`'s calibration rows tokenized by `tokenizer`). Returns the (fake-)quantized model and
     what was quantized (None when `config` quantizes nothing)."""
-    import modelopt.torch.quantization as mtq
 
     if config.algorithm is None and not config.custom_config_path:
         return model, None
@@ -281,11 +279,10 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     """ModelOpt `auto_quantize`: per-layer formats among `config.auto_quantize_formats` under
     `config.auto_quantize_bits` effective bits (PP=1).
 
-    The search's sensitivity pass is a forward + backward that keeps every candidate layer's
-    output error for its batch: its memory grows with `config.calibration_batch_size` rows per
-    step (benchmarks/results/cost_curves.md). Fewer rows per step do not give the same choice:
-    every score shrinks with the rows (the loss is a mean over them) and ModelOpt's LP solver
-    separates small scores less well.
+    The search's sensitivity pass is a forward + backward that keeps a candidate layer's output
+    error per format until its gradient arrives; `auto_quantize_scoring` runs it one row and one
+    recomputed decoder layer at a time, with the scores of the whole `config.calibration_batch_size`
+    batch (SmolLM2: 1.4-1.7x the fp32 weights instead of ~9x; benchmarks/results/cost_curves.md).
 
     `fresh_model` loads the unquantized model again: the chosen formats are then quantized
     and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
@@ -307,19 +304,14 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
         format_configs.append({"quant_cfg": modelopt_config.entries_to_modelopt(entries), "algorithm": algorithm})
     batches = [make_batch(rows) for rows in calibration_batches(config, tokenizer)]
 
-    def forward_step(module, batch):
-        return module(batch["input_ids"], batch["position_ids"], None)
-
-    def loss_func(output, batch):
-        return F.cross_entropy(output.float().flatten(0, 1), batch["labels"].flatten())
-
+    auto_quantize_scoring.register_megatron_scoring()
     model, search_state = mtq.auto_quantize(
         model,
         constraints={"effective_bits": effective_bits},
         quantization_formats=format_configs,
         data_loader=batches,
-        forward_step=forward_step,
-        loss_func=loss_func,
+        forward_step=auto_quantize_scoring.forward_step,
+        forward_backward_step=auto_quantize_scoring.forward_backward_step,
         disabled_layers=["*output_layer*"],
         num_calib_steps=len(batches),
         num_score_steps=len(batches),
