@@ -21,6 +21,7 @@ from nemo_optim.accuracy.multiple_choice import (
 )
 from nemo_optim.accuracy.scoring import encode_pair
 from nemo_optim.data.corpus import DataConfig, split_documents
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,7 @@ def test_scores_and_generation_at_tp_and_pp_equal_one_process(tp, pp, tiny_hf_mo
 @pytest.mark.slow
 def test_smollm2_log_likelihoods_match_transformers(runtime_single):
     """SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) against transformers on the same weights."""
-    loaded = load_model("smollm2-135m-instruct")
+    loaded = load_model(SMOLLM2)
     tokenizer = load_tokenizer(loaded.hf_dir)
     items, examples = task_items(AccuracyConfig(num_items=6))
     ours, _ = choice_log_likelihoods(loaded.model, tokenizer, items, examples, max_length=2048)

@@ -22,6 +22,7 @@ import yaml
 import launch
 from nemo_optim import runtime
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer, resolve_source
 from nemo_optim.models.nemo2 import Nemo2CheckpointError
 from nemo2_layout import recorded_layout, write_nemo2_checkpoint
@@ -230,7 +231,7 @@ def test_qwen_models_round_trip_through_nemo2(arch, tiny_hf_models, tmp_path):
 
 
 def test_exporting_to_nemo2_refuses_quantized_models_and_unknown_targets(tmp_path, capsys):
-    code = launch.main(["export_recipe", "path=smollm2-135m-instruct", f"output_path={tmp_path / 'x'}", "target=onnx",
+    code = launch.main(["export_recipe", f"path={SMOLLM2}", f"output_path={tmp_path / 'x'}", "target=onnx",
                         "--yes"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

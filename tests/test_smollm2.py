@@ -9,6 +9,7 @@ import transformers
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.evaluation import EvaluationConfig, evaluate_model, evaluation_tokens
 from nemo_optim.models.forward import forward_logits
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.models.loader import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -18,11 +19,11 @@ pytestmark = pytest.mark.slow
 def smollm2_hf_dir():
     from nemo_optim.models.hf import embedded_model_path, gguf_to_hf
 
-    return gguf_to_hf(embedded_model_path("smollm2-135m-instruct"))
+    return gguf_to_hf(embedded_model_path(SMOLLM2))
 
 
 def test_smollm2_logits_match_transformers(smollm2_hf_dir, runtime_single):
-    loaded = load_model("smollm2-135m-instruct")
+    loaded = load_model(SMOLLM2)
     tokenizer = load_tokenizer(loaded.hf_dir)
     tokens = evaluation_tokens(EvaluationConfig(data=DataConfig(seq_length=128), num_sequences=2), tokenizer)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32).eval()
@@ -37,7 +38,7 @@ def test_smollm2_logits_match_transformers(smollm2_hf_dir, runtime_single):
 
 
 def test_smollm2_perplexity_on_embedded_corpus(runtime_single):
-    loaded = load_model("smollm2-135m-instruct")
+    loaded = load_model(SMOLLM2)
     evaluation = EvaluationConfig(num_sequences=16)
     result = evaluate_model(loaded.model, evaluation_tokens(evaluation, load_tokenizer(loaded.hf_dir)))
     print(f"SmolLM2 perplexity {result.perplexity:.3f} on {result.tokens} tokens")

@@ -9,6 +9,7 @@ import inspect
 import pytest
 
 from nemo_optim.errors import OutputExistsError
+from nemo_optim.models.hf import SMOLLM2
 from nemo_optim.pruning.config import PruningConfig
 from nemo_optim.quantization.config import ExportConfig
 from nemo_optim.stage import StageArgumentError, stage_runtime
@@ -16,16 +17,16 @@ from nemo_optim_recipes.llm import STAGES
 
 # the smallest arguments of each stage, with every output at `{out}`
 OUTPUT_ARGUMENTS = {
-    "import_ckpt": lambda out: dict(source="smollm2-135m-instruct", output_path=out),
-    "export_ckpt": lambda out: dict(path="smollm2-135m-instruct", output_path=out),
-    "evaluate": lambda out: dict(model_path="smollm2-135m-instruct", output_path=out),
-    "ptq": lambda out: dict(model_path="smollm2-135m-instruct", export_config=ExportConfig(path=out)),
-    "prune": lambda out: dict(nemo_checkpoint="smollm2-135m-instruct", save_path=out,
+    "import_ckpt": lambda out: dict(source=SMOLLM2, output_path=out),
+    "export_ckpt": lambda out: dict(path=SMOLLM2, output_path=out),
+    "evaluate": lambda out: dict(model_path=SMOLLM2, output_path=out),
+    "ptq": lambda out: dict(model_path=SMOLLM2, export_config=ExportConfig(path=out)),
+    "prune": lambda out: dict(nemo_checkpoint=SMOLLM2, save_path=out,
                               pruning_config=PruningConfig(target_num_layers=20)),
-    "finetune": lambda out: dict(model_path="smollm2-135m-instruct", output_path=out),
-    "distill": lambda out: dict(student_model_path="smollm2-135m-instruct", teacher_model_path="smollm2-135m-instruct",
+    "finetune": lambda out: dict(model_path=SMOLLM2, output_path=out),
+    "distill": lambda out: dict(student_model_path=SMOLLM2, teacher_model_path=SMOLLM2,
                                 output_path=out),
-    "speculative": lambda out: dict(model_path="smollm2-135m-instruct", output_path=out),
+    "speculative": lambda out: dict(model_path=SMOLLM2, output_path=out),
 }
 
 
@@ -60,7 +61,7 @@ def test_the_launch_layout_is_checked_with_the_stages_own_field_names(tmp_path):
             pass
     ptq = next(s for s in STAGES if s.__name__ == "ptq")
     with pytest.raises(StageArgumentError, match=r"^calibration_pp=0 must be a positive integer\.$"):
-        ptq(model_path="smollm2-135m-instruct", export_config=ExportConfig(path=str(tmp_path / "out")), calibration_pp=0)
+        ptq(model_path=SMOLLM2, export_config=ExportConfig(path=str(tmp_path / "out")), calibration_pp=0)
     distill = next(s for s in STAGES if s.__name__ == "distill")
     with pytest.raises(StageArgumentError, match=r"^num_nodes=0 must be a positive integer\.$"):
         distill(student_model_path="a", teacher_model_path="b", output_path=str(tmp_path / "out"), num_nodes=0)
