@@ -121,15 +121,28 @@ def progress(iterable=None, *, description: str, total: int | None = None, disab
 
 
 @contextlib.contextmanager
-def progress_over_layers(layers: torch.nn.ModuleList, description: str) -> Iterator[None]:
+def progress_over_layers(layers: torch.nn.ModuleList, description: str, *, keep_type: bool = False) -> Iterator[None]:
     """A progress bar for code we do not own that walks `layers` (ModelOpt's exporters show none):
     inside, iterating the list reports each layer. Only the list object's class is swapped, and
-    restored on leaving."""
+    restored on leaving. With `keep_type`, for code that checks `type(layers) is nn.ModuleList`
+    and walks `layers.children()` (ModelOpt's TensorRT-LLM exporter), the list's `children`
+    method is shadowed on the instance instead."""
     plain = type(layers)
+
+    def with_progress():
+        return iter(progress(list(plain.children(layers)), description=description))
+
+    if keep_type:
+        layers.children = with_progress
+        try:
+            yield
+        finally:
+            del layers.children
+        return
 
     class LayersWithProgress(plain):
         def __iter__(self):
-            return iter(progress(list(plain.__iter__(self)), description=description))
+            return with_progress()
 
     layers.__class__ = LayersWithProgress
     try:

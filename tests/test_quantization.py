@@ -218,17 +218,23 @@ def test_fp8_hf_export_passes_the_guard_and_a_tampered_one_fails(tiny_hf_models,
         verify_export(export, "hf", {"FP8"})
 
 
-def test_the_hf_export_shows_progress_over_the_layers(tiny_hf_models, tmp_path, capfd):
-    """ModelOpt's megatron HF exporter prints no progress of its own; the export phase shows a bar
-    over the decoder layers (2 here)."""
-    _ptq(tiny_hf_models["llama"], tmp_path / "fp8", "fp8", "hf")
-    err = capfd.readouterr().err
-    assert re.search(r"export: 100%\|[^|]*\| 2/2 ", err), err[-2000:]
+def test_both_exports_show_progress_over_the_layers(tiny_hf_models, tmp_path, capfd):
+    """ModelOpt's megatron exporters print no progress of their own; the export phase shows a bar
+    over the decoder layers (2 here), for the HF export and for TensorRT-LLM's (whose exporter
+    walks `layers.children()` and requires the list's type to be exactly ModuleList)."""
+    for export_format in ("hf", "trtllm"):
+        _ptq(tiny_hf_models["llama"], tmp_path / export_format, "fp8", export_format)
+        err = capfd.readouterr().err
+        assert re.search(r"export: 100%\|[^|]*\| 2/2 ", err), (export_format, err[-2000:])
     layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
     with runtime.progress_over_layers(layers, "walk"):
         assert list(layers) == list(layers._modules.values())
-    assert type(layers) is torch.nn.ModuleList
     assert "walk: 100%" in capfd.readouterr().err
+    with runtime.progress_over_layers(layers, "children", keep_type=True):
+        assert type(layers) is torch.nn.ModuleList
+        assert list(layers.children()) == list(layers._modules.values())
+    assert "children: 100%" in capfd.readouterr().err
+    assert type(layers) is torch.nn.ModuleList and "children" not in vars(layers)
 
 
 def test_silent_bf16_export_is_caught_and_the_native_checkpoint_avoids_recalibration(tiny_hf_models, tmp_path, capsys):

@@ -391,7 +391,8 @@ def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export:
         else:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-            with tied_embeddings_declared(model), runtime.freed_buffers_returned_to_os():
+            with tied_embeddings_declared(model), runtime.freed_buffers_returned_to_os(), \
+                    runtime.progress_over_layers(model.decoder.layers, "export", keep_type=True):
                 export_tensorrt_llm_checkpoint(
                     model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
                     inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
