@@ -282,7 +282,8 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     The search's sensitivity pass is a forward + backward that keeps a candidate layer's output
     error per format until its gradient arrives; `auto_quantize_scoring` runs it one row and one
     recomputed decoder layer at a time, with the scores of the whole `config.calibration_batch_size`
-    batch (SmolLM2: 1.4-1.7x the fp32 weights instead of ~9x; benchmarks/results/cost_curves.md).
+    batch, under the 1 MiB mmap threshold (SmolLM2: 1.35x the fp32 weights instead of ~9x;
+    benchmarks/results/cost_curves.md).
 
     `fresh_model` loads the unquantized model again: the chosen formats are then quantized
     and calibrated on it with `auto_quantize_recalibration` (ModelOpt's quantize on the
@@ -305,17 +306,20 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     batches = [make_batch(rows) for rows in calibration_batches(config, tokenizer)]
 
     auto_quantize_scoring.register_megatron_scoring()
-    model, search_state = mtq.auto_quantize(
-        model,
-        constraints={"effective_bits": effective_bits},
-        quantization_formats=format_configs,
-        data_loader=batches,
-        forward_step=auto_quantize_scoring.forward_step,
-        forward_backward_step=auto_quantize_scoring.forward_backward_step,
-        disabled_layers=["*output_layer*"],
-        num_calib_steps=len(batches),
-        num_score_steps=len(batches),
-    )
+    # a loop, but a short one: fresh pages cost the search ~10% (46-51 s on SmolLM2) and its peak
+    # stops depending on glibc's heap (0.67 GiB over baseline in every run, 0.71-0.86 without)
+    with runtime.freed_buffers_returned_to_os():
+        model, search_state = mtq.auto_quantize(
+            model,
+            constraints={"effective_bits": effective_bits},
+            quantization_formats=format_configs,
+            data_loader=batches,
+            forward_step=auto_quantize_scoring.forward_step,
+            forward_backward_step=auto_quantize_scoring.forward_backward_step,
+            disabled_layers=["*output_layer*"],
+            num_calib_steps=len(batches),
+            num_score_steps=len(batches),
+        )
     recalibration = auto_quantize_recalibration(config)
     if recalibration is not None and fresh_model is not None:
         # the search calibrated every candidate with its preset's method (max); the chosen
