@@ -275,9 +275,12 @@ def rendered_job(partial: run.Partial, executor: run.Executor, name: str) -> str
             from nemo_run.run.torchx_backend.schedulers.api import get_executor_str
 
             # the scheduler's own dry run (what Job.launch(dryrun=True) calls): with a work-dir claim
-            # the command becomes its launch.sh. A real launch appends a unique suffix to the name.
+            # the command becomes its launch.sh. A Kubernetes name (RFC 1123); a real launch also
+            # appends a unique suffix.
             _, dryrun_info = launch(app, get_executor_str(job.executor), job.executor, dryrun=True)
-            return yaml.safe_dump(job.executor.get_job_body(name, dryrun_info.request.cmd), sort_keys=False)
+            base = job.executor.train_job_basename or name
+            k8s_name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-") or "job"
+            return yaml.safe_dump(job.executor.get_job_body(k8s_name, dryrun_info.request.cmd), sort_keys=False)
         return " ".join(command)
 
 

@@ -115,7 +115,8 @@ def test_kubeflow_trainjob_manifest_and_its_command(kubeconfig, tiny_hf_models, 
 
     # with a claim: volumes, mounts, cache env, and the command is the launch script on the claim
     claimed = fdl.build(executor_with_overrides(EXECUTORS["kubeflow"], ["pvc=llm-results", "pvc_path=/results"]))
-    manifest = yaml.safe_load(rendered_job(launch_partial, claimed, "ptq"))
+    manifest = yaml.safe_load(rendered_job(launch_partial, claimed, "SmolLM2_ptq"))
+    assert manifest["metadata"]["name"] == "smollm2-ptq"  # a Kubernetes name (RFC 1123)
     override = manifest["spec"]["podTemplateOverrides"][0]["spec"]
     assert override["volumes"] == [{"name": "results", "persistentVolumeClaim": {"claimName": "llm-results"}}]
     assert override["containers"][0]["volumeMounts"] == [{"name": "results", "mountPath": "/results"}]
