@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import torch
 
-from nemo_optim import runtime
 from nemo_optim.models.forward import output_layer_skipped
 
 _registered = False
@@ -30,7 +29,6 @@ LOSS_CHUNK_TOKENS = 64
 def forward_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """ModelOpt's `forward_step` (the search's calibration passes): the decoder's final hidden
     states `[S, B, H]`, without the output layer."""
-    runtime.release_free_heap()
     with output_layer_skipped(model):
         return model(batch["input_ids"], batch["position_ids"], None)
 

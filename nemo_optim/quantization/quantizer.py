@@ -257,7 +257,6 @@ def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: F
     """`mtq.quantize` with `config`: inserts quantizers, calibrates (with `forward_loop`, or
     `config`'s calibration rows tokenized by `tokenizer`). Returns the (fake-)quantized model and
     what was quantized (None when `config` quantizes nothing)."""
-
     if config.algorithm is None and not config.custom_config_path:
         return model, None
     if config.algorithm is not None:
