@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,17 @@ from typing import Any
 from nemo_optim.checkpoint import library_versions
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
+from nemo_optim.runtime import cpu_allocator_env
 
 
 RESULTS_DIR = Path("benchmarks/results")
+
+
+def nemo_optim_process_env() -> dict[str, str]:
+    """The environment of a child process that measures nemo-optim: what its executors give a job
+    (`runtime.cpu_allocator_env`). The other sides of a comparison run in the plain environment,
+    as their users would start them."""
+    return {**os.environ, **cpu_allocator_env()}
 
 
 def results_arguments(parser: argparse.ArgumentParser, rows: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import results_arguments, write_results
+from benchmarks.common import nemo_optim_process_env, results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 SAMPLES = (16, 64, 256)
@@ -164,7 +164,7 @@ def _run(args, point: str) -> dict:
     out = Path(args.work_dir) / f"{point.replace(':', '_').replace('/', '_')}.json"
     if not out.is_file():
         subprocess.run([sys.executable, "-m", "benchmarks.cost_curves", "--point", point, "--work-dir", args.work_dir,
-                        "--student", args.student], check=True)
+                        "--student", args.student], check=True, env=nemo_optim_process_env())
     return json.loads(out.read_text())
 
 

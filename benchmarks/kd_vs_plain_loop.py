@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import results_arguments, write_results
+from benchmarks.common import nemo_optim_process_env, results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 SEED, LR, WEIGHT_DECAY, BETAS, CLIP = 1234, 1e-4, 0.01, (0.9, 0.95), 1.0
@@ -120,7 +120,7 @@ def _side(args, side: str) -> dict:
                "--student-hf", args.student_hf, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
                "--micro-batches", str(args.micro_batches), "--seq-length", str(args.seq_length),
                "--work-dir", args.work_dir]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=nemo_optim_process_env() if side == "nemo_optim" else None)
     return json.loads(out.read_text())
 
 

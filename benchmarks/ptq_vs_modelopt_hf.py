@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import merge_previous_rows, previous_results, results_arguments, write_results
+from benchmarks.common import merge_previous_rows, nemo_optim_process_env, previous_results, results_arguments, write_results
 from nemo_optim.models.hf import SMOLLM2
 
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG"}
@@ -192,7 +192,8 @@ def main() -> None:
         if not result_file.is_file():
             began = time.perf_counter()
             subprocess.run([sys.executable, "-m", "benchmarks.ptq_vs_modelopt_hf", "--side", f"{side}:{point}",
-                            "--work-dir", str(work), "--result", str(result_file)], check=True)
+                            "--work-dir", str(work), "--result", str(result_file)], check=True,
+                           env=nemo_optim_process_env() if side.startswith("nemo_optim") else None)
             process_seconds = time.perf_counter() - began  # interpreter start, imports, work, exit
             result_file.write_text(json.dumps(json.loads(result_file.read_text()) | {"process_seconds": process_seconds}))
         return json.loads(result_file.read_text())

@@ -17,6 +17,8 @@ from typing import Optional
 
 import nemo_run as run
 
+from nemo_optim.runtime import cpu_allocator_env
+
 
 def _env(name: str, default: Optional[str] = None) -> Optional[str]:
     return os.environ.get(name) or default
@@ -32,18 +34,24 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
         raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
 
 
+def cpu_job_env(**variables: str) -> dict[str, str]:
+    """`variables` and the allocator setting of a CPU job (`runtime.cpu_allocator_env`)."""
+    return {**variables, **cpu_allocator_env()}
+
+
 @run.cli.factory
 @run.autoconvert
 def local() -> run.LocalExecutor:
     """One process on this machine."""
-    return run.LocalExecutor(ntasks_per_node=1)
+    return run.LocalExecutor(ntasks_per_node=1, env_vars=cpu_job_env())
 
 
 @run.cli.factory
 @run.autoconvert
 def torchrun(ntasks_per_node: int = 2) -> run.LocalExecutor:
     """`ntasks_per_node` processes on this machine through torchrun (gloo on CPU)."""
-    return run.LocalExecutor(ntasks_per_node=ntasks_per_node, launcher="torchrun", env_vars={"OMP_NUM_THREADS": "1"})
+    return run.LocalExecutor(ntasks_per_node=ntasks_per_node, launcher="torchrun",
+                            env_vars=cpu_job_env(OMP_NUM_THREADS="1"))
 
 
 @run.cli.factory
@@ -87,7 +95,7 @@ def slurm(
         tunnel=tunnel,
         packager=run.Config(run.GitArchivePackager) if packager_name == "git" else run.Config(run.Packager),
         launcher="torchrun" if tasks > 1 else None,
-        env_vars={"OMP_NUM_THREADS": "1"} if tasks > 1 and not gpus_per_node else {},
+        env_vars={} if gpus_per_node else cpu_job_env(**({"OMP_NUM_THREADS": "1"} if tasks > 1 else {})),
     )
 
 

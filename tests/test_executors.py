@@ -70,6 +70,25 @@ def test_cluster_profile_comes_from_the_environment(monkeypatch):
         EXECUTORS["slurm"]()
 
 
+def test_cpu_jobs_start_with_glibcs_thread_cache_off(monkeypatch):
+    """glibc reads GLIBC_TUNABLES only when a process starts, so the executors set it for CPU jobs
+    (`runtime.cpu_allocator_env`: without the cache, freed activations' heap is reused instead of
+    growing); a user's own tunables are kept, and their own cache setting wins."""
+    from nemo_optim.runtime import cpu_allocator_env
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    off = "glibc.malloc.tcache_count=0"
+    for name in ("local", "torchrun"):
+        assert fdl.build(EXECUTORS[name]()).env_vars["GLIBC_TUNABLES"] == off
+    assert fdl.build(EXECUTORS["slurm"](ntasks_per_node=2)).env_vars == {"OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": off}
+    assert "GLIBC_TUNABLES" not in fdl.build(EXECUTORS["slurm"](gpus_per_node=8)).env_vars  # host memory is not the limit there
+
+    assert cpu_allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + off}
+    assert cpu_allocator_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
+
+
 def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
     """launch.py in its own process (NeMo-Run's local tunnel reads stdin, which pytest replaces)."""
     import os
