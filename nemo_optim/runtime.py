@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional, Literal
 
 import numpy as np
@@ -121,16 +121,21 @@ def progress(iterable=None, *, description: str, total: int | None = None, disab
 
 
 @contextlib.contextmanager
-def progress_over_layers(layers: torch.nn.ModuleList, description: str, *, keep_type: bool = False) -> Iterator[None]:
+def progress_over_layers(layers: torch.nn.ModuleList, description: str, *, keep_type: bool = False,
+                         after_each: Optional[Callable[[torch.nn.Module], None]] = None) -> Iterator[None]:
     """A progress bar for code we do not own that walks `layers` (ModelOpt's exporters show none):
-    inside, iterating the list reports each layer. Only the list object's class is swapped, and
-    restored on leaving. With `keep_type`, for code that checks `type(layers) is nn.ModuleList`
-    and walks `layers.children()` (ModelOpt's TensorRT-LLM exporter), the list's `children`
-    method is shadowed on the instance instead."""
+    inside, iterating the list reports each layer, and `after_each(layer)` runs once the walk has
+    moved past that layer. Only the list object's class is swapped, and restored on leaving. With
+    `keep_type`, for code that checks `type(layers) is nn.ModuleList` and walks
+    `layers.children()` (ModelOpt's TensorRT-LLM exporter), the list's `children` method is
+    shadowed on the instance instead."""
     plain = type(layers)
 
     def with_progress():
-        return iter(progress(list(plain.children(layers)), description=description))
+        for layer in progress(list(plain.children(layers)), description=description):
+            yield layer
+            if after_each is not None:
+                after_each(layer)
 
     if keep_type:
         layers.children = with_progress

@@ -46,6 +46,46 @@ def test_save_load_round_trip_gives_identical_logits(tiny_hf_models, runtime_sin
     assert checkpoint.directory_digest(path) == info.manifest["content_sha256"]
 
 
+def test_save_hands_the_writer_no_views_and_leaves_the_model_as_it_was(tiny_hf_models, runtime_single, tmp_path,
+                                                                       monkeypatch):
+    """megatron's writer copies every tensor that is a view of a larger one, all before it writes:
+    the SwiGLU fc1 weight is saved as two halves. save_checkpoint moves those halves out of their
+    parameter one parameter at a time and rebuilds the parameter afterwards (`views_moved_out`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    def views(sharded_state_dict):
+        return sorted(item.key for item in nested_values(sharded_state_dict) if isinstance(item, ShardedTensor)
+                      and item.data.untyped_storage().nbytes() > item.data.numel() * item.data.element_size())
+
+    tokens = _tokens()
+    model = load_model(tiny_hf_models["llama"]).model
+    without_the_move = model.sharded_state_dict()
+    apply_factories(without_the_move)
+    assert views(without_the_move) == ["decoder.layers.mlp.linear_fc1.weight"] * 4  # 2 halves x 2 layers (one stacked key)
+    del without_the_move
+    before = {name: (parameter, parameter.detach().clone()) for name, parameter in model.named_parameters()}
+    expected = forward_logits(model, tokens)
+
+    seen = {}
+    real_save = dist_checkpointing.save
+
+    def save_and_look(sharded_state_dict, *args, **kwargs):
+        seen["views"] = views(sharded_state_dict)
+        seen["fc1 held"] = [layer.mlp.linear_fc1.weight.numel() for layer in model.decoder.layers]
+        return real_save(sharded_state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", save_and_look)
+    loaded = load_model(tiny_hf_models["llama"])
+    path = save_checkpoint(model, loaded.config, tmp_path / "ckpt", loaded.hf_dir)
+    assert seen == {"views": [], "fc1 held": [0, 0]}
+    for name, parameter in model.named_parameters():
+        assert parameter is before[name][0] and torch.equal(parameter, before[name][1]), name
+    torch.testing.assert_close(forward_logits(model, tokens), expected, rtol=0, atol=0)
+    torch.testing.assert_close(forward_logits(load_model(path).model, tokens), expected, rtol=0, atol=0)
+
+
 def test_interrupted_save_leaves_no_checkpoint(tiny_hf_models, runtime_single, tmp_path):
     loaded = load_model(tiny_hf_models["llama"])
     target = tmp_path / "ckpt"

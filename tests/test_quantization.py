@@ -198,6 +198,32 @@ def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, r
     torch.testing.assert_close(forward_logits(restored, tokens), expected, rtol=0, atol=0)
 
 
+def test_hf_export_that_releases_the_layers_writes_the_same_files(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+    """The ptq stage lets the unified HF export free each decoder layer once it is converted (the
+    stage is done with the model). Oracle: the export of the same model that keeps its layers."""
+    from safetensors.torch import load_file
+
+    from nemo_optim.models.hf import write_hf_export
+
+    loaded = load_model(tiny_hf_models["llama"])
+    model, _ = quantize(loaded.model, _config("fp8"), tokenizer=tiny_tokenizer)
+    write_hf_export(model, loaded.hf_dir, tmp_path / "kept", torch.float32)
+    assert all(p.numel() for p in model.decoder.parameters())
+    write_hf_export(model, loaded.hf_dir, tmp_path / "released", torch.float32, release_exported_layers=True)
+    released_weights = [name for name, p in model.decoder.layers.named_parameters() if not p.numel()]
+    assert len(released_weights) == 8 and all(name.endswith("weight") for name in released_weights)  # 4 linears x 2 layers
+
+    def tensors(path):
+        return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(str(file)).items()}
+
+    kept, released = tensors(tmp_path / "kept"), tensors(tmp_path / "released")
+    assert sorted(released) == sorted(kept) and any(".mlp.gate_proj.weight" in name for name in kept)
+    for name, tensor in kept.items():
+        assert released[name].dtype == tensor.dtype and torch.equal(released[name], tensor), name
+    for name in ("config.json", "hf_quant_config.json"):
+        assert (tmp_path / "released" / name).read_text() == (tmp_path / "kept" / name).read_text()
+
+
 def _ptq(model, path, algorithm, export_format, **kwargs):
     return ptq(model_path=str(model), export_config=ExportConfig(path=str(path), export_format=export_format, dtype="float32"),
                quantization_config=_config(algorithm), **kwargs)

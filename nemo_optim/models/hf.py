@@ -169,16 +169,24 @@ def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTMod
         ) from None
 
 
-def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory: str | Path, dtype: torch.dtype) -> None:
+def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory: str | Path, dtype: torch.dtype,
+                    *, release_exported_layers: bool = False) -> None:
     """ModelOpt's unified HF exporter into `directory` (collective), then the fixes its output
     needs to load in transformers: its per-layer index files removed, and `layer_types`
-    (Qwen3 etc.) resized to a pruned model's depth, which the exporter leaves as it was."""
+    (Qwen3 etc.) resized to a pruned model's depth, which the exporter leaves as it was.
+
+    `release_exported_layers`, for a caller done with `model`: each decoder layer's quantized
+    weights are freed once the exporter has converted them, so the export's state dict (built whole before
+    it is written) takes the place of the weights instead of adding to them (the ptq stage's
+    peak). The model is unusable afterwards."""
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
     from nemo_optim import runtime
 
+    release = _release_quantized_weights if release_exported_layers else None
     # its state dict in the export dtype does not stay resident afterwards
-    with runtime.progress_over_layers(model.decoder.layers, "export"), runtime.freed_buffers_returned_to_os():
+    with runtime.progress_over_layers(model.decoder.layers, "export", after_each=release), \
+            runtime.freed_buffers_returned_to_os():
         export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(directory))
     if not runtime.is_main_process():
         return
@@ -195,6 +203,19 @@ def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory
             )
         config["layer_types"] = layer_types[:1] * config["num_hidden_layers"]
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _release_quantized_weights(layer: torch.nn.Module) -> None:
+    """Frees the weights of `layer`'s quantized linears: the exporter has written them as new
+    tensors in the quantized format. Other tensors (norms, unquantized weights) are left alone:
+    the exporter's state dict may hold them as they are, where no conversion was needed."""
+    from modelopt.torch.export.quant_utils import QUANTIZATION_NONE, get_quantization_format
+
+    for module in layer.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(weight, torch.nn.Parameter) and hasattr(module, "weight_quantizer")
+                and get_quantization_format(module) != QUANTIZATION_NONE):
+            weight.data = weight.data.new_empty(0)
 
 
 def export_hf(

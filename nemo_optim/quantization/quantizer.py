@@ -383,14 +383,15 @@ def expected_export_algos(config: QuantizationConfig) -> set[str] | None:
 
 
 def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export: ExportConfig, hf_dir: Path,
-                     hf_architecture: str) -> Path:
+                     hf_architecture: str, *, release_model: bool = False) -> Path:
     """Exports `model` (quantized with `config`) to `export.path` and verifies that the result
-    declares `config`'s format before it appears there."""
+    declares `config`'s format before it appears there. `release_model`: the caller is done with
+    `model`, whose layers the unified HF export may free as it goes (`write_hf_export`)."""
     with atomic_directory(export.path) as shared_tmp, tempfile.TemporaryDirectory() as scratch:
         # Data-parallel replicas export the same weights: only replica 0 writes the result.
         tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
         if export.export_format == "hf":
-            write_hf_export(model, hf_dir, tmp, export.torch_dtype)
+            write_hf_export(model, hf_dir, tmp, export.torch_dtype, release_exported_layers=release_model)
         else:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
 

@@ -126,7 +126,7 @@ def ptq(
             runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=calibration_pp))
             model = load_model(save_path).model
         export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
-                                       loaded.config.hf_architecture)
+                                       loaded.config.hf_architecture, release_model=not export_config.generate_sample)
         runtime.print0(f"{export_config.export_format} export: {export_path}")
         if export_config.generate_sample:
             runtime.print0(f"sample: {greedy_sample(model, tokenizer)!r}")
