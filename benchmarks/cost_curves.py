@@ -1,6 +1,7 @@
 """How PTQ and distillation costs grow on CPU: PTQ calibration time and peak RSS against the number
 of calibration sequences and against model size, and a KD step's time against sequence length.
-Each point runs in its own process (its peak RSS is its own).
+Each point runs in its own process (its peak RSS is its own), started as nemo-optim's executors
+start CPU jobs (glibc's tcache off: `runtime.cpu_allocator_env`).
 
 PTQ: FP8 with ModelOpt's preset max calibration, 256-token sequences of pydoc text, batches of 4;
 on SmolLM2 also with GPTQ-lite after it (nemo-optim's FP8 default), with auto_quantize (fp8 or 16
