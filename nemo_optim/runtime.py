@@ -301,7 +301,8 @@ def freed_buffers_returned_to_os(threshold_bytes: int = 2**20) -> Iterator[bool]
     fresh pages (SmolLM2's FP8 calibration took 1.6x as long, GPTQ-lite's weight update ~4x, a KD
     step 1.2-1.35x); they use the heap and `release_free_heap`. On leaving, the thresholds are
     set to where glibc's own settle (32 MiB, trim at 64) and the heap's free pages are given back.
-    A no-op on GPU (activations are device memory) and when the user set MALLOC_MMAP_THRESHOLD_. Yields whether it applied."""
+    A no-op on GPU (activations are device memory) and when the user set MALLOC_MMAP_THRESHOLD_.
+    Yields whether it applied."""
     global _freed_buffers_depth
     if _freed_buffers_depth:  # nested (a save inside a load, ...): the outermost one decides
         _freed_buffers_depth += 1

@@ -176,9 +176,9 @@ def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory
     (Qwen3 etc.) resized to a pruned model's depth, which the exporter leaves as it was.
 
     `release_exported_layers`, for a caller done with `model`: each decoder layer's quantized
-    weights are freed once the exporter has converted them, so the export's state dict (built whole before
-    it is written) takes the place of the weights instead of adding to them (the ptq stage's
-    peak). The model is unusable afterwards."""
+    weights are freed once the exporter has converted them, so the export's state dict (built
+    whole before it is written) takes the place of the weights instead of adding to them (the
+    ptq stage's peak). The model is unusable afterwards."""
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
     from nemo_optim import runtime
