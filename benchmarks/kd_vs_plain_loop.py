@@ -6,7 +6,8 @@ Both sides: teacher SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32), s
 its HF export), the same packed rows of the embedded corpus's train split in the same order
 (nemo-optim's seeded sample order), 2 micro-batches of 2 x 256 tokens per step, AdamW (lr 1e-4
 constant, betas 0.9/0.95, weight decay 0.01 on matrices), gradients clipped at 1.0, fp32 on CPU.
-Each side runs in its own process (peak RSS is that process's); the two sides alternate, --runs times
+Each side runs in its own process (peak RSS is that process's; nemo-optim's started as its executors
+start CPU jobs, with glibc's tcache off, the plain loop's in the plain environment); the two sides alternate, --runs times
 each (this VM's speed drifts by 10-20% from minute to minute), and each side's s/step is the median
 over its runs of the run's median step after the first.
 

@@ -9,7 +9,8 @@ is off here), INT4-AWQ at block 64 on both (SmolLM2's 576-wide layers do not tak
 Time: "load->export" from loading the model to the end of the export, libraries imported before
 the clock starts on both sides; "command" the whole process (interpreter start, imports, tokenizing
 the calibration rows, load, calibrate, export, exit), what a user waits for. Each side runs in its own
-process; the two sides alternate, 3 runs each, medians reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
+process (nemo-optim's started as its executors start CPU jobs, with glibc's tcache off; ModelOpt's in the
+plain environment); the two sides alternate, 3 runs each, medians reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
 compresses weights in place, so that side quantizes the same way again). nemo-optim also saves its
 native checkpoint (the exports are made from it if an export fails). FP8 is measured again with
 128 calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of
