@@ -195,56 +195,25 @@ def _serve_only_while_parent_lives(parent: int) -> None:
         os._exit(0)
 
 
-@contextlib.contextmanager
-def views_moved_out(model: torch.nn.Module, sharded_state_dict: dict) -> Iterator[None]:
-    """megatron's checkpoint writer copies every tensor that is a view of a larger one, all of them
+def views_handed_over_whole(sharded_state_dict: dict) -> None:
+    """megatron's checkpoint writer clones every CPU tensor that is a view of a larger one, all of them
     before it writes anything: a SwiGLU fc1 weight is saved as its two halves, so 40% of a Llama's
-    weights were copied at once (0.2 GiB for SmolLM2: the ptq stage's peak). Inside, such views are
-    copied out one parameter at a time and that parameter's storage is released, so the writer finds
-    whole tensors and the memory never holds more than one parameter twice; on leaving, every
-    parameter is rebuilt from its pieces (the same values, the same Parameter objects). Applies
-    `sharded_state_dict`'s factories first. Only parameters that own their storage and are saved
-    only through such views are moved (not views into a DDP buffer)."""
+    weights were copied at once (0.2 GiB for SmolLM2: the ptq stage's peak). Each contiguous view is
+    handed over instead as a tensor over just its slice of the storage: the same memory (the slice
+    keeps the parameter's storage alive), which the writer takes as whole, so nothing is copied and
+    the model is not touched. Applies `sharded_state_dict`'s factories first."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     apply_factories(sharded_state_dict)
-    owners = {parameter.untyped_storage().data_ptr(): parameter for parameter in model.parameters()
-              if parameter.device.type == "cpu" and parameter.numel()
-              and parameter.untyped_storage().nbytes() == parameter.numel() * parameter.element_size()}
-    pieces: dict[torch.nn.Parameter, list] = {}
-    whole_items: set[int] = set()
     for item in nested_values(sharded_state_dict):
-        if not isinstance(item, ShardedTensor) or item.data is None:
-            continue
-        owner = owners.get(item.data.untyped_storage().data_ptr())
-        if owner is None:
-            continue
-        if item.data.numel() < owner.numel():
-            pieces.setdefault(owner, []).append(item)
-        else:
-            whole_items.add(id(owner))
-    moved = []
-    try:
-        with torch.no_grad():
-            for parameter, items in pieces.items():
-                if id(parameter) in whole_items:
-                    continue
-                layout = [(item, item.data.size(), item.data.stride(), item.data.storage_offset()) for item in items]
-                for item in items:
-                    item.data = item.data.detach().clone()
-                moved.append((parameter, parameter.size(), parameter.stride(), layout))
-                parameter.data = parameter.data.new_empty(0)
-        yield
-    finally:
-        with torch.no_grad():
-            for parameter, size, stride, layout in moved:
-                whole = torch.empty_strided(size, stride, dtype=parameter.dtype, device=parameter.device)
-                for item, piece_size, piece_stride, offset in layout:
-                    # (the writer may have given the piece leading axes of size 1)
-                    whole.as_strided(piece_size, piece_stride, offset).copy_(item.data.reshape(piece_size))
-                    item.data = None
-                parameter.data = whole
+        data = item.data if isinstance(item, ShardedTensor) else None
+        if data is None or data.device.type != "cpu" or not data.is_contiguous():
+            continue  # (GPU tensors are copied to the host by the writer anyway)
+        nbytes, storage = data.numel() * data.element_size(), data.untyped_storage()
+        if storage.nbytes() > nbytes:
+            start = data.storage_offset() * data.element_size()
+            item.data = data.new_empty(0).set_(storage[start:start + nbytes], 0, data.size(), data.stride())
 
 
 def save_checkpoint(
@@ -267,8 +236,8 @@ def save_checkpoint(
         fork_writer_results_queue()
         sharded_state_dict = model.sharded_state_dict()
         with runtime.freed_buffers_returned_to_os():  # what the writer still copies does not stay resident
-            with views_moved_out(model, sharded_state_dict):
-                dist_checkpointing.save(sharded_state_dict, str(weights))
+            views_handed_over_whole(sharded_state_dict)
+            dist_checkpointing.save(sharded_state_dict, str(weights))
             del sharded_state_dict
             save_sharded_modelopt_state([model], str(weights))
         if runtime.is_main_process():

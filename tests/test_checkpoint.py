@@ -46,26 +46,30 @@ def test_save_load_round_trip_gives_identical_logits(tiny_hf_models, runtime_sin
     assert checkpoint.directory_digest(path) == info.manifest["content_sha256"]
 
 
-def test_save_hands_the_writer_no_views_and_leaves_the_model_as_it_was(tiny_hf_models, runtime_single, tmp_path,
-                                                                       monkeypatch):
-    """megatron's writer copies every tensor that is a view of a larger one, all before it writes:
-    the SwiGLU fc1 weight is saved as two halves. save_checkpoint moves those halves out of their
-    parameter one parameter at a time and rebuilds the parameter afterwards (`views_moved_out`)."""
+def test_save_hands_the_writer_no_views_and_no_copies(tiny_hf_models, runtime_single, tmp_path, monkeypatch):
+    """megatron's writer clones every tensor that is a view of a larger one, all before it writes:
+    the SwiGLU fc1 weight is saved as two halves. save_checkpoint hands each half over as a tensor
+    over just its slice of the parameter's memory (`views_handed_over_whole`): no view reaches the
+    writer, nothing is copied, and the model is not touched."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+    def tensors(sharded_state_dict):
+        return [item for item in nested_values(sharded_state_dict) if isinstance(item, ShardedTensor)]
+
     def views(sharded_state_dict):
-        return sorted(item.key for item in nested_values(sharded_state_dict) if isinstance(item, ShardedTensor)
-                      and item.data.untyped_storage().nbytes() > item.data.numel() * item.data.element_size())
+        return sorted(item.key for item in tensors(sharded_state_dict)
+                      if item.data.untyped_storage().nbytes() > item.data.numel() * item.data.element_size())
 
     tokens = _tokens()
     model = load_model(tiny_hf_models["llama"]).model
-    without_the_move = model.sharded_state_dict()
-    apply_factories(without_the_move)
-    assert views(without_the_move) == ["decoder.layers.mlp.linear_fc1.weight"] * 4  # 2 halves x 2 layers (one stacked key)
-    del without_the_move
+    without_the_handover = model.sharded_state_dict()
+    apply_factories(without_the_handover)
+    assert views(without_the_handover) == ["decoder.layers.mlp.linear_fc1.weight"] * 4  # 2 halves x 2 layers (one stacked key)
+    del without_the_handover
     before = {name: (parameter, parameter.detach().clone()) for name, parameter in model.named_parameters()}
+    parameter_memory = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in model.parameters()]
     expected = forward_logits(model, tokens)
 
     seen = {}
@@ -73,13 +77,15 @@ def test_save_hands_the_writer_no_views_and_leaves_the_model_as_it_was(tiny_hf_m
 
     def save_and_look(sharded_state_dict, *args, **kwargs):
         seen["views"] = views(sharded_state_dict)
-        seen["fc1 held"] = [layer.mlp.linear_fc1.weight.numel() for layer in model.decoder.layers]
+        seen["copies"] = sorted(item.key for item in tensors(sharded_state_dict) if item.data.numel() > 1 and not any(
+            start <= item.data.data_ptr() < end for start, end in parameter_memory))
+        seen["fc1 pieces"] = sum(item.key.endswith("linear_fc1.weight") for item in tensors(sharded_state_dict))
         return real_save(sharded_state_dict, *args, **kwargs)
 
     monkeypatch.setattr(dist_checkpointing, "save", save_and_look)
     loaded = load_model(tiny_hf_models["llama"])
     path = save_checkpoint(model, loaded.config, tmp_path / "ckpt", loaded.hf_dir)
-    assert seen == {"views": [], "fc1 held": [0, 0]}
+    assert seen == {"views": [], "copies": [], "fc1 pieces": 4}
     for name, parameter in model.named_parameters():
         assert parameter is before[name][0] and torch.equal(parameter, before[name][1]), name
     torch.testing.assert_close(forward_logits(model, tokens), expected, rtol=0, atol=0)
