@@ -65,7 +65,7 @@ def stage_runtime(tp_size: int = 1, pp_size: int = 1, devices: Optional[int] = N
     for field, value in (("devices", devices), ("num_nodes", num_nodes)):
         if value is not None:
             _positive(field, value)
-    with runtime.parallel_runtime(parallel):
+    with runtime.parallel_runtime(parallel), runtime.imported_objects_frozen():
         if devices is not None or num_nodes is not None:
             mismatch = runtime.launched_processes_message(devices or 1, num_nodes or 1)
             if mismatch:
