@@ -6,8 +6,9 @@ Both sides: SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) on CPU, th
 rows (nemo-optim's: 16 x 256 tokens of pydoc text, calibration split), ModelOpt's preset
 calibration (max / SmoothQuant / AWQ-lite: what hf_ptq.py runs; nemo-optim's tuned GPTQ-lite default
 is off here), INT4-AWQ at block 64 on both (SmolLM2's 576-wide layers do not take ModelOpt's 128).
-Time: "load->export" from loading the model to the end of the export, libraries imported before
-the clock starts on both sides; "command" the whole process (interpreter start, imports, tokenizing
+Time: "load->export" from loading the tokenizer and the model to the end of the export (tokenizing the
+calibration rows and writing the tokenizer into the export included on both sides, as hf_ptq.py does),
+libraries imported before the clock starts on both sides; "command" the whole process (interpreter start, imports, tokenizing
 the calibration rows, load, calibrate, export, exit), what a user waits for. Each side runs in its own
 process (nemo-optim's started as its executors start CPU jobs, with glibc's tcache off; ModelOpt's in the
 plain environment); the two sides alternate, 3 runs each, medians reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
@@ -129,11 +130,12 @@ def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
     from nemo_optim.quantization.quantizer import calibration_batches
 
     hf_dir = gguf_to_hf(resolve_source(SMOLLM2).path)
-    tokenizer = load_tokenizer(hf_dir)
     fmt, sequences = _parse(point)
-    batches = calibration_batches(_quantization_config(fmt, sequences), tokenizer)
     began = time.perf_counter()
+    # as hf_ptq.py (and nemo-optim's stage) inside the clock: the tokenizer, the model, the calibration rows
+    tokenizer = load_tokenizer(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    batches = calibration_batches(_quantization_config(fmt, sequences), tokenizer)
     config = copy.deepcopy(getattr(mtq, FORMATS[fmt]))
     if fmt == "int4_awq":
         config["quant_cfg"]["*weight_quantizer"]["block_sizes"][-1] = AWQ_BLOCK
@@ -157,6 +159,7 @@ def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
     try:
         with torch.no_grad():
             export_hf_checkpoint(model, export_dir=str(work / f"modelopt_{point}"))
+        tokenizer.save_pretrained(str(work / f"modelopt_{point}"))  # hf_ptq.py's export writes it too
     except Exception as error:  # noqa: BLE001 - report what ModelOpt's exporter says, keep measuring
         export = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return {"wall_seconds": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(), "export": export}
