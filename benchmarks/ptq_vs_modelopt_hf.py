@@ -16,7 +16,8 @@ compresses weights in place, so that side quantizes the same way again). nemo-op
 native checkpoint (the exports are made from it if an export fails). FP8 is measured again with
 128 calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of
 another domain (16 x 256 tokens of standard-library docstrings), against each side's own fp32 model (megatron's and transformers' fp32 logits agree
-to ~1e-5): perplexity, KL, top-1 agreement.
+to ~1e-5): perplexity, KL, top-1 agreement; nemo-optim's minus the HF path's with a 95% interval (paired bootstrap over
+the 16 sequences: an interval that holds 0 is a difference within the noise of this held-out set).
 
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf                  # ~35 min on 2 cores
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf --formats fp8    # one format
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import resource
 import statistics
 import subprocess
@@ -73,15 +75,37 @@ def _held_out(tokenizer) -> torch.Tensor:
 
 
 def _metrics(pairs) -> dict:
-    """(model logits, reference logits, labels) per batch -> perplexity, KL, top-1 agreement."""
-    nll = kl = agree = count = 0.0
+    """(model logits, reference logits, labels) per batch -> perplexity, KL, top-1 agreement, and the
+    sums behind them per held-out sequence (for the paired comparison of the two sides)."""
+    per_sequence = {"nll": [], "kl": [], "agree": [], "tokens": []}
     for logits, reference, labels in pairs:
         log_probs, ref_log_probs = F.log_softmax(logits.float(), -1), F.log_softmax(reference.float(), -1)
-        nll += F.nll_loss(log_probs.flatten(0, 1), labels.flatten(), reduction="sum").item()
-        kl += F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="sum").item()
-        agree += (logits.argmax(-1) == reference.argmax(-1)).sum().item()
-        count += labels.numel()
-    return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1_agreement": agree / count}
+        per_sequence["nll"] += F.nll_loss(log_probs.transpose(1, 2), labels, reduction="none").sum(-1).tolist()
+        per_sequence["kl"] += F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="none").sum((1, 2)).tolist()
+        per_sequence["agree"] += (logits.argmax(-1) == reference.argmax(-1)).sum(-1).tolist()
+        per_sequence["tokens"] += [labels.shape[1]] * labels.shape[0]
+    return _totals(per_sequence) | {"per_sequence": per_sequence}
+
+
+def _totals(per_sequence: dict, rows: list[int] | None = None) -> dict:
+    rows = range(len(per_sequence["tokens"])) if rows is None else rows
+    count = sum(per_sequence["tokens"][i] for i in rows)
+
+    def total(key):
+        return sum(per_sequence[key][i] for i in rows)
+
+    return {"perplexity": math.exp(total("nll") / count), "kl": total("kl") / count, "top1_agreement": total("agree") / count}
+
+
+def paired_interval(ours: dict, theirs: dict, metric: str, resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of (ours - theirs) for `metric`, resampling the held-out sequences in
+    pairs (both sides saw the same sequences): an interval that holds 0 is a difference within noise."""
+    generator = random.Random(0)
+    count = len(ours["tokens"])
+    differences = sorted(
+        _totals(ours, rows)[metric] - _totals(theirs, rows)[metric]
+        for rows in ([generator.randrange(count) for _ in range(count)] for _ in range(resamples)))
+    return differences[int(0.025 * resamples)], differences[int(0.975 * resamples) - 1]
 
 
 def run_nemo_optim(point: str, work: Path) -> dict:
@@ -219,6 +243,11 @@ def main() -> None:
             results[side] |= {k: v for k, v in evaluation.items() if k != "process_seconds"}
         fmt, sequences = _parse(point)
         hf_side = results["modelopt_hf"]
+        ours, theirs = results["nemo_optim"].pop("per_sequence"), hf_side.pop("per_sequence")
+        for metric, column in (("perplexity", "ppl_vs_hf"), ("kl", "kl_vs_hf"), ("top1_agreement", "top1_vs_hf")):
+            low, high = paired_interval(ours, theirs, metric)
+            difference = results["nemo_optim"][metric] - hf_side[metric]
+            results["nemo_optim"][column] = f"{difference:+.4g} [{low:+.3g}, {high:+.3g}]"
         for side, label in (("nemo_optim", "nemo-optim ptq"), ("modelopt_hf", "ModelOpt HF path")):
             rows.append({"format": fmt, "calibration_sequences": sequences, "row": label, "point": f"{point} {label}",
                          **results[side],
@@ -235,6 +264,7 @@ def main() -> None:
              + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "") + " " + args.note).strip()
     write_results("ptq_vs_modelopt_hf", rows, [
         ("format", "format"), ("calibration_sequences", "calib. rows"), ("row", "path"), ("perplexity", "ppl"), ("kl", "KL"), ("top1_agreement", "top-1"),
+        ("ppl_vs_hf", "ppl - HF's [95%]"), ("kl_vs_hf", "KL - HF's [95%]"), ("top1_vs_hf", "top-1 - HF's [95%]"),
         ("wall_seconds", "load->export s"), ("wall_vs_hf", "vs HF path"), ("process_seconds", "command s"),
         ("process_vs_hf", "command vs HF path"), ("peak_rss_gib", "peak RSS (GiB)"),
         ("export", "export"),
