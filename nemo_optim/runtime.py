@@ -290,9 +290,9 @@ def imported_objects_frozen() -> Iterator[None]:
     """Inside, the objects that exist on entering (the imported libraries: ~600k for torch,
     megatron-core, ModelOpt and transformers) are left out of Python's full garbage collections
     (`gc.freeze`): they live as long as the process, and each full collection walked all of them,
-    0.35 s at a time in the middle of SmolLM2's ptq stage. Forked writer processes also leave
-    their pages shared. Objects created inside are collected as usual; on leaving they are
-    collected as usual again (unless the caller had frozen objects itself)."""
+    0.35 s at a time in the middle of SmolLM2's ptq stage. Objects created inside are collected as
+    usual; on leaving, the frozen ones are collected as usual again (unless the caller had frozen
+    objects itself)."""
     import gc
 
     frozen_by_caller = gc.get_freeze_count() > 0
