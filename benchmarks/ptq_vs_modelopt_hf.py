@@ -243,8 +243,10 @@ def main() -> None:
             results[side] |= {k: v for k, v in evaluation.items() if k != "process_seconds"}
         fmt, sequences = _parse(point)
         hf_side = results["modelopt_hf"]
-        ours, theirs = results["nemo_optim"].pop("per_sequence"), hf_side.pop("per_sequence")
+        ours, theirs = results["nemo_optim"].pop("per_sequence", None), hf_side.pop("per_sequence", None)
         for metric, column in (("perplexity", "ppl_vs_hf"), ("kl", "kl_vs_hf"), ("top1_agreement", "top1_vs_hf")):
+            if ours is None or theirs is None:  # an evaluation cached in --work-dir by an older version
+                break
             low, high = paired_interval(ours, theirs, metric)
             difference = results["nemo_optim"][metric] - hf_side[metric]
             results["nemo_optim"][column] = f"{difference:+.4g} [{low:+.3g}, {high:+.3g}]"
