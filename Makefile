@@ -1,7 +1,7 @@
 # Two commands on a fresh machine with Python 3.11:
 #   make run    the compress pipeline on SmolLM2-135M (shipped in a PyPI package): prune ->
 #               correct teacher -> distill -> FP8 PTQ -> export -> evaluate (perplexity + task accuracy) -> report (~30 min on 2 CPU cores)
-#   make test   the default test suite (CPU, ~9 min on 2 cores; starts a one-node Slurm)
+#   make test   the default test suite (CPU, ~14 min on 2 cores; starts a one-node Slurm)
 # Both create .venv and install everything from this repo's files first.
 
 PYTHON ?= python3.11
