@@ -510,43 +510,47 @@ def train(
         progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
     step_seconds = []
     model.train()
-    for step in range(start_step, config.max_steps):
-        began = time.perf_counter()
-        gradients.zero()
-        with _autocast(config):
-            batches = _micro_batches(train_tokens, order, step, config, dp_rank, num_micro)
-            outputs = forward_backward(gradients.model, batches, loss_fn, num_micro_batches=num_micro,
-                                   seq_length=seq_length, micro_batch_size=config.micro_batch_size,
-                                   forward_only=False, with_labels=True, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
-        gradients.finalize()
-        grad_norm = _clip_gradients(params, config.clip_grad)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step_seconds.append(time.perf_counter() - began)
-        done = step + 1
-        if done % config.log_interval == 0 or done == config.max_steps:
-            metrics = _mean_metrics(outputs)
-            log.record({"kind": "train", "step": done, **metrics, "lr": lr, "grad_norm": grad_norm,
-                        "seconds_per_step": step_seconds[-1]})
-            text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    # big buffers (logits, gradients) are reused from step to step instead of faulted in afresh
+    with runtime.large_buffers_kept_in_heap():
+        for step in range(start_step, config.max_steps):
+            began = time.perf_counter()
+            gradients.zero()
+            with _autocast(config):
+                batches = _micro_batches(train_tokens, order, step, config, dp_rank, num_micro)
+                outputs = forward_backward(gradients.model, batches, loss_fn, num_micro_batches=num_micro,
+                                           seq_length=seq_length, micro_batch_size=config.micro_batch_size,
+                                           forward_only=False, with_labels=True,
+                                           adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
+            gradients.finalize()
+            grad_norm = _clip_gradients(params, config.clip_grad)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step_seconds.append(time.perf_counter() - began)
+            done = step + 1
+            if done % config.log_interval == 0 or done == config.max_steps:
+                metrics = _mean_metrics(outputs)
+                log.record({"kind": "train", "step": done, **metrics, "lr": lr, "grad_norm": grad_norm,
+                            "seconds_per_step": step_seconds[-1]})
+                text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                if progress is not None:
+                    progress.set_postfix_str(text)
+                else:
+                    runtime.print0(f"step {done}/{config.max_steps}: {text}, lr {lr:.2e}, "
+                                   f"{step_seconds[-1]:.2f} s/step")
             if progress is not None:
-                progress.set_postfix_str(text)
-            else:
-                runtime.print0(f"step {done}/{config.max_steps}: {text}, lr {lr:.2e}, {step_seconds[-1]:.2f} s/step")
-        if progress is not None:
-            progress.update(1)
-        if val_tokens is not None and config.val_check_interval and (
-                done % config.val_check_interval == 0 or done == config.max_steps):
-            metrics = _validation_metrics(gradients.model, val_tokens, loss_fn, config, forward_backward,
-                                          adjust_tensor_shapes_fn)
-            log.record({"kind": "validation", "step": done, **metrics})
-            runtime.print0(f"validation step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if config.checkpoint_interval and (done % config.checkpoint_interval == 0 or done == config.max_steps):
-            _save_training_checkpoint(run_dir, done, model, optimizer, scheduler, log.history,
-                                      config.keep_last_checkpoints, fingerprint)
-        if on_step_end is not None:
-            on_step_end(done)
+                progress.update(1)
+            if val_tokens is not None and config.val_check_interval and (
+                    done % config.val_check_interval == 0 or done == config.max_steps):
+                metrics = _validation_metrics(gradients.model, val_tokens, loss_fn, config, forward_backward,
+                                              adjust_tensor_shapes_fn)
+                log.record({"kind": "validation", "step": done, **metrics})
+                runtime.print0(f"validation step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if config.checkpoint_interval and (done % config.checkpoint_interval == 0 or done == config.max_steps):
+                _save_training_checkpoint(run_dir, done, model, optimizer, scheduler, log.history,
+                                          config.keep_last_checkpoints, fingerprint)
+            if on_step_end is not None:
+                on_step_end(done)
     if progress is not None:
         progress.close()
     log.close()

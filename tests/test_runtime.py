@@ -65,3 +65,46 @@ def test_a_users_own_malloc_setting_is_left_alone():
     measured = _measure({"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)})
     assert measured["applied"] is False
     assert measured["inside"]["held_mib"] > 200, measured
+
+
+# A training step's big buffers (a 96 MiB logits tensor) allocated, used and freed twice: the
+# page faults of the second round, with the training loop's setting and without it.
+_FAULTS_OF_A_REUSED_BUFFER = r"""
+import json, resource, torch
+from nemo_optim import runtime
+
+def second_round_faults():
+    for round in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffer = torch.ones(96 * 2**20, dtype=torch.uint8)
+        del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+with runtime.parallel_runtime():
+    plain = second_round_faults()
+    with runtime.large_buffers_kept_in_heap() as applied:
+        kept = second_round_faults()
+        with runtime.freed_buffers_returned_to_os():  # a checkpoint saved inside the loop
+            pass
+        kept_after_a_save = second_round_faults()
+    after = second_round_faults()
+print(json.dumps({"applied": applied, "plain": plain, "kept": kept, "kept_after_a_save": kept_after_a_save,
+                  "after": after}))
+"""
+
+
+def test_a_training_loop_reuses_its_big_buffers_instead_of_faulting_them_in_again():
+    """In the environment the executors start CPU jobs with (glibc's tcache off: with it on, the
+    slack chunks of torch's aligned allocations can keep a freed buffer's hole from being reused,
+    as in `cpu_allocator_env`'s story)."""
+    from nemo_optim.runtime import cpu_allocator_env
+
+    done = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BUFFER], capture_output=True, text=True,
+                          env={**os.environ, **cpu_allocator_env()}, check=True, timeout=300)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = 96 * 2**20 // 4096
+    assert measured["applied"] is True
+    assert measured["plain"] > 0.9 * pages, measured  # mapped afresh: every page faulted in again
+    assert measured["kept"] < 0.05 * pages, measured  # the freed heap memory is reused
+    assert measured["kept_after_a_save"] < 0.05 * pages, measured  # a nested save restored the setting
+    assert measured["after"] > 0.9 * pages, measured  # glibc's defaults again
