@@ -334,7 +334,7 @@ def freed_buffers_returned_to_os(threshold_bytes: int = 2**20) -> Iterator[bool]
         return
     applied = not use_cuda() and "MALLOC_MMAP_THRESHOLD_" not in os.environ and _mallopt(
         _M_MMAP_THRESHOLD, threshold_bytes)
-    if applied and _heap_kept:  # (a checkpoint saved inside a training loop)
+    if applied:  # (inside a training loop, a checkpoint save: mappings allowed again meanwhile)
         _mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
     _freed_buffers_depth = int(applied)
     try:
@@ -342,13 +342,19 @@ def freed_buffers_returned_to_os(threshold_bytes: int = 2**20) -> Iterator[bool]
     finally:
         _freed_buffers_depth = 0
         if applied:
-            _mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-            if _heap_kept:
-                _mallopt(_M_MMAP_MAX, 0)
-            _mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM if _heap_kept else 2 * _GLIBC_MMAP_THRESHOLD_MAX)
             # buffers that glibc still served from free heap chunks (the threshold only decides
             # when the heap has none) go back too
-            release_free_heap()
+            _settle_allocator()
+
+
+def _settle_allocator() -> None:
+    """glibc's settings for what runs next: its settled thresholds (32 MiB, trim at 64), or the
+    training loop's heap-kept ones when inside `large_buffers_kept_in_heap`; then the heap's free
+    pages are given back."""
+    _mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+    _mallopt(_M_MMAP_MAX, 0 if _heap_kept else _GLIBC_MMAP_MAX_DEFAULT)
+    _mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM if _heap_kept else 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+    release_free_heap()
 
 
 _heap_kept = False
@@ -370,16 +376,14 @@ def large_buffers_kept_in_heap() -> Iterator[bool]:
     applied = (not use_cuda() and not _heap_kept and "MALLOC_MMAP_MAX_" not in os.environ
                and _mallopt(_M_MMAP_MAX, 0))
     if applied:
-        _mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
         _heap_kept = True
+        _mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     try:
         yield applied
     finally:
         if applied:
             _heap_kept = False
-            _mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
-            _mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
-            release_free_heap()
+            _settle_allocator()
 
 
 def release_free_heap() -> None:
