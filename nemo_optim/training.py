@@ -285,13 +285,10 @@ def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, schedu
     with checkpoint.atomic_directory(root / f"step_{step:07d}") as tmp:
         extras = {"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step}
         if _is_megatron(model):
-            from megatron.core import dist_checkpointing
-
-            checkpoint.fork_writer_results_queue()
             if runtime.is_main_process():
                 (tmp / "state").mkdir()
             runtime.barrier()
-            dist_checkpointing.save(_sharded_training_state(model, optimizer), str(tmp / "state"))
+            checkpoint.save_dist_checkpoint(_sharded_training_state(model, optimizer), tmp / "state")
         elif runtime.is_main_process():
             extras.update(model=model.state_dict(), optimizer=optimizer.state_dict())
         torch.save(extras, tmp / f"rank{runtime.rank():05d}.pt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_optim import checkpoint, runtime
+from nemo_optim import checkpoint, compat, runtime
 from nemo_optim.data.corpus import DataError
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
@@ -94,7 +94,7 @@ def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tin
         return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
 
     chain = {"quant_cfg": copy.deepcopy(mtq.FP8_DEFAULT_CFG["quant_cfg"]),
-             "algorithm": [{"method": "max"}, {"method": modelopt_config.gptq_method(), "block_size": 128}]}
+             "algorithm": [{"method": "max"}, {"method": compat.gptq_method(), "block_size": 128}]}
     raw_model, raw = quantized(raw_config=chain)
     one_pass = quantized(_config("fp8", gptq_hessian_budget=0))[1]
     torch.testing.assert_close(one_pass, raw, rtol=0, atol=0)
@@ -124,7 +124,7 @@ def test_gptq_passes_keep_one_group_of_hessians_at_a_time(tiny_hf_models, tiny_t
     original = mtq.calibrate
 
     def recording_calibrate(model, algorithm, forward_loop):
-        if isinstance(algorithm, dict) and algorithm["method"] == modelopt_config.gptq_method():
+        if isinstance(algorithm, dict) and algorithm["method"] == compat.gptq_method():
             enabled = [name for name, m in model.named_modules()
                        if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled]
             seen.append((len(model.decoder.layers), sorted({name.split(".")[2] for name in enabled})))
@@ -539,3 +539,79 @@ def test_calibration_without_the_output_layer_gives_the_same_model(algorithm, ti
     full, _ = quantize(load_model(tiny_hf_models["llama_tied"]).model, config, full_forward_passes)
     assert ours.post_process  # restored after calibration
     torch.testing.assert_close(forward_logits(ours, tokens), forward_logits(full, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not compat.resumable_layerwise_calibration(),
+                    reason="resumable layer-wise calibration needs nvidia-modelopt >= 0.46 (the current leg)")
+@pytest.mark.parametrize("algorithm", ["fp8", "int8_sq"])
+def test_a_killed_layerwise_calibration_resumes_and_equals_the_uninterrupted_run(algorithm, tiny_hf_models, tmp_path):
+    """The ptq stage SIGKILLed while recording decoder layer 1 (layer 0 recorded, layer 1 calibrated
+    and lost) resumes at layer 1 when run again, and its quantized checkpoint equals the one of an
+    uninterrupted run: every weight and scale bit for bit."""
+    import io
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run_stage(name, *extra):
+        command = [sys.executable, str(repo / "tests" / "distributed" / "killed_calibration_worker.py"),
+                   "--model", str(tiny_hf_models["llama"]), "--export", str(tmp_path / name),
+                   "--checkpoint-dir", str(tmp_path / f"{name}_layers"), "--algorithm", algorithm,
+                   "--export-format", "trtllm" if algorithm == "int8_sq" else "hf", *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+
+    whole = run_stage("whole")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    killed = run_stage("resumed", "--kill-at-layer", "1")
+    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert not (tmp_path / "resumed_native").exists()  # nothing half-written
+    assert json.loads((tmp_path / "resumed_layers" / "manifest.json").read_text())["last_completed_layer"] == 0
+    resumed = run_stage("resumed")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming layerwise calibration from layer 1" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / "resumed_layers").exists() and not (tmp_path / "whole_layers").exists()
+
+    def state(name):
+        model = load_model(tmp_path / f"{name}_native").model
+        tensors, extra = {}, {}
+        for key, value in model.state_dict().items():
+            if key.endswith("_extra_state"):  # pickled quantizer settings: compared as data
+                extra[key] = torch.load(io.BytesIO(value.numpy().tobytes()), weights_only=False) if torch.is_tensor(
+                    value) and value.numel() else value
+            elif torch.is_tensor(value):
+                tensors[key] = value
+        return tensors, extra
+
+    with runtime.parallel_runtime():
+        (expected, expected_extra), (got, got_extra) = state("whole"), state("resumed")
+    assert sorted(got) == sorted(expected) and any(k.endswith("weight_quantizer._amax") for k in got)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    assert _same_data(got_extra, expected_extra)
+
+
+def _same_data(a, b) -> bool:
+    """Nested dicts / lists / tensors equal, tensors bit for bit."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_data(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_layerwise_calibration_checkpoints_are_refused_where_modelopt_has_none_or_with_several_methods():
+    if compat.resumable_layerwise_calibration():
+        with pytest.raises(QuantizationConfigError, match="one calibration method per run"):
+            QuantizationConfig(algorithm="fp8", calibration_algorithm="max+mse",
+                               calibration_checkpoint_dir="/tmp/layers")
+        assert QuantizationConfig(algorithm="fp8", calibration_checkpoint_dir="/tmp/layers").layerwise_methods() == [
+            "gptq_lite"]
+    else:
+        with pytest.raises(QuantizationConfigError, match=r"calibration_checkpoint_dir='/tmp/layers' needs .*>= 0\.46"):
+            QuantizationConfig(algorithm="fp8", calibration_checkpoint_dir="/tmp/layers")

@@ -22,6 +22,7 @@ import torch
 
 from modelopt.torch.distill.plugins.megatron import DistillationConfig
 
+from nemo_optim import compat
 from nemo_optim.errors import InputError
 
 INTERMEDIATE_LOSSES = ("cosine", "mse")
@@ -99,14 +100,12 @@ _LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 def _check_layer_name(name: str, role: str, model: torch.nn.Module, num_layers: int) -> None:
     """`name` as in the full (PP=1) model. Runs on the last pipeline stage, which holds the
     losses: `decoder.layers.N.<rest>` must be one of that stage's layers and <rest> must exist."""
-    from megatron.core.transformer import TransformerLayer
-
     names = {n for n, _ in model.named_modules() if n}
     match = _LAYER_INDEX.match(name)
     if match:
         index, rest = int(match.group(1)), match.group(2)
         local = {n.split(".", 3)[3] for n in names if n.startswith("decoder.layers.") and n.count(".") >= 3}
-        first = TransformerLayer._get_layer_offset(model.config)
+        first = compat.first_layer_index(model.config)
         if index >= num_layers:
             raise DistillationConfigError(
                 f"distillation config: {role} layer {name!r}: the {role} has {num_layers} layers (0..{num_layers - 1}).")

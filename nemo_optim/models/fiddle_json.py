@@ -20,6 +20,8 @@ import re
 from collections import Counter
 from typing import Any
 
+from nemo_optim import compat
+
 VERSION = "0.0.1"
 
 
@@ -90,15 +92,15 @@ def serialize(root: Call) -> dict:
                                        "items": [[f"Index(index={i})", name] for i, name in enumerate(names)],
                                        "metadata": None})
         metadata = add("buildable_traverser_metadata", {
-            "type": _pyref("fiddle._src.config.BuildableTraverserMetadata"),
+            "type": _pyref(compat.FIDDLE_TRAVERSER_METADATA),
             "items": [["Attr(name='fn_or_cls')", _pyref(call.target)],
                       ["Attr(name='argument_names')", argument_names],
                       ["Attr(name='argument_tags')", empty_dict()],
                       ["Attr(name='argument_history')", empty_dict()]],
-            "metadata": _pyref("fiddle._src.config.BuildableTraverserMetadata"),
+            "metadata": _pyref(compat.FIDDLE_TRAVERSER_METADATA),
         })
         return add(_snake_case(call.target.rpartition(".")[2]), {
-            "type": _pyref("fiddle._src.config.Config"), "items": items, "metadata": metadata, "paths": [path]})
+            "type": _pyref(compat.FIDDLE_CONFIG), "items": items, "metadata": metadata, "paths": [path]})
 
     root_ref = encode_call(root, "<root>")
     refcounts = Counter(ref["key"] for ref in _refs([root_ref, objects]))

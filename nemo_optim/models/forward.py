@@ -108,7 +108,8 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
 
 
 def _discard_output(batch, output):
-    return torch.zeros((), device=output.device), {}
+    # (None while ModelOpt's layer-wise calibration captures a layer's inputs: it stops the model there)
+    return torch.zeros((), device=runtime.device() if output is None else output.device), {}
 
 
 @contextlib.contextmanager

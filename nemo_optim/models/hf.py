@@ -51,18 +51,7 @@ def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig
             f"{hf_dir}: architecture {architecture!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}."
         )
-    rope_scaling = hf.get("rope_scaling") or None
-    rope_scaling_factor = None
-    if rope_scaling:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-        llama3_defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        differs = {k: rope_scaling.get(k) for k, v in llama3_defaults.items() if rope_scaling.get(k, v) != v}
-        if rope_type != "llama3" or differs:
-            raise ModelSourceError(
-                f"{hf_dir}: rope_scaling={rope_scaling} is not supported; only Llama-3.1 style "
-                f"'llama3' scaling with {llama3_defaults} is."
-            )
-        rope_scaling_factor = float(rope_scaling["factor"])
+    rotary_base, rope_scaling_factor = rope_settings(hf, hf_dir)
     num_heads = hf["num_attention_heads"]
     is_qwen2 = architecture == "Qwen2ForCausalLM"
     return GPTModelConfig(
@@ -75,7 +64,7 @@ def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig
         vocab_size=hf["vocab_size"],
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        rotary_base=float(hf.get("rope_theta", 10000.0)),
+        rotary_base=rotary_base,
         rope_scaling_factor=rope_scaling_factor,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -84,6 +73,35 @@ def config_from_hf(hf_dir: str | Path, dtype: str = "float32") -> GPTModelConfig
         dtype=dtype,
         hf_architecture=architecture,
     )
+
+
+LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_settings(hf: dict, hf_dir: str | Path) -> tuple[float, float | None]:
+    """(rope_theta, Llama-3.1 scaling factor or None) from either layout of config.json:
+    transformers 4 writes `rope_theta` + `rope_scaling`, transformers 5 one `rope_parameters`
+    dict holding both. Anything else fails here: a silent default theta gives wrong logits."""
+    if "rope_parameters" in hf and hf["rope_parameters"] is not None:
+        parameters = dict(hf["rope_parameters"])
+        if "rope_theta" not in parameters:
+            raise ModelSourceError(f"{hf_dir}: rope_parameters={hf['rope_parameters']} has no top-level rope_theta; "
+                                   f"only one rope for every layer (Llama/Qwen) is supported.")
+        theta = parameters.pop("rope_theta")
+        scaling = None if parameters.get("rope_type", "default") == "default" else parameters
+    elif "rope_theta" in hf:
+        theta, scaling = hf["rope_theta"], hf.get("rope_scaling") or None
+    else:
+        raise ModelSourceError(f"{hf_dir}: config.json has neither rope_theta nor rope_parameters; add the "
+                               f"model's rope_theta (e.g. 10000.0) to config.json.")
+    if not scaling:
+        return float(theta), None
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    differs = {k: scaling.get(k) for k, v in LLAMA3_SCALING.items() if scaling.get(k, v) != v}
+    if rope_type != "llama3" or differs:
+        raise ModelSourceError(f"{hf_dir}: rope scaling {scaling} is not supported; only Llama-3.1 style "
+                               f"'llama3' scaling with {LLAMA3_SCALING} is.")
+    return float(theta), float(scaling["factor"])
 
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -112,8 +130,7 @@ def hf_config_dict(config: GPTModelConfig) -> dict:
         hf["attention_bias"] = config.add_qkv_bias
         hf["mlp_bias"] = False
     if config.rope_scaling_factor is not None:
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling_factor, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling_factor, **LLAMA3_SCALING}
     return hf
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+from nemo_optim import compat
 from nemo_optim.models.forward import output_layer_skipped
 
 _registered = False
@@ -71,11 +72,10 @@ def _is_megatron_gpt(model: torch.nn.Module) -> bool:
 
 
 def _drop_output_errors(layer: torch.nn.Module) -> None:
-    # ModelOpt's scoring forward stores a module's per-format output errors here and reads
-    # them only in that module's backward hook
+    # ModelOpt's scoring forward stores a module's per-format output errors and reads them only
+    # in that module's backward hook
     for module in layer.modules():
-        if getattr(module, "output_diff_dict", None):
-            module.output_diff_dict = {}
+        compat.drop_auto_quantize_output_errors(module)
 
 
 def _checkpointed_forward(layer: torch.nn.Module):

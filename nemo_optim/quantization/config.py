@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 import torch
 
+from nemo_optim import compat
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.errors import InputError
 
@@ -45,6 +46,8 @@ TUNED_CALIBRATION = {
 }
 BLOCKED = ("int4", "int4_awq", "w4a8_awq")
 # algorithm -> why ModelOpt's megatron HF exporter crashes on it (seen in ModelOpt 0.43 and 0.44)
+# calibration methods that leave a pre-quant scale on a linear's input
+RESCALING = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
 NO_HF_EXPORT = {"fp8_pc_pt": "it reshapes the fused QKV layer's per-channel weight scales as if they were per block"}
 
 ExportFormat = Literal["hf", "trtllm"]
@@ -94,6 +97,11 @@ class QuantizationConfig:
     """GPTQ-lite keeps an in_features^2 fp32 Hessian per quantized linear until it updates the
     weights (on SmolLM2 ~0.8x the fp32 weights); it runs over as many decoder layers per pass as
     fit this fraction of the model's weight bytes. 0: all layers in one pass (ModelOpt's own)."""
+    calibration_checkpoint_dir: Optional[str] = None
+    """Calibrate layer by layer (ModelOpt >= 0.46's layer-wise calibration, one process), recording
+    each finished decoder layer here: a calibration killed midway (a Slurm time limit) resumes
+    after the last finished layer when the stage runs again with the same settings, and ends with
+    the same quantized weights. Removed once calibration completes."""
     auto_quantize_bits: Optional[float] = None
     """If set: ModelOpt auto_quantize picks per-layer formats under this effective-bits budget."""
     auto_quantize_formats: list[str] = dataclasses.field(default_factory=lambda: ["fp8", "int4_awq"])
@@ -129,8 +137,30 @@ class QuantizationConfig:
         for fmt in self.auto_quantize_formats if self.auto_quantize_bits is not None else []:
             if fmt not in ALGORITHMS:
                 errors.append(f"auto_quantize_formats contains {fmt!r}; choose from {', '.join(ALGORITHMS)}")
+        if self.calibration_checkpoint_dir is not None:
+            errors += self._layerwise_checkpoint_errors()
         if errors:
             raise QuantizationConfigError("quantization_config: " + "; ".join(errors) + ".")
+
+    def _layerwise_checkpoint_errors(self) -> list[str]:
+        setting = f"calibration_checkpoint_dir={self.calibration_checkpoint_dir!r}"
+        if not compat.resumable_layerwise_calibration():
+            return [f"{setting} needs ModelOpt's resumable layer-wise calibration (nvidia-modelopt >= 0.46; "
+                    f"installed {compat.installed('nvidia-modelopt')}); unset it or install the current leg "
+                    f"(requirements/current-constraints.txt)"]
+        if self.auto_quantize_bits is not None:
+            return [f"{setting} cannot be combined with auto_quantize_bits (its search is not layer-wise)"]
+        if len(self.layerwise_methods()) > 1:
+            return [f"{setting} needs one calibration method per run, not {self.calibration_algorithm or 'the default'} "
+                    f"({'+'.join(self.calibration_methods())}); set calibration_algorithm to one method"]
+        return []
+
+    def layerwise_methods(self) -> list[str]:
+        """The calibration methods of a layer-wise run: ModelOpt >= 0.44's GPTQ runs max calibration
+        itself first, so a "max" step before it is dropped."""
+        methods = self.calibration_methods()
+        first = PRESET_METHODS.get(self.algorithm or "", "max") if methods[0] == "preset" else methods[0]
+        return methods[1:] if methods[1:] == ["gptq_lite"] and first == "max" else methods
 
     def calibration_methods(self) -> list[str]:
         """The calibration methods in order ("preset" stands for the preset's own)."""
@@ -155,6 +185,12 @@ class QuantizationConfig:
     def check_export_format(self, export_format: str) -> None:
         """Export formats known to crash after calibration fail here, before it."""
         reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None
+        if export_format == "hf" and not reason and not self.custom_config_path:
+            preset_method = PRESET_METHODS.get(self.algorithm or "", "max")
+            resolved = [preset_method if m == "preset" else m for m in self.calibration_methods()]
+            rescaling = [m for m in resolved if m in RESCALING]
+            if rescaling:
+                reason = f"{rescaling[0]} leaves input pre-quant scales, which it rejects (seen in ModelOpt 0.43 and 0.47)"
         if reason:
             raise QuantizationConfigError(
                 f"quantization_config.algorithm={self.algorithm!r} cannot be exported with export_config.export_format='hf': "

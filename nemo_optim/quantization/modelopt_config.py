@@ -11,21 +11,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from nemo_optim import compat
+
 Entry = dict[str, Any]
-
-
-def modelopt_uses_list_form() -> bool:
-    """True when the installed ModelOpt's own presets use the list form."""
-    import modelopt.torch.quantization as mtq
-
-    return isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list)
-
-
-def gptq_method() -> str:
-    """ModelOpt's name for its GPTQ weight update: "gptq_lite" up to 0.43, "gptq" from 0.44."""
-    from modelopt.torch.quantization.mode import CalibrateModeRegistry
-
-    return "gptq_lite" if "gptq_lite_calibrate" in CalibrateModeRegistry else "gptq"
 
 
 def entries_from_modelopt(quant_cfg: dict | list) -> list[Entry]:
@@ -61,7 +49,7 @@ def _entry(pattern: str, value: dict | list, parent_class: str | None = None) ->
 def entries_to_modelopt(entries: list[Entry], form: str = "auto") -> dict | list:
     """Our entries -> `quant_cfg` in `form`: "list", "dict", or "auto" (what the installed
     ModelOpt expects)."""
-    if form == "list" or (form == "auto" and modelopt_uses_list_form()):
+    if form == "list" or (form == "auto" and compat.quant_cfg_uses_list_form()):
         return copy.deepcopy(entries)
     quant_cfg: dict[str, Any] = {}
     for entry in entries:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nemo_optim import runtime
+from nemo_optim import compat, runtime
 from nemo_optim.checkpoint import atomic_directory, stored_quantization_settings
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
@@ -198,7 +198,7 @@ def calibration_algorithm(config: QuantizationConfig, preset_algorithm: Any, met
         if step["method"] == "smoothquant" and config.sq_alpha is not None:
             step["alpha"] = config.sq_alpha
         elif step["method"] == "gptq_lite":
-            step["method"] = modelopt_config.gptq_method()
+            step["method"] = compat.gptq_method()
             # GPTQ's update block must hold whole quantization blocks
             step["block_size"] = max(128, config.awq_block_size)
         steps.append(step)
@@ -240,8 +240,10 @@ def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
 
     def forward_loop(model: torch.nn.Module) -> None:
         # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize). Its
-        # quantizers are in place by now: the logits are skipped unless the output layer has one.
-        skip = output_layer_skipped(model) if not output_layer_quantized(model) else contextlib.nullcontext()
+        # quantizers are in place by now: the logits are skipped unless the output layer has one,
+        # or calibration is layer-wise (ModelOpt runs the output layer as its last step)
+        skip = (output_layer_skipped(model) if not output_layer_quantized(model) and not config.calibration_checkpoint_dir
+                else contextlib.nullcontext())
         with skip:
             for batch in runtime.progress(batches, description="calibration"):
                 forward_only(model, batch)
@@ -266,11 +268,42 @@ def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: F
             raise ValueError("quantize needs a forward_loop or a tokenizer to build one.")
         forward_loop = calibration_loop(config, tokenizer)
     model.eval()
-    model = gptq_passes.quantize(model, modelopt_quantization_config(config, model), forward_loop,
-                                 modelopt_config.gptq_method(), config.gptq_hessian_budget)
+    if config.calibration_checkpoint_dir:
+        model = _quantize_layerwise(model, config, forward_loop)
+    else:
+        model = gptq_passes.quantize(model, modelopt_quantization_config(config, model), forward_loop,
+                                     compat.gptq_method(), config.gptq_hessian_budget)
     summary = summarize(model, config.algorithm or "custom")
     runtime.print0(summary.line())
     return model, summary
+
+
+def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forward_loop: ForwardLoop) -> torch.nn.Module:
+    """ModelOpt's layer-wise calibration with a checkpoint per finished layer: a rerun after a kill
+    resumes after the last one (same settings, same calibration rows)."""
+    import shutil
+
+    import modelopt.torch.quantization as mtq
+
+    if runtime.world_size() > 1:
+        raise QuantizationConfigError(
+            f"quantization_config.calibration_checkpoint_dir: ModelOpt's resumable layer-wise calibration runs in one "
+            f"process; this job has {runtime.world_size()} (set devices=1, calibration_tp=1, calibration_pp=1, "
+            f"or unset calibration_checkpoint_dir).")
+    modelopt_cfg = modelopt_quantization_config(config, model)
+    if not config.custom_config_path:
+        _, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
+        modelopt_cfg["algorithm"] = calibration_algorithm(config, preset_algorithm, config.layerwise_methods())
+    algorithm = modelopt_cfg["algorithm"]
+    if not isinstance(algorithm, (str, dict)):
+        raise QuantizationConfigError(
+            f"quantization_config.calibration_checkpoint_dir: the custom config's algorithm {algorithm!r} has several "
+            f"steps; layer-wise calibration takes one.")
+    modelopt_cfg["algorithm"] = compat.with_layerwise_checkpoint(
+        {"method": algorithm} if isinstance(algorithm, str) else algorithm, config.calibration_checkpoint_dir)
+    model = mtq.quantize(model, modelopt_cfg, forward_loop)
+    shutil.rmtree(config.calibration_checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+    return model
 
 
 def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
@@ -331,7 +364,7 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
         del model
         model = fresh_model()
         model.eval()
-        model = gptq_passes.quantize(model, chosen, calibration_loop(config, tokenizer), modelopt_config.gptq_method(),
+        model = gptq_passes.quantize(model, chosen, calibration_loop(config, tokenizer), compat.gptq_method(),
                                      config.gptq_hessian_budget)
     elif recalibration is not None:
         runtime.print0("auto_quantize: no fresh_model given, the chosen formats keep the search's max calibration.")
@@ -341,7 +374,7 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     # CUSTOM_<index in quantization_formats>; NONE is "not quantized"
     by_preset = {ALGORITHMS[fmt][0]: fmt for fmt in formats}
     for layer, recipe in best["recipe"].items():
-        name = str(recipe).split("(")[0]
+        name = compat.auto_quantize_recipe_name(recipe)
         if name.startswith("CUSTOM_"):
             layer_format = formats[int(name.split("_")[1])]
         else:

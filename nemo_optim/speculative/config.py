@@ -7,7 +7,9 @@ import copy
 import dataclasses
 from typing import Any, Literal, Optional
 
+from nemo_optim import compat
 from nemo_optim.errors import InputError
+from nemo_optim.models.hf import LLAMA3_SCALING, rope_settings
 
 Algorithm = Literal["eagle3", "eagle1", "medusa"]
 ALGORITHMS = ("eagle3", "eagle1", "medusa")
@@ -110,19 +112,26 @@ class SpeculativeConfig:
             "num_key_value_heads": hf_config.get("num_key_value_heads") or num_heads,
             "head_dim": hf_config.get("head_dim") or hf_config["hidden_size"] // num_heads,
             "rms_norm_eps": hf_config.get("rms_norm_eps", 1e-5),
-            "rope_theta": hf_config.get("rope_theta", 10000.0),
             "torch_dtype": _dtype_name(hf_config),
             "_attn_implementation": self.attention_impl,
             "use_aux_hidden_state": self.algorithm == "eagle3",
             "use_last_layernorm": True,
         })
-        # the base model's RoPE scaling, not Llama-3.1's default the ModelOpt preset carries
-        architecture.pop("rope_scaling", None)
-        if hf_config.get("rope_scaling"):
-            architecture["rope_scaling"] = hf_config["rope_scaling"]
+        # the base model's RoPE, not the preset's; ModelOpt >= 0.44's preset also carries the
+        # theta inside rope_scaling (transformers 5's layout), so it is set there too
+        theta, factor = rope_settings(hf_config, "the base model's config.json")
+        preset_scaling = architecture.pop("rope_scaling", None) or {}
+        architecture["rope_theta"] = theta
+        if factor is not None:
+            architecture["rope_scaling"] = {"rope_type": "llama3", "factor": factor, **LLAMA3_SCALING}
+        elif "rope_theta" in preset_scaling:
+            architecture["rope_scaling"] = {"rope_type": "default"}
+        if "rope_theta" in preset_scaling and "rope_scaling" in architecture:
+            architecture["rope_scaling"]["rope_theta"] = theta
         if self.draft_vocab_size is not None:
             architecture["draft_vocab_size"] = self.draft_vocab_size
         config["eagle_ttt_steps"] = self.ttt_steps
+        config.update(compat.eagle_config_defaults())
         return "eagle", _with_overrides(config, self.modelopt_overrides)
 
 

@@ -20,7 +20,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from nemo_optim import runtime
+from nemo_optim import compat, runtime
 
 
 @dataclasses.dataclass
@@ -152,13 +152,9 @@ class EagleDrafter:
 
     def _draft_step(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
         model = self.model
-        past = self.cache.get_seq_length()
-        length = tokens.shape[1]
-        mask = model._prepare_decoder_attention_mask(None, (1, length), past, features.device, features.dtype)
-        positions = torch.arange(past, past + length, device=features.device).view(1, -1)
-        _, prenorm, logits, self.cache = model._eagle_forward(
-            features, model._base_model_embeddings(tokens), mask, positions, self.cache)
-        draft = int(logits[0][0, -1].argmax())
+        prenorm, logits, self.cache = compat.eagle_draft_forward(model, features, tokens, self.cache.get_seq_length(),
+                                                                 self.cache)
+        draft = int(logits[0, -1].argmax())
         if hasattr(model.eagle_module, "d2t"):
             draft += int(model.eagle_module.d2t[draft])
         return draft, prenorm[:, -1:]

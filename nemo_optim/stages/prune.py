@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from nemo_optim import runtime
+from nemo_optim import compat, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
@@ -40,6 +40,12 @@ def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_
     against the model's config when it can be read here without loading the model."""
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
+    if not pruning_config.drop_layers and compat.minitron_needs_transformer_engine():
+        raise PruningConfigError(
+            f"pruning_config: Minitron pruning with nvidia-modelopt {compat.installed('nvidia-modelopt')} (>= 0.44) "
+            f"prunes only Transformer Engine layers (transformer_impl=\"transformer_engine\", on a GPU) and this "
+            f"stage builds megatron's local layers; use pruning_config.drop_layers, or nvidia-modelopt 0.43 "
+            f"(requirements/previous-constraints.txt).")
     check_data_source("data.source", data, launch_target)
     model_config = readable_model_config(nemo_checkpoint, launch_target)
     if model_config is not None:
