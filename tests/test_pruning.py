@@ -8,12 +8,12 @@ import pytest
 import torch
 import transformers
 
-from nemo_optim import runtime
+from nemo_optim import compat, runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
 from nemo_optim.pruning.config import PruningConfig, PruningConfigError
-from nemo_optim.pruning.pruner import prune_language_model
+from nemo_optim.pruning.pruner import drop_decoder_layers, prune_language_model
 from nemo_optim.stages.prune import prune
 from tiny_models import VOCAB_SIZE
 
@@ -30,7 +30,8 @@ def _tokens(seed=0):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("axis", list(AXES))
+@pytest.mark.parametrize("axis", [axis if axis == "drop_layers" else pytest.param(axis, marks=pytest.mark.minitron)
+                                  for axis in AXES])
 def test_each_axis_prunes_saves_reloads_and_exports(arch, axis, tiny_hf_models, tmp_path):
     config = AXES[axis]
     save, export = tmp_path / "pruned", tmp_path / "hf"
@@ -62,6 +63,34 @@ def test_drop_layers_keeps_the_other_layers_weights(tiny_hf_models, runtime_sing
     torch.testing.assert_close(model.decoder.layers[0].mlp.linear_fc1.weight, kept, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(compat.minitron_needs_transformer_engine(),
+                    reason="ModelOpt >= 0.44 imports its layer dropping only with Transformer Engine")
+def test_drop_layers_does_what_modelopts_layer_dropping_does(tiny_hf_models, runtime_single):
+    """Oracle: ModelOpt's drop_mcore_language_model_layers on a second copy (ModelOpt 0.43)."""
+    from modelopt.torch.prune.plugins.mcore_minitron import drop_mcore_language_model_layers
+
+    ours, theirs = load_model(tiny_hf_models["qwen3"]).model, load_model(tiny_hf_models["qwen3"]).model
+    drop_decoder_layers(ours, [2])
+    drop_mcore_language_model_layers(theirs, layers_to_drop=[2])
+    assert [layer.layer_number for layer in ours.decoder.layers] == [layer.layer_number for layer in theirs.decoder.layers]
+    assert ours.config.num_layers == theirs.config.num_layers == 1
+    tokens = _tokens(2)
+    torch.testing.assert_close(forward_logits(ours, tokens), forward_logits(theirs, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not compat.minitron_needs_transformer_engine(), reason="Minitron runs on CPU with ModelOpt 0.43")
+def test_minitron_on_local_layers_is_refused_before_launch_in_one_line(tiny_hf_models, tmp_path, capsys):
+    import launch
+
+    code = launch.main(["prune_recipe", f"nemo_checkpoint={tiny_hf_models['llama']}", f"save_path={tmp_path / 'p'}",
+                        "pruning_config.target_num_layers=1", "--yes"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: prune_recipe: pruning_config: Minitron pruning with nvidia-modelopt")
+    assert 'transformer_impl="transformer_engine"' in lines[-1] and "drop_layers" in lines[-1]
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.minitron
 def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
     from nemo_optim.data.packing import packed_sequences
 
@@ -103,6 +132,7 @@ def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.minitron
 def test_target_params_search_finds_an_architecture_under_the_budget(tiny_hf_models, tmp_path):
     with runtime.parallel_runtime():
         original = load_model(tiny_hf_models["llama"]).config

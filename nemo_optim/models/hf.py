@@ -7,9 +7,13 @@ otherwise try `snapshot_download`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -188,9 +192,8 @@ def import_hf_weights(model: torch.nn.Module, hf_dir: str | Path, config: GPTMod
 
 def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory: str | Path, dtype: torch.dtype,
                     *, release_exported_layers: bool = False) -> None:
-    """ModelOpt's unified HF exporter into `directory` (collective), then the fixes its output
-    needs to load in transformers: its per-layer index files removed, and `layer_types`
-    (Qwen3 etc.) resized to a pruned model's depth, which the exporter leaves as it was.
+    """ModelOpt's unified HF exporter into `directory` (collective), then the fix its output
+    needs to load in transformers: its per-layer index files removed.
 
     `release_exported_layers`, for a caller done with `model`: each decoder layer's quantized
     weights are freed once the exporter has converted them, so the export's state dict (built
@@ -203,23 +206,34 @@ def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory
     release = _release_quantized_weights if release_exported_layers else None
     # its state dict in the export dtype does not stay resident afterwards
     with runtime.progress_over_layers(model.decoder.layers, "export", after_each=release), \
-            runtime.freed_buffers_returned_to_os():
-        export_mcore_gpt_to_hf(model, str(source_hf_dir), dtype=dtype, export_dir=str(directory))
+            runtime.freed_buffers_returned_to_os(), _source_at_depth(source_hf_dir, model.config.num_layers) as source:
+        export_mcore_gpt_to_hf(model, str(source), dtype=dtype, export_dir=str(directory))
     if not runtime.is_main_process():
         return
     for stray in Path(directory).glob("model-*-of-*.json"):
         stray.unlink()
-    config_path = Path(directory) / "config.json"
-    config = json.loads(config_path.read_text())
+
+
+@contextlib.contextmanager
+def _source_at_depth(source_hf_dir: str | Path, num_layers: int) -> Iterator[Path]:
+    """The source directory ModelOpt's exporter takes the config from, with `layer_types` (Qwen3
+    etc.) as long as the model is deep: the exporter sets only num_hidden_layers, and transformers
+    5 refuses to save a config whose layer_types has another length (4.x wrote it inconsistent)."""
+    config = read_hf_config(source_hf_dir)
     layer_types = config.get("layer_types")
-    if layer_types and len(layer_types) != config["num_hidden_layers"]:
-        if len(set(layer_types)) != 1:
-            raise ModelSourceError(
-                f"{source_hf_dir}: mixed layer_types {sorted(set(layer_types))} cannot be resized to "
-                f"{config['num_hidden_layers']} layers; prune models with uniform attention only."
-            )
-        config["layer_types"] = layer_types[:1] * config["num_hidden_layers"]
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if not layer_types or len(layer_types) == num_layers:
+        yield Path(source_hf_dir)
+        return
+    if len(set(layer_types)) != 1:
+        raise ModelSourceError(f"{source_hf_dir}: mixed layer_types {sorted(set(layer_types))} cannot be resized to "
+                               f"{num_layers} layers; prune models with uniform attention only.")
+    with tempfile.TemporaryDirectory(prefix="hf_source_") as copy:
+        for path in Path(source_hf_dir).iterdir():
+            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+                shutil.copy2(path, copy)
+        config.update(num_hidden_layers=num_layers, layer_types=layer_types[:1] * num_layers)
+        (Path(copy) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        yield Path(copy)
 
 
 def _release_quantized_weights(layer: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from nemo_optim import runtime
 from nemo_optim.models.config import GPTModelConfig, build_gpt_model
-from nemo_optim.pruning.config import PruningConfig
+from nemo_optim.pruning.config import PruningConfig, PruningConfigError
 
 
 class PruningResultError(RuntimeError):
@@ -32,6 +32,36 @@ def _search_divisor(size: int) -> int:
     return size // 8 if size % 8 == 0 and size >= 64 else 1
 
 
+def check_minitron_available() -> None:
+    from nemo_optim import compat
+
+    if compat.minitron_needs_transformer_engine():
+        raise PruningConfigError(
+            f"pruning_config: Minitron pruning with nvidia-modelopt {compat.installed('nvidia-modelopt')} (>= 0.44) "
+            f"prunes only Transformer Engine layers (transformer_impl=\"transformer_engine\", on a GPU) and this "
+            f"stage builds megatron's local layers; use pruning_config.drop_layers, or nvidia-modelopt 0.43 "
+            f"(requirements/previous-constraints.txt).")
+
+
+def drop_decoder_layers(model: torch.nn.Module, layers: list[int]) -> None:
+    """Removes decoder `layers` (numbered 1..num_layers over the whole model) from this pipeline
+    stage's share and renumbers the kept ones, as ModelOpt's `drop_mcore_language_model_layers`
+    does; ModelOpt >= 0.44 imports that module only with Transformer Engine installed."""
+    from megatron.core import parallel_state
+
+    dropped = set(layers)
+    kept = [layer for layer in model.decoder.layers if layer.layer_number not in dropped]
+    group = parallel_state.get_pipeline_model_parallel_group()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(counts, torch.tensor([len(kept)], dtype=torch.int64), group=group)
+    first = 1 + sum(int(c) for c in counts[:parallel_state.get_pipeline_model_parallel_rank()])
+    for offset, layer in enumerate(kept):
+        layer.layer_number = first + offset
+    model.decoder.layers = torch.nn.ModuleList(kept)
+    model.config.num_layers = sum(int(c) for c in counts)
+    runtime.print0(f"dropped decoder layers {sorted(dropped)}: {model.config.num_layers} left")
+
+
 def prune_language_model(
     model: torch.nn.Module,
     model_config: GPTModelConfig,
@@ -46,10 +76,9 @@ def prune_language_model(
     search."""
     pruning_config.validate_against(model_config)
     if pruning_config.drop_layers:
-        from modelopt.torch.prune.plugins.mcore_minitron import drop_mcore_language_model_layers
-
-        drop_mcore_language_model_layers(model, layers_to_drop=sorted(pruning_config.drop_layers))
+        drop_decoder_layers(model, pruning_config.drop_layers)
     else:
+        check_minitron_available()
         import modelopt.torch.prune as mtp
         from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from nemo_optim import compat, runtime
+from nemo_optim import runtime
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
@@ -30,7 +30,7 @@ from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.prelaunch import LaunchTarget, check_data_source, readable_model_config
 from nemo_optim.pruning.config import PruningConfig, PruningConfigError
-from nemo_optim.pruning.pruner import prune_language_model
+from nemo_optim.pruning.pruner import check_minitron_available, prune_language_model
 from nemo_optim.stage import refuse_existing_outputs, save_stage_model, stage_entry, stage_runtime
 
 
@@ -40,16 +40,12 @@ def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_
     against the model's config when it can be read here without loading the model."""
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
-    if not pruning_config.drop_layers and compat.minitron_needs_transformer_engine():
-        raise PruningConfigError(
-            f"pruning_config: Minitron pruning with nvidia-modelopt {compat.installed('nvidia-modelopt')} (>= 0.44) "
-            f"prunes only Transformer Engine layers (transformer_impl=\"transformer_engine\", on a GPU) and this "
-            f"stage builds megatron's local layers; use pruning_config.drop_layers, or nvidia-modelopt 0.43 "
-            f"(requirements/previous-constraints.txt).")
     check_data_source("data.source", data, launch_target)
     model_config = readable_model_config(nemo_checkpoint, launch_target)
     if model_config is not None:
         pruning_config.validate_against(model_config)
+    if not pruning_config.drop_layers and launch_target is not None:  # (the stage checks after loading too)
+        check_minitron_available()
 
 
 @stage_entry(check_arguments)
