@@ -172,6 +172,23 @@ def gptq_method() -> str:
     raise KeyError("neither gptq_lite_calibrate nor gptq_calibrate is registered")
 
 
+@_entry("nvidia-modelopt", "gptq returns before its Hessian forward pass on a model (pipeline stage) without an "
+        "enabled weight quantizer", "0.47.0", since="0.44")
+def gptq_early_return_probe() -> bool:
+    import inspect
+
+    from modelopt.torch.quantization import model_calib
+
+    source = inspect.getsource(model_calib.gptq)
+    assert "if not quantized_layers" in source and source.index("if not quantized_layers") < source.index(
+        "forward_loop(model)"), "gptq's early return moved"
+    return True
+
+
+def gptq_skips_hessian_pass_without_layers() -> bool:
+    return ENTRIES["gptq_early_return_probe"].applies()
+
+
 @_entry("nvidia-modelopt", "layer-wise calibration with a resumable checkpoint_dir for megatron models "
         "(algorithm {'layerwise': {'enable', 'checkpoint_dir'}})", "0.47.0", since="0.46")
 def layerwise_calibration_config_class():
@@ -221,6 +238,26 @@ def auto_quantize_output_errors_attribute() -> str:
 
     assert "output_diff_dict" in inspect.getsource(algorithms), "output_diff_dict is no longer used"
     return "output_diff_dict"
+
+
+@_entry("nvidia-modelopt", "AutoQuantizeGradientSearcher._custom_support: (checker, context, grad filter) entries, the "
+        "first matching one used; ModelOpt >= 0.44 registers a megatron entry that recomputes nothing", "0.43.0", "0.47.0")
+def auto_quantize_support_list() -> list:
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    support = AutoQuantizeGradientSearcher._custom_support
+    assert isinstance(support, list), f"_custom_support is a {type(support).__name__}"
+    return support
+
+
+def register_auto_quantize_support_first(is_supported, grad_ckpt_context, is_param_grad_enabled) -> None:
+    """ModelOpt's `register_custom_support`, ahead of the entries already registered (its own
+    megatron entry would otherwise win for GPTModel)."""
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
+
+    support = ENTRIES["auto_quantize_support_list"].check()
+    AutoQuantizeGradientSearcher.register_custom_support(is_supported, grad_ckpt_context, is_param_grad_enabled)
+    support.insert(0, support.pop())
 
 
 def drop_auto_quantize_output_errors(module) -> None:

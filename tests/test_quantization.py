@@ -396,6 +396,13 @@ def test_auto_quantize_reports_a_format_per_layer_within_the_budget(tiny_hf_mode
     # ModelOpt counts the unquantized output_layer (512x64) at 16 bits: all-int4 is 7.7 bits
     # here, so a 6-bit budget cannot be met and is reported; 10 bits can.
     for bits, reachable in ((10.0, True), (6.0, False)):
+        if not reachable and compat.at_least("nvidia-modelopt", "0.46"):  # refused instead
+            with pytest.raises(QuantizationConfigError, match=r"auto_quantize_bits=6.0 is not reachable .* 7\.69"):
+                ptq(model_path=str(tiny_hf_models["llama"]),
+                    export_config=ExportConfig(path=str(tmp_path / f"auto{bits}"), export_format="trtllm"),
+                    quantization_config=_config(None, auto_quantize_bits=bits, auto_quantize_formats=["fp8", "int4_awq"]))
+            assert not (tmp_path / f"auto{bits}").exists()
+            continue
         export = ptq(model_path=str(tiny_hf_models["llama"]),
                      export_config=ExportConfig(path=str(tmp_path / f"auto{bits}"), export_format="trtllm"),
                      quantization_config=_config(None, auto_quantize_bits=bits, auto_quantize_formats=["fp8", "int4_awq"]))

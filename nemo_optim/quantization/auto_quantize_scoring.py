@@ -134,8 +134,5 @@ def register_megatron_scoring() -> None:
     global _registered
     if _registered:
         return
-    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
-
-    AutoQuantizeGradientSearcher.register_custom_support(
-        _is_megatron_gpt, recompute_decoder_layers, _no_weight_gradients)
+    compat.register_auto_quantize_support_first(_is_megatron_gpt, recompute_decoder_layers, _no_weight_gradients)
     _registered = True

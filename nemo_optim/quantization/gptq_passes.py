@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nemo_optim import runtime
+from nemo_optim import compat, runtime
 
 ForwardLoop = Callable[[torch.nn.Module], None]
 
@@ -118,14 +118,27 @@ def calibrate_gptq_in_passes(model: torch.nn.Module, gptq_step: dict[str, Any], 
         end = max((i + 1 for i, layer in enumerate(layers) if (layer.layer_number - 1) // per_pass <= index), default=0)
         truncated = (_decoder_truncated(decoder, end) if single_stage and 0 < end < len(layers)
                      else contextlib.nullcontext())
-        with _only_weight_quantizers_of(model, [m for layer in group for m in _weight_quantized_linears(layer)]), \
-                truncated:
-            mtq.calibrate(model, gptq_step, forward_loop)
+        group_linears = [m for layer in group for m in _weight_quantized_linears(layer)]
+        with _only_weight_quantizers_of(model, group_linears), truncated:
+            _calibrate_in_step(model, gptq_step, forward_loop, group_linears)
     if outside:
         with _only_weight_quantizers_of(model, outside):
             mtq.calibrate(model, gptq_step, forward_loop)
         passes += 1
     return passes
+
+
+def _calibrate_in_step(model: torch.nn.Module, gptq_step: dict[str, Any], forward_loop: ForwardLoop,
+                       group_linears: list[torch.nn.Module]) -> None:
+    """`mtq.calibrate`, with a pipeline stage that holds none of the pass's layers running the
+    forward pass ModelOpt skips there: its gptq (>= 0.44) returns before the Hessian pass when the
+    stage has no enabled weight quantizer, and the next stage would wait for (or, with gloo, later
+    receive) the activations of a forward that never ran."""
+    import modelopt.torch.quantization as mtq
+
+    mtq.calibrate(model, gptq_step, forward_loop)
+    if not group_linears and compat.gptq_skips_hessian_pass_without_layers():
+        forward_loop(model)
 
 
 def _steps(algorithm: Any) -> list[Any]:

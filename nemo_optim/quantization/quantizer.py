@@ -340,7 +340,7 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     auto_quantize_scoring.register_megatron_scoring()
     # a loop, but a short one: fresh pages cost the search ~10% (46-51 s on SmolLM2) and its peak
     # stops depending on glibc's heap (0.67 GiB over baseline in every run, 0.71-0.86 without)
-    with runtime.freed_buffers_returned_to_os():
+    with runtime.freed_buffers_returned_to_os(), _infeasible_bits_refused(config):
         model, search_state = mtq.auto_quantize(
             model,
             constraints={"effective_bits": effective_bits},
@@ -387,6 +387,21 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     for layer, layer_format in summary.per_layer_formats.items():
         runtime.print0(f"  {layer}: {layer_format}")
     return model, summary
+
+
+@contextlib.contextmanager
+def _infeasible_bits_refused(config: QuantizationConfig):
+    """ModelOpt >= 0.46 refuses an effective-bits target below what its formats reach (0.43 used
+    the fewest-bit choice and said so): one line naming the field and the reachable minimum."""
+    try:
+        yield
+    except compat.AUTO_QUANTIZE_INFEASIBLE as error:
+        if "infeasible" not in str(error) and "cannot be lower" not in str(error):
+            raise
+        raise QuantizationConfigError(
+            f"quantization_config.auto_quantize_bits={config.auto_quantize_bits} is not reachable with "
+            f"{config.auto_quantize_formats} (ModelOpt counts unquantized layers at 16 bits: {error}); raise "
+            f"auto_quantize_bits or add a format with fewer bits.") from None
 
 
 def auto_quantize_recalibration(config: QuantizationConfig) -> Any | None:
