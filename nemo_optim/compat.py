@@ -308,6 +308,27 @@ def eagle_config_defaults() -> dict:
     return {"eagle_use_torch_compile": False} if "eagle_use_torch_compile" in EagleConfig.model_fields else {}
 
 
+# --- transformers --------------------------------------------------------------------------
+
+# transformers 5 saves a tokenizer.json-backed tokenizer as "TokenizersBackend", a class transformers
+# 4 (NeMo 2.7's) does not have; both read "PreTrainedTokenizerFast" as that tokenizer
+TOKENIZER_CLASSES_FOR_TRANSFORMERS4 = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def tokenizer_readable_by_transformers4(tokenizer_dir) -> None:
+    """Rewrites `tokenizer_config.json` in `tokenizer_dir` with a tokenizer class transformers 4 has."""
+    import json
+    from pathlib import Path
+
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") in TOKENIZER_CLASSES_FOR_TRANSFORMERS4:
+        config["tokenizer_class"] = TOKENIZER_CLASSES_FOR_TRANSFORMERS4[config["tokenizer_class"]]
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 # --- fiddle ----------------------------------------------------------------------------------
 
 FIDDLE_CONFIG = "fiddle._src.config.Config"

@@ -58,4 +58,8 @@ def make_tiny_hf_model(arch: str, directory: Path, tokenizer, seed: int = 0) -> 
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    # as model hubs ship it, readable by transformers 4 (NeMo 2's) and 5 alike
+    from nemo_optim import compat
+
+    compat.tokenizer_readable_by_transformers4(directory)
     return directory

@@ -290,7 +290,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
     weights as a megatron dist-checkpoint under NeMo's `module.` keys. Atomic."""
     import yaml
 
-    from nemo_optim import runtime
+    from nemo_optim import compat, runtime
     from nemo_optim.checkpoint import HF_TOKENIZER_FILES, atomic_directory, save_dist_checkpoint
     from nemo_optim.models.fiddle_json import as_yaml_data, serialize
 
@@ -307,6 +307,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
             for name in HF_TOKENIZER_FILES:
                 if (source_hf_dir / name).is_file():
                     shutil.copy2(source_hf_dir / name, context_dir / TOKENIZER_DIR / name)
+            compat.tokenizer_readable_by_transformers4(context_dir / TOKENIZER_DIR)  # NeMo 2.7 runs transformers 4
             if (source_hf_dir / "generation_config.json").is_file():
                 (context_dir / "artifacts").mkdir()
                 shutil.copy2(source_hf_dir / "generation_config.json", context_dir / "artifacts")
