@@ -54,6 +54,7 @@ def test_the_experiment_command_line_is_nemo_runs_and_a_failed_task_exits_non_ze
     assert "prune: FAILED" in result.stdout and not (work / "pruned").exists()
 
 
+@pytest.mark.minitron  # the pipeline prunes with Minitron
 def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_path):
     model, work = tiny_hf_models["llama"], tmp_path / "work"
     first = _run_in_process(_tasks(model, work))
@@ -86,6 +87,7 @@ def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_pa
     assert (work / "report" / "distillation_loss.png").stat().st_size > 1000
 
 
+@pytest.mark.minitron  # the pipeline prunes with Minitron
 def test_interrupted_distillation_resumes_from_its_checkpoint(tiny_hf_models, tmp_path, capsys):
     import shutil
 

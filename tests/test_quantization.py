@@ -612,13 +612,24 @@ def _same_data(a, b) -> bool:
     return a == b
 
 
-def test_layerwise_calibration_checkpoints_are_refused_where_modelopt_has_none_or_with_several_methods():
+def test_resumable_calibration_is_refused_before_launch_where_it_cannot_run(tiny_hf_models, tmp_path, capsys):
+    """One line and exit 2 before anything runs: on ModelOpt < 0.46 (the previous leg), and for a
+    job of several processes on the current one."""
+    import launch
+
+    args = ["ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={tmp_path / 'export'}",
+            f"quantization_config.calibration_checkpoint_dir={tmp_path / 'layers'}"]
+    if compat.resumable_layerwise_calibration():
+        args, expected = args + ["calibration_tp=2"], "runs in one process, this job has 2"
+    else:
+        expected = "needs ModelOpt's resumable layer-wise calibration (nvidia-modelopt >= 0.46"
+    code = launch.main([*args, "--yes"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ptq_recipe: quantization_config.calibration_checkpoint_dir="), last
+    assert expected in last and not (tmp_path / "export").exists()
     if compat.resumable_layerwise_calibration():
         with pytest.raises(QuantizationConfigError, match="one calibration method per run"):
-            QuantizationConfig(algorithm="fp8", calibration_algorithm="max+mse",
-                               calibration_checkpoint_dir="/tmp/layers")
+            QuantizationConfig(algorithm="fp8", calibration_algorithm="max+mse", calibration_checkpoint_dir="/tmp/layers")
+        # ModelOpt >= 0.44's gptq max-calibrates first: the tuned max+GPTQ default is one layer-wise step
         assert QuantizationConfig(algorithm="fp8", calibration_checkpoint_dir="/tmp/layers").layerwise_methods() == [
             "gptq_lite"]
-    else:
-        with pytest.raises(QuantizationConfigError, match=r"calibration_checkpoint_dir='/tmp/layers' needs .*>= 0\.46"):
-            QuantizationConfig(algorithm="fp8", calibration_checkpoint_dir="/tmp/layers")

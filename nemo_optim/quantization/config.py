@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -46,9 +47,12 @@ TUNED_CALIBRATION = {
 }
 BLOCKED = ("int4", "int4_awq", "w4a8_awq")
 # algorithm -> why ModelOpt's megatron HF exporter crashes on it (seen in ModelOpt 0.43 and 0.44)
-# calibration methods that leave a pre-quant scale on a linear's input
-RESCALING = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
-NO_HF_EXPORT = {"fp8_pc_pt": "it reshapes the fused QKV layer's per-channel weight scales as if they were per block"}
+# what ModelOpt's layer-wise calibration writes into its directory: a manifest, a folder per layer
+LAYERWISE_MANIFEST = "manifest.json"
+LAYERWISE_FILES = (LAYERWISE_MANIFEST, "layer_")
+NO_HF_EXPORT = {"fp8_pc_pt": "it reshapes the fused QKV layer's per-channel weight scales as if they were per block",
+                # seen in ModelOpt 0.43 and 0.47 ("Detect pre_quant_scale! SmoothQuant/AWQ are not yet supported")
+                "int8_sq": "it rejects SmoothQuant's input pre-quant scales"}
 
 ExportFormat = Literal["hf", "trtllm"]
 DTYPE_BITS = {16: torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -144,16 +148,33 @@ class QuantizationConfig:
 
     def _layerwise_checkpoint_errors(self) -> list[str]:
         setting = f"calibration_checkpoint_dir={self.calibration_checkpoint_dir!r}"
-        if not compat.resumable_layerwise_calibration():
-            return [f"{setting} needs ModelOpt's resumable layer-wise calibration (nvidia-modelopt >= 0.46; "
-                    f"installed {compat.installed('nvidia-modelopt')}); unset it or install the current leg "
-                    f"(requirements/current-constraints.txt)"]
         if self.auto_quantize_bits is not None:
             return [f"{setting} cannot be combined with auto_quantize_bits (its search is not layer-wise)"]
         if len(self.layerwise_methods()) > 1:
             return [f"{setting} needs one calibration method per run, not {self.calibration_algorithm or 'the default'} "
                     f"({'+'.join(self.calibration_methods())}); set calibration_algorithm to one method"]
         return []
+
+    def check_layerwise_checkpoint(self, processes: int) -> None:
+        """Where the job runs: ModelOpt's resumable layer-wise calibration exists (>= 0.46) and
+        runs in one process."""
+        if self.calibration_checkpoint_dir is None:
+            return
+        setting = f"quantization_config.calibration_checkpoint_dir={self.calibration_checkpoint_dir!r}"
+        if not compat.resumable_layerwise_calibration():
+            raise QuantizationConfigError(
+                f"{setting} needs ModelOpt's resumable layer-wise calibration (nvidia-modelopt >= 0.46, installed "
+                f"{compat.installed('nvidia-modelopt')}); unset it or install requirements/current-constraints.txt.")
+        if processes > 1:
+            raise QuantizationConfigError(
+                f"{setting}: ModelOpt's resumable layer-wise calibration runs in one process, this job has {processes}; "
+                f"set calibration_tp=1, calibration_pp=1 and devices=1, or unset it.")
+        directory = Path(self.calibration_checkpoint_dir)
+        others = [p.name for p in directory.iterdir() if not p.name.startswith(LAYERWISE_FILES)] if directory.is_dir() else []
+        if others:
+            raise QuantizationConfigError(
+                f"{setting} holds files that are not ModelOpt's layer checkpoints ({others[0]}, ...): it is cleared "
+                f"after calibration, so name an empty or new directory.")
 
     def layerwise_methods(self) -> list[str]:
         """The calibration methods of a layer-wise run: ModelOpt >= 0.44's GPTQ runs max calibration
@@ -185,12 +206,6 @@ class QuantizationConfig:
     def check_export_format(self, export_format: str) -> None:
         """Export formats known to crash after calibration fail here, before it."""
         reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None
-        if export_format == "hf" and not reason and not self.custom_config_path:
-            preset_method = PRESET_METHODS.get(self.algorithm or "", "max")
-            resolved = [preset_method if m == "preset" else m for m in self.calibration_methods()]
-            rescaling = [m for m in resolved if m in RESCALING]
-            if rescaling:
-                reason = f"{rescaling[0]} leaves input pre-quant scales, which it rejects (seen in ModelOpt 0.43 and 0.47)"
         if reason:
             raise QuantizationConfigError(
                 f"quantization_config.algorithm={self.algorithm!r} cannot be exported with export_config.export_format='hf': "

@@ -31,6 +31,7 @@ from nemo_optim.quantization import auto_quantize_scoring, gptq_passes, modelopt
 from nemo_optim.quantization.config import (
     ALGORITHMS,
     BLOCKED,
+    LAYERWISE_FILES,
     TUNED_CALIBRATION,
     ExportConfig,
     QuantizationConfig,
@@ -285,11 +286,7 @@ def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forw
 
     import modelopt.torch.quantization as mtq
 
-    if runtime.world_size() > 1:
-        raise QuantizationConfigError(
-            f"quantization_config.calibration_checkpoint_dir: ModelOpt's resumable layer-wise calibration runs in one "
-            f"process; this job has {runtime.world_size()} (set devices=1, calibration_tp=1, calibration_pp=1, "
-            f"or unset calibration_checkpoint_dir).")
+    config.check_layerwise_checkpoint(runtime.world_size())
     modelopt_cfg = modelopt_quantization_config(config, model)
     if not config.custom_config_path:
         _, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
@@ -297,12 +294,20 @@ def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forw
     algorithm = modelopt_cfg["algorithm"]
     if not isinstance(algorithm, (str, dict)):
         raise QuantizationConfigError(
-            f"quantization_config.calibration_checkpoint_dir: the custom config's algorithm {algorithm!r} has several "
-            f"steps; layer-wise calibration takes one.")
+            f"quantization_config.calibration_checkpoint_dir: the custom config's algorithm is {algorithm!r}; "
+            f"layer-wise calibration takes one step (a method name or dict).")
     modelopt_cfg["algorithm"] = compat.with_layerwise_checkpoint(
         {"method": algorithm} if isinstance(algorithm, str) else algorithm, config.calibration_checkpoint_dir)
     model = mtq.quantize(model, modelopt_cfg, forward_loop)
-    shutil.rmtree(config.calibration_checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+    # finished: nothing left to resume; only what ModelOpt wrote is removed
+    directory = Path(config.calibration_checkpoint_dir)
+    for written in [path for path in directory.glob("*") if path.name.startswith(LAYERWISE_FILES)]:
+        if written.is_dir():
+            shutil.rmtree(written)
+        else:
+            written.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
     return model
 
 

@@ -36,11 +36,17 @@ from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 
 
 def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
-                    export_config: Optional[ExportConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
+                    export_config: Optional[ExportConfig] = None, launch_target: Optional[LaunchTarget] = None,
+                    calibration_tp: int = 1, calibration_pp: int = 1, devices: Optional[int] = None,
+                    num_nodes: Optional[int] = None, **_) -> None:
     """Pre-launch: formats that need a GPU the job will not get, formats the chosen exporter
-    cannot write, and a calibration file that is missing or malformed."""
+    cannot write, a calibration file that is missing or malformed, and a resumable calibration
+    the job's ModelOpt or process count cannot run."""
     quantization_config = quantization_config or QuantizationConfig()
     export_config = export_config or ExportConfig()
+    if launch_target is None or launch_target.local:  # (a remote job checks with its own ModelOpt)
+        quantization_config.check_layerwise_checkpoint(
+            max(calibration_tp * calibration_pp, (devices or 1) * (num_nodes or 1)))
     if launch_target is not None and launch_target.gpus is not None:
         quantization_config.check_hardware(
             launch_target.gpus > 0, "this machine has none" if launch_target.local else "the executor gives the job none (gpus_per_node)")
@@ -87,7 +93,8 @@ def ptq(
     save_path = save_path or f"{export_config.path.rstrip('/')}_native"
     # 1. everything that can be checked before loading a model
     quantization_config.check_hardware(runtime.use_cuda())
-    check_arguments(quantization_config=quantization_config, export_config=export_config)
+    check_arguments(quantization_config=quantization_config, export_config=export_config,
+                    calibration_tp=calibration_tp, calibration_pp=calibration_pp, devices=devices, num_nodes=num_nodes)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
     refuse_existing_outputs([("export_config.path", export_config.path), ("save_path", save_path)], overwrite)
