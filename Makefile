@@ -8,17 +8,20 @@
 PYTHON ?= python3.11
 # LEG=previous (.venv; what `make run` uses) or LEG=current (.venv-current)
 LEG    ?= previous
+ifeq ($(filter $(LEG),previous current),)
+$(error LEG=$(LEG): choose previous or current)
+endif
 ifeq ($(LEG),current)
-VENV   ?= .venv-current
+VENV   := .venv-current
 # megatron-core >= 0.17 declares Python >= 3.12 and runs on 3.11, where the CPU torch is:
 # it alone is installed past that check (its own dependencies, torch/numpy/packaging, come after).
-MCORE_FIRST = $(BIN)/pip install --quiet --no-deps --ignore-requires-python -c requirements/current-constraints.txt megatron-core
+MCORE_FIRST = $(BIN)/pip install --quiet --no-deps --ignore-requires-python -c $(CONSTRAINTS) megatron-core
 else
-VENV   ?= .venv
+VENV   := .venv
 MCORE_FIRST := true
 endif
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-$(LEG)
 CONSTRAINTS := requirements/$(LEG)-constraints.txt
 REQUIREMENTS := requirements/$(LEG).txt
 PYTEST_ARGS ?=

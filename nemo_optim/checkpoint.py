@@ -257,6 +257,7 @@ def save_checkpoint(
         if runtime.is_main_process():
             weights.mkdir()
         runtime.barrier()
+        fork_writer_results_queue()  # before the state dict exists: the fork keeps no copy of its pages
         sharded_state_dict = model.sharded_state_dict()
         with runtime.freed_buffers_returned_to_os():  # what the writer still copies does not stay resident
             views_handed_over_whole(sharded_state_dict)

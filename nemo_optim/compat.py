@@ -51,9 +51,13 @@ class Entry:
         return self.since is None or at_least(self.distribution, self.since)
 
     def check(self) -> Any:
-        """Runs the probe; a LibraryMovedError names the entry, the installed version and where to look."""
+        """The probe's answer (probed once per process); a LibraryMovedError names the entry, the
+        installed version and where to look."""
+        if self.name in _PROBED:
+            return _PROBED[self.name]
         try:
-            return self.probe()
+            _PROBED[self.name] = self.probe()
+            return _PROBED[self.name]
         except (AttributeError, ImportError, KeyError, TypeError, AssertionError) as error:
             raise LibraryMovedError(
                 f"compat entry {self.name!r}: {self.distribution} {installed(self.distribution)} no longer has "
@@ -62,6 +66,7 @@ class Entry:
 
 
 ENTRIES: dict[str, Entry] = {}
+_PROBED: dict[str, Any] = {}
 
 
 def _entry(distribution: str, relies_on: str, *checked_on: str, since: str | None = None):
@@ -257,12 +262,14 @@ def register_auto_quantize_support_first(is_supported, grad_ckpt_context, is_par
 
     support = ENTRIES["auto_quantize_support_list"].check()
     AutoQuantizeGradientSearcher.register_custom_support(is_supported, grad_ckpt_context, is_param_grad_enabled)
-    support.insert(0, support.pop())
+    ours = next(i for i, entry in enumerate(support) if entry[0] is is_supported)
+    support.insert(0, support.pop(ours))
 
 
 def drop_auto_quantize_output_errors(module) -> None:
-    if getattr(module, "output_diff_dict", None):
-        module.output_diff_dict = {}
+    attribute = ENTRIES["auto_quantize_output_errors_attribute"].check()
+    if getattr(module, attribute, None):
+        setattr(module, attribute, {})
 
 
 @_entry("nvidia-modelopt", "the HF EAGLE model's _eagle_forward(features, embeddings, mask, positions, cache), "

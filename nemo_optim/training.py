@@ -285,6 +285,7 @@ def _save_training_checkpoint(run_dir: Path, step: int, model, optimizer, schedu
     with checkpoint.atomic_directory(root / f"step_{step:07d}") as tmp:
         extras = {"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step}
         if _is_megatron(model):
+            checkpoint.fork_writer_results_queue()
             if runtime.is_main_process():
                 (tmp / "state").mkdir()
             runtime.barrier()

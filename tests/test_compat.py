@@ -39,7 +39,6 @@ def test_version_facts_agree_with_the_installed_libraries():
     from modelopt.torch.speculative.config import EagleConfig
 
     assert compat.quant_cfg_uses_list_form() == isinstance(mtq.INT8_DEFAULT_CFG["quant_cfg"], list)
-    assert compat.minitron_needs_transformer_engine() == (compat.installed("nvidia-modelopt").release >= (0, 44))
     assert ("eagle_use_torch_compile" in compat.eagle_config_defaults()) == (
         "eagle_use_torch_compile" in EagleConfig.model_fields)
 

@@ -118,12 +118,12 @@ def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_model
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"target_hidden_size": 128}, "target_hidden_size=128 is larger than the model's 64"),
-    ({"target_num_attention_heads": 3}, "target_num_attention_heads=3 must be a multiple of num_query_groups=2"),
-    ({"target_num_query_groups": 1}, "cannot prune query groups"),
+    pytest.param({"target_hidden_size": 128}, "target_hidden_size=128 is larger than the model's 64", marks=pytest.mark.minitron),
+    pytest.param({"target_num_attention_heads": 3}, "target_num_attention_heads=3 must be a multiple of num_query_groups=2", marks=pytest.mark.minitron),
+    pytest.param({"target_num_query_groups": 1}, "cannot prune query groups", marks=pytest.mark.minitron),
     ({"drop_layers": [3]}, r"drop_layers \[3\] out of range: layers are numbered 1..2"),
     ({"drop_layers": [1, 2]}, "would remove every layer"),
-    ({"target_params": 1e9}, "target_params=1e\\+09 is not below the model's"),
+    pytest.param({"target_params": 1e9}, "target_params=1e\\+09 is not below the model's", marks=pytest.mark.minitron),
 ])
 def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models, tmp_path):
     with pytest.raises(PruningConfigError, match=message):

@@ -83,9 +83,23 @@ LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max
 
 
 def rope_settings(hf: dict, hf_dir: str | Path) -> tuple[float, float | None]:
-    """(rope_theta, Llama-3.1 scaling factor or None) from either layout of config.json:
-    transformers 4 writes `rope_theta` + `rope_scaling`, transformers 5 one `rope_parameters`
-    dict holding both. Anything else fails here: a silent default theta gives wrong logits."""
+    """(rope_theta, Llama-3.1 scaling factor or None) of an HF config.json (`rope_parameters`);
+    scalings megatron's local layers do not implement fail here."""
+    theta, scaling = rope_parameters(hf, hf_dir)
+    if not scaling:
+        return theta, None
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    differs = {k: scaling.get(k) for k, v in LLAMA3_SCALING.items() if scaling.get(k, v) != v}
+    if rope_type != "llama3" or differs:
+        raise ModelSourceError(f"{hf_dir}: rope scaling {scaling} is not supported; only Llama-3.1 style "
+                               f"'llama3' scaling with {LLAMA3_SCALING} is.")
+    return theta, float(scaling["factor"])
+
+
+def rope_parameters(hf: dict, hf_dir: str | Path) -> tuple[float, dict | None]:
+    """(rope_theta, the scaling dict or None) from either layout of config.json: transformers 4
+    writes `rope_theta` + `rope_scaling`, transformers 5 one `rope_parameters` dict holding both.
+    Anything else fails here: a silent default theta gives wrong logits."""
     if "rope_parameters" in hf and hf["rope_parameters"] is not None:
         parameters = dict(hf["rope_parameters"])
         if "rope_theta" not in parameters:
@@ -98,14 +112,7 @@ def rope_settings(hf: dict, hf_dir: str | Path) -> tuple[float, float | None]:
     else:
         raise ModelSourceError(f"{hf_dir}: config.json has neither rope_theta nor rope_parameters; add the "
                                f"model's rope_theta (e.g. 10000.0) to config.json.")
-    if not scaling:
-        return float(theta), None
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    differs = {k: scaling.get(k) for k, v in LLAMA3_SCALING.items() if scaling.get(k, v) != v}
-    if rope_type != "llama3" or differs:
-        raise ModelSourceError(f"{hf_dir}: rope scaling {scaling} is not supported; only Llama-3.1 style "
-                               f"'llama3' scaling with {LLAMA3_SCALING} is.")
-    return float(theta), float(scaling["factor"])
+    return float(theta), scaling or None
 
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -229,7 +236,9 @@ def _source_at_depth(source_hf_dir: str | Path, num_layers: int) -> Iterator[Pat
                                f"{num_layers} layers; prune models with uniform attention only.")
     with tempfile.TemporaryDirectory(prefix="hf_source_") as copy:
         for path in Path(source_hf_dir).iterdir():
-            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+            if path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):  # (ModelOpt checks its export against them)
+                (Path(copy) / path.name).symlink_to(path.resolve())
+            elif path.is_file():
                 shutil.copy2(path, copy)
         config.update(num_hidden_layers=num_layers, layer_types=layer_types[:1] * num_layers)
         (Path(copy) / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -291,7 +291,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
     import yaml
 
     from nemo_optim import compat, runtime
-    from nemo_optim.checkpoint import HF_TOKENIZER_FILES, atomic_directory, save_dist_checkpoint
+    from nemo_optim.checkpoint import HF_TOKENIZER_FILES, atomic_directory, fork_writer_results_queue, save_dist_checkpoint
     from nemo_optim.models.fiddle_json import as_yaml_data, serialize
 
     context = nemo2_context(config)
@@ -312,6 +312,7 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
                 (context_dir / "artifacts").mkdir()
                 shutil.copy2(source_hf_dir / "generation_config.json", context_dir / "artifacts")
         runtime.barrier()
+        fork_writer_results_queue()
         # with the `_extra_state` entries: NeMo's loaders ask for those of its layers
         save_dist_checkpoint(model.sharded_state_dict(prefix=PREFIX), tmp / WEIGHTS_DIR)
     return Path(path)

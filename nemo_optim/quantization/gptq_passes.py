@@ -136,8 +136,11 @@ def _calibrate_in_step(model: torch.nn.Module, gptq_step: dict[str, Any], forwar
     receive) the activations of a forward that never ran."""
     import modelopt.torch.quantization as mtq
 
+    from megatron.core import parallel_state
+
     mtq.calibrate(model, gptq_step, forward_loop)
-    if not group_linears and compat.gptq_skips_hessian_pass_without_layers():
+    if (not group_linears and compat.gptq_skips_hessian_pass_without_layers()
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1):
         forward_loop(model)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 from nemo_optim import compat
 from nemo_optim.errors import InputError
-from nemo_optim.models.hf import LLAMA3_SCALING, rope_settings
+from nemo_optim.models.hf import rope_parameters
 
 Algorithm = Literal["eagle3", "eagle1", "medusa"]
 ALGORITHMS = ("eagle3", "eagle1", "medusa")
@@ -119,11 +119,11 @@ class SpeculativeConfig:
         })
         # the base model's RoPE, not the preset's; ModelOpt >= 0.44's preset also carries the
         # theta inside rope_scaling (transformers 5's layout), so it is set there too
-        theta, factor = rope_settings(hf_config, "the base model's config.json")
+        theta, scaling = rope_parameters(hf_config, "the base model's config.json")
         preset_scaling = architecture.pop("rope_scaling", None) or {}
         architecture["rope_theta"] = theta
-        if factor is not None:
-            architecture["rope_scaling"] = {"rope_type": "llama3", "factor": factor, **LLAMA3_SCALING}
+        if scaling is not None:
+            architecture["rope_scaling"] = dict(scaling)
         elif "rope_theta" in preset_scaling:
             architecture["rope_scaling"] = {"rope_type": "default"}
         if "rope_theta" in preset_scaling and "rope_scaling" in architecture:

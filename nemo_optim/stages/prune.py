@@ -44,8 +44,8 @@ def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_
     model_config = readable_model_config(nemo_checkpoint, launch_target)
     if model_config is not None:
         pruning_config.validate_against(model_config)
-    if not pruning_config.drop_layers and launch_target is not None:  # (the stage checks after loading too)
-        check_minitron_available()
+    if not pruning_config.drop_layers and (launch_target is None or launch_target.local):
+        check_minitron_available()  # (a remote job checks with its own ModelOpt when it starts)
 
 
 @stage_entry(check_arguments)
