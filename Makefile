@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
-.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv clean
+.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,13 @@ nemo2-venv: .venv-nemo2/.installed
 
 test-nemo2: setup nemo2-venv
 	$(BIN)/python -m pytest -m nemo2 $(PYTEST_ARGS)
+
+# The GPU acceptance kit's wheels for a bare GPU node (Python 3.12; torch + transformers 5 already there):
+# megatron-core, ModelOpt, what they import that such an image lacks, and nemo-optim, into build/gpu-wheels/
+# (< 55 MiB); prints the install line for the node (benchmarks/results/gpu_acceptance.md).
+gpu-wheels:
+	$(MAKE) setup LEG=current
+	.venv-current/bin/python -m benchmarks.gpu_wheels
 
 clean:
 	rm -rf .venv .venv-current .venv-nemo2 .pytest_cache

@@ -40,6 +40,7 @@ def test_every_pipeline_task_serializes_and_dry_runs(tiny_hf_models, tmp_path):
     assert run_pipeline(tasks, dryrun=True, name="pipeline-test") == 0
 
 
+@pytest.mark.minitron  # the pipeline prunes with Minitron
 def test_the_experiment_command_line_is_nemo_runs_and_a_failed_task_exits_non_zero(tmp_path):
     """`python -m experiments.compress_smollm2` is a NeMo-Run experiment entrypoint: its settings are
     `name=value` arguments; a failing first task (a model path that does not exist) ends it with that

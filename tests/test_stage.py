@@ -22,7 +22,7 @@ OUTPUT_ARGUMENTS = {
     "evaluate": lambda out: dict(model_path=SMOLLM2, output_path=out),
     "ptq": lambda out: dict(model_path=SMOLLM2, export_config=ExportConfig(path=out)),
     "prune": lambda out: dict(nemo_checkpoint=SMOLLM2, save_path=out,
-                              pruning_config=PruningConfig(target_num_layers=20)),
+                              pruning_config=PruningConfig(drop_layers=[30])),
     "finetune": lambda out: dict(model_path=SMOLLM2, output_path=out),
     "distill": lambda out: dict(student_model_path=SMOLLM2, teacher_model_path=SMOLLM2,
                                 output_path=out),
