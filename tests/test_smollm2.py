@@ -37,6 +37,17 @@ def test_smollm2_logits_match_transformers(smollm2_hf_dir, runtime_single):
     assert agreement == 1.0
 
 
+def test_the_converted_tokenizer_follows_the_gguf_files_own_bos_setting(smollm2_hf_dir):
+    """The GGUF says add_bos_token=False (SmolLM2's own tokenizer adds none); transformers 4.57's
+    converter prepended `<|im_start|>` anyway, so the two legs tokenized every text differently."""
+    from nemo_optim.models.hf import _gguf_adds_bos, embedded_model_path
+
+    assert _gguf_adds_bos(embedded_model_path(SMOLLM2)) is False
+    tokenizer = load_tokenizer(smollm2_hf_dir)
+    ids = tokenizer("def add(a, b):\n    return a + b")["input_ids"]
+    assert tokenizer.bos_token_id not in ids and ids[0] == tokenizer.convert_tokens_to_ids("def")
+
+
 def test_smollm2_perplexity_on_embedded_corpus(runtime_single):
     loaded = load_model(SMOLLM2)
     evaluation = EvaluationConfig(num_sequences=16)

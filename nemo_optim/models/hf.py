@@ -287,8 +287,20 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+GGUF_CONVERSION = 2  # bumped when the conversion changes: older conversions in the cache are not reused
+
+
 def _gguf_cache_dir(gguf_path: Path) -> Path:
-    return cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}-v{GGUF_CONVERSION}"
+
+
+def _gguf_adds_bos(gguf_path: Path) -> bool | None:
+    """The file's own `tokenizer.ggml.add_bos_token` (None if absent). transformers 4.57's GGUF
+    converter ignores it and prepends BOS (SmolLM2: `<|im_start|>`) to every encoding; 5.x follows it."""
+    import gguf
+
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
 
 
 def converted_gguf_dir(gguf_path: str | Path) -> Path | None:
@@ -315,6 +327,9 @@ def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Pat
         with atomic_directory(target, collective=False) as tmp_dir:
             kwargs = {"gguf_file": gguf_path.name}
             tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            adds_bos = _gguf_adds_bos(gguf_path)
+            if adds_bos is not None and getattr(tokenizer, "add_bos_token", adds_bos) != adds_bos:
+                tokenizer.add_bos_token = adds_bos
             model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
             model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
