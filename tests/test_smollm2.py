@@ -39,13 +39,18 @@ def test_smollm2_logits_match_transformers(smollm2_hf_dir, runtime_single):
 
 def test_the_converted_tokenizer_follows_the_gguf_files_own_bos_setting(smollm2_hf_dir):
     """The GGUF says add_bos_token=False (SmolLM2's own tokenizer adds none); transformers 4.57's
-    converter prepended `<|im_start|>` anyway, so the two legs tokenized every text differently."""
+    converter prepended `<|im_start|>` anyway, and named the tokenizer "LlamaTokenizer", which
+    transformers 5 reads as Llama's own (other splits): the two legs tokenized every text differently."""
+    import json
     from nemo_optim.models.hf import _gguf_adds_bos, embedded_model_path
 
     assert _gguf_adds_bos(embedded_model_path(SMOLLM2)) is False
     tokenizer = load_tokenizer(smollm2_hf_dir)
     ids = tokenizer("def add(a, b):\n    return a + b")["input_ids"]
     assert tokenizer.bos_token_id not in ids and ids[0] == tokenizer.convert_tokens_to_ids("def")
+    # the ids SmolLM2's tokenizer gives this text (the same on both legs)
+    assert ids == [1604, 803, 24, 81, 28, 278, 727, 472, 1003, 253, 1232, 278, 216, 907]
+    assert json.loads((smollm2_hf_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_smollm2_perplexity_on_embedded_corpus(runtime_single):

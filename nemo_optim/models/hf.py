@@ -287,11 +287,22 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-GGUF_CONVERSION = 2  # bumped when the conversion changes: older conversions in the cache are not reused
+GGUF_CONVERSION = 3  # bumped when the conversion changes: older conversions in the cache are not reused
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_digest(gguf_path)}-v{GGUF_CONVERSION}"
+
+
+def _tokenizer_described_by_its_json(directory: Path) -> None:
+    """transformers 4.57 saves a GGUF's GPT-2-style BPE tokenizer as "LlamaTokenizer"; transformers 5
+    reads that class as Llama's own tokenizer and splits text differently. "PreTrainedTokenizerFast"
+    is tokenizer.json as written, in both."""
+    path = directory / "tokenizer_config.json"
+    if (directory / "tokenizer.json").is_file() and path.is_file():
+        config = json.loads(path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _gguf_adds_bos(gguf_path: Path) -> bool | None:
@@ -333,6 +344,7 @@ def gguf_to_hf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -> Pat
             model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
             model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
+            _tokenizer_described_by_its_json(Path(tmp_dir))
             del model
     runtime.barrier()
     return target
