@@ -188,10 +188,11 @@ def modelopt_quantization_config(config: QuantizationConfig, model: torch.nn.Mod
 
 
 def calibration_algorithm(config: QuantizationConfig, preset_algorithm: Any, methods: list[str] | None = None) -> Any:
-    """ModelOpt's `algorithm` argument for `methods` (default `config.calibration_methods()`): one
-    method, or a list that ModelOpt runs in order."""
+    """ModelOpt's `algorithm` argument for `methods` (default: `config`'s, layer-wise ones when its
+    calibration is resumable): one method, or a list that ModelOpt runs in order."""
     steps = []
-    for method in methods or config.calibration_methods():
+    default = config.layerwise_methods() if config.calibration_checkpoint_dir else config.calibration_methods()
+    for method in methods or default:
         if method == "preset":
             step = {"method": preset_algorithm} if isinstance(preset_algorithm, str) else dict(preset_algorithm)
         else:
@@ -288,9 +289,6 @@ def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forw
 
     config.check_layerwise_checkpoint(runtime.world_size())
     modelopt_cfg = modelopt_quantization_config(config, model)
-    if not config.custom_config_path:
-        _, preset_algorithm = modelopt_config.preset_entries(ALGORITHMS[config.algorithm][0])
-        modelopt_cfg["algorithm"] = calibration_algorithm(config, preset_algorithm, config.layerwise_methods())
     algorithm = modelopt_cfg["algorithm"]
     if not isinstance(algorithm, (str, dict)):
         raise QuantizationConfigError(
