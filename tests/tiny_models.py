@@ -30,13 +30,14 @@ def train_tiny_tokenizer(vocab_size: int = VOCAB_SIZE) -> transformers.PreTraine
 ARCHITECTURES = ("llama", "llama_tied", "qwen2", "qwen3")
 
 
-def make_tiny_hf_model(arch: str, directory: Path, tokenizer, seed: int = 0) -> Path:
-    """Saves a random 2-layer, hidden-64 HF model of `arch` with `tokenizer` into `directory`.
+def make_tiny_hf_model(arch: str, directory: Path, tokenizer, seed: int = 0, hidden_size: int = 64) -> Path:
+    """Saves a random 2-layer HF model of `arch` (hidden 64: head size 16; vLLM's CPU attention
+    needs 128: head size 32) with `tokenizer` into `directory`.
 
     Norm weights and biases are perturbed so that a converter that drops them is caught.
     """
     common = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
     )

@@ -153,11 +153,18 @@ def broadcast_from_last_stage(value: Any) -> Any:
 
 
 @torch.no_grad()
-def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
-    """Greedy decoding without a KV cache (a smoke check of a model, not a server)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of a `[B, S]` prompt batch without a KV cache (a reference for
+    engines and a smoke check of a model, not a server); every pipeline stage gets them."""
+    tokens = prompts
     for _ in range(new_tokens):
-        tokens = torch.tensor([ids + [0]])  # forward_logits takes [B, S+1]: the last column is a dummy label
-        logits = forward_logits(model, tokens)
-        ids.append(broadcast_from_last_stage(int(logits[0, -1].argmax()) if logits is not None else None))
-    return tokenizer.decode(ids)
+        logits = forward_logits(model, torch.cat([tokens, tokens[:, :1]], dim=1))  # (a dummy label column)
+        chosen = broadcast_from_last_stage(logits[:, -1].argmax(-1) if logits is not None else None)
+        tokens = torch.cat([tokens, chosen[:, None].to(tokens.device)], dim=1)
+    return tokens[:, prompts.shape[1]:].tolist()
+
+
+def greedy_sample(model: torch.nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 16) -> str:
+    """A prompt's greedy continuation as text."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids + greedy_tokens(model, torch.tensor([ids]), new_tokens)[0])

@@ -54,7 +54,8 @@ NO_HF_EXPORT = {"fp8_pc_pt": "it reshapes the fused QKV layer's per-channel weig
                 # seen in ModelOpt 0.43 and 0.47 ("Detect pre_quant_scale! SmoothQuant/AWQ are not yet supported")
                 "int8_sq": "it rejects SmoothQuant's input pre-quant scales"}
 
-ExportFormat = Literal["hf", "trtllm"]
+ExportFormat = Literal["hf", "trtllm", "compressed_tensors"]
+EXPORT_FORMATS = ("hf", "trtllm", "compressed_tensors")
 DTYPE_BITS = {16: torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
               "float16": torch.float16, "fp16": torch.float16, 32: torch.float32, "float32": torch.float32}
 
@@ -205,6 +206,11 @@ class QuantizationConfig:
 
     def check_export_format(self, export_format: str) -> None:
         """Export formats known to crash after calibration fail here, before it."""
+        if export_format == "compressed_tensors":
+            from nemo_optim.quantization.compressed_tensors import check_algorithm
+
+            check_algorithm(self)
+            return
         reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None
         if reason:
             raise QuantizationConfigError(
@@ -219,7 +225,9 @@ class ExportConfig:
 
     path: str = "outputs/ptq_export"
     export_format: ExportFormat = "hf"
-    """`hf`: unified HF checkpoint (TensorRT-LLM, vLLM, SGLang); `trtllm`: TensorRT-LLM checkpoint."""
+    """`hf`: ModelOpt's unified HF checkpoint (TensorRT-LLM, vLLM, SGLang); `trtllm`: TensorRT-LLM
+    checkpoint; `compressed_tensors`: vLLM's compressed-tensors checkpoint (int8, int8_sq, fp8,
+    fp8_pc_pt, int8_wo, int4, int4_awq)."""
     dtype: str = "bf16"
     """dtype of unquantized weights: bf16, fp16 (NeMo 2: 16) or float32."""
     decoder_type: Optional[str] = None
@@ -231,13 +239,13 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.export_format not in ("hf", "trtllm"):
-            errors.append(f"export_format={self.export_format!r}: choose hf or trtllm")
+        if self.export_format not in EXPORT_FORMATS:
+            errors.append(f"export_format={self.export_format!r}: choose {', '.join(EXPORT_FORMATS)}")
         if self.dtype not in DTYPE_BITS:
             errors.append(f"dtype={self.dtype!r}: choose bf16, fp16 or float32")
         if self.inference_tp < 1 or self.inference_pp < 1:
             errors.append("inference_tp and inference_pp must be at least 1")
-        if self.export_format == "hf" and (self.inference_tp, self.inference_pp) != (1, 1):
+        if self.export_format != "trtllm" and (self.inference_tp, self.inference_pp) != (1, 1):
             errors.append("inference_tp/inference_pp only apply to export_format='trtllm'")
         if errors:
             raise QuantizationConfigError("export_config: " + "; ".join(errors) + ".")

@@ -28,6 +28,8 @@ from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
 from nemo_optim.quantization import auto_quantize_scoring, gptq_passes, modelopt_config
+from nemo_optim.quantization.compressed_tensors import SCHEMES as COMPRESSED_TENSORS_SCHEMES
+from nemo_optim.quantization.compressed_tensors import write_compressed_tensors
 from nemo_optim.quantization.config import (
     ALGORITHMS,
     BLOCKED,
@@ -424,12 +426,14 @@ def auto_quantize_recalibration(config: QuantizationConfig) -> Any | None:
 
 # --- export ---------------------------------------------------------------------------------------
 
-def expected_export_algos(config: QuantizationConfig) -> set[str] | None:
+def expected_export_algos(config: QuantizationConfig, export_format: str = "hf") -> set[str] | None:
     """quant_algo values the export may declare (None: no check, e.g. a custom config)."""
     if config.auto_quantize_bits is not None:  # one format everywhere is declared as that format
         return {"MIXED_PRECISION"} | {ALGORITHMS[fmt][1] for fmt in config.auto_quantize_formats}
     if config.custom_config_path or config.algorithm is None:
         return None
+    if export_format == "compressed_tensors":
+        return {COMPRESSED_TENSORS_SCHEMES[config.algorithm][2]}
     return {ALGORITHMS[config.algorithm][1]}
 
 
@@ -443,6 +447,9 @@ def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export:
         tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
         if export.export_format == "hf":
             write_hf_export(model, hf_dir, tmp, export.torch_dtype, release_exported_layers=release_model)
+        elif export.export_format == "compressed_tensors":
+            if runtime.data_parallel_rank() == 0:  # (it needs the whole model: TP = PP = 1)
+                write_compressed_tensors(model, config, hf_dir, tmp, export.torch_dtype)
         else:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
@@ -454,7 +461,8 @@ def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export:
                 )
         runtime.barrier()
         if runtime.is_main_process():
-            verify_export(Path(tmp), export.export_format, expected_export_algos(config), shown_path=export.path)
+            verify_export(Path(tmp), export.export_format, expected_export_algos(config, export.export_format),
+                          shown_path=export.path)
     return Path(export.path)
 
 
@@ -477,7 +485,11 @@ def tied_embeddings_declared(model: torch.nn.Module):
 
 
 def declared_quant_algo(path: Path, export_format: str) -> str | None:
-    """The quantization an export declares (None: an unquantized export)."""
+    """The quantization an export declares (None: an unquantized export); a compressed-tensors
+    export declares its format (int-quantized, float-quantized, pack-quantized)."""
+    if export_format == "compressed_tensors":
+        quantization = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        return quantization.get("format") if quantization.get("quant_method") == "compressed-tensors" else None
     if export_format == "hf":
         quant_file = path / "hf_quant_config.json"
         if not quant_file.is_file():

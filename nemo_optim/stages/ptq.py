@@ -6,7 +6,7 @@ Steps:
   3. quantize with ModelOpt (or auto_quantize under a bit budget), print what was quantized,
   4. save the quantized model as a native checkpoint (calibration is not repeated if the
      export fails: pass that checkpoint as model_path and it is exported as is),
-  5. export (unified HF or TensorRT-LLM) and verify that the export carries the format.
+  5. export (unified HF, TensorRT-LLM or compressed-tensors) and verify that the export carries the format.
 
 CPU:
     python -c "from nemo_optim.stages.ptq import ptq; from nemo_optim.quantization.config import *; \
@@ -24,6 +24,7 @@ from nemo_optim.data.corpus import load_documents
 from nemo_optim.models.forward import greedy_sample
 from nemo_optim.models.loader import load_model, load_tokenizer
 from nemo_optim.prelaunch import LaunchTarget, check_data_source
+from nemo_optim.quantization.compressed_tensors import check_foldable
 from nemo_optim.quantization.config import ExportConfig, QuantizationConfig, QuantizationConfigError
 from nemo_optim.quantization.quantizer import (
     auto_quantize,
@@ -114,6 +115,9 @@ def ptq(
             runtime.print0(f"{model_path} is already quantized ({quantization_config.algorithm}): "
                            f"exporting without recalibration.")
         else:
+            if export_config.export_format == "compressed_tensors":
+                check_foldable(quantization_config, loaded.config.num_attention_heads,
+                               loaded.config.num_query_groups or loaded.config.num_attention_heads)
             if quantization_config.auto_quantize_bits is not None:
                 model, summary = auto_quantize(
                     model, quantization_config, tokenizer,
@@ -127,10 +131,11 @@ def ptq(
                           "summary": dataclasses.asdict(summary) if summary else None},
             )
             runtime.print0(f"quantized native checkpoint: {save_path}")
-        if calibration_tp > 1:
+        whole = export_config.export_format == "compressed_tensors"  # (written from one process's whole model)
+        if calibration_tp > 1 or (whole and calibration_pp > 1):
             # ModelOpt's exporters write TP shards into one file: export from a TP=1 reload of
             # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
-            runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=calibration_pp))
+            runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=1 if whole else calibration_pp))
             model = load_model(save_path).model
         export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
                                        loaded.config.hf_architecture, release_model=not export_config.generate_sample)
