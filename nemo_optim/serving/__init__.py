@@ -82,10 +82,12 @@ def _root_causes(log: str) -> dict[str, str]:
     causes = {}
     for part in log.split(JOB_MARK)[1:]:
         name, _, body = part.partition("\n")
-        for line in body.splitlines():
-            text = line.split("] ", 1)[-1].strip() if line.startswith("(") else line.strip()
+        lines = [line.split("] ", 1)[-1].strip() if line.startswith("(") else line.strip() for line in body.splitlines()]
+        for index, text in enumerate(lines):
             head = text.split(":", 1)[0]
             if head.endswith(("Error", "Exception")) and " " not in head and not any(g in text for g in _GENERIC):
+                if "validation error for" in text and index + 1 < len(lines):  # (pydantic: the reason is next)
+                    text = f"{text}: {lines[index + 1].split(' [type=')[0]}"
                 causes[name] = text[:400]
                 break
     return causes
@@ -144,3 +146,20 @@ def compare_with_engine(reference_logits: torch.Tensor, engine_result: dict,
         greedy = sum(prefixes) / max(len(prefixes), 1)
     return EngineAgreement(positions=len(kls), top1_agreement=sum(top1) / max(len(top1), 1),
                            mean_kl=sum(kls) / max(len(kls), 1), max_kl=max(kls, default=0.0), greedy_prefix=greedy)
+
+
+def reference_outputs(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """A nemo-optim model's logits at every prompt position and its greedy continuations: what an
+    engine serving the model's export is compared with."""
+    from nemo_optim.models.forward import forward_logits, greedy_tokens
+
+    logits = forward_logits(model, torch.cat([prompts, prompts[:, :1]], dim=1))  # (a dummy label column)
+    return logits, greedy_tokens(model, prompts, new_tokens)
+
+
+def engine_job(name: str, model_dir: str | Path, prompts: torch.Tensor, *, dtype: str = "float32",
+               new_tokens: int = 16, prompt_logprobs: int = -1, **extra) -> dict:
+    """One engine_worker job: greedy continuations and prompt log-probabilities (-1: the whole
+    vocabulary) of `prompts` served from `model_dir`."""
+    return {"name": name, "model": str(model_dir), "dtype": dtype, "prompts": prompts.tolist(),
+            "max_tokens": new_tokens, "prompt_logprobs": prompt_logprobs, **extra}

@@ -27,6 +27,13 @@ FORMAT_VERSION = 1
 DRAFT_WEIGHTS = "draft.safetensors"
 MODELOPT_STATE = "modelopt_state.pt"
 DRAFT_PREFIXES = ("eagle_module.", "medusa_heads.")
+EAGLE3_FEATURE_PRENORM = "eagle_module.layers.0.input_layernorm.weight"
+"""Kept at its initial ones, never trained. ModelOpt's EAGLE-3 layer normalizes the embeddings
+with it and then, as an ordinary decoder layer, also the fused base features before its own
+`hidden_norm`: hidden_norm(input_layernorm(h)). EAGLE's reference layer, vLLM and SGLang apply
+hidden_norm(h) only. With a weight of ones the first norm is undone by the second (RMSNorm is
+scale invariant; what remains is eps, ~1e-6 relative), so the trained draft is the draft engines
+run; on the embeddings a per-channel scale would be absorbed by q/k/v_proj anyway."""
 
 
 @dataclasses.dataclass
@@ -98,7 +105,7 @@ def add_draft_heads(base: torch.nn.Module, config: SpeculativeConfig) -> torch.n
     mode, mode_config = config.modelopt_mode(hf_config)
     model = mtsp.convert(base, [(mode, mode_config)])
     for name, param in model.named_parameters():
-        param.requires_grad = is_draft_key(name)
+        param.requires_grad = is_draft_key(name) and name != EAGLE3_FEATURE_PRENORM
     if config.algorithm == "medusa":
         with torch.no_grad():  # Medusa's authors start every head's LM head as the base model's
             for head in model.medusa_heads:
@@ -207,9 +214,33 @@ def export_draft(speculative: SpeculativeModel, export_dir: str | Path) -> Path:
             from modelopt.torch.export import export_speculative_decoding
 
             export_speculative_decoding(speculative.model, export_dir=str(tmp))
+            _add_engine_keys(speculative.model, tmp)
         else:
             _export_medusa(speculative.model, tmp)
     return export_dir
+
+
+def _add_engine_keys(model: torch.nn.Module, directory: Path) -> None:
+    """What vLLM needs on top of ModelOpt's EAGLE config.json: the base layers whose hidden
+    states feed the draft, in vLLM's numbering. ModelOpt (and SGLang, which adds 1 itself) name
+    the decoder layer whose *output* is taken; vLLM 0.32 names the residual stream *entering*
+    layer j (HF `hidden_states[j]`, j = num_hidden_layers: the last layer's output before the
+    final norm), and reads a top-level `eagle_aux_hidden_state_layer_ids` before the one in
+    `eagle_config`, so the top level gets ModelOpt's ids + 1 and `eagle_config` keeps them."""
+    eagle_config = model.eagle_config
+    if not eagle_config.use_aux_hidden_state:
+        return
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    # ModelOpt concatenates the features in layer order, whatever order the ids are listed in
+    config["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in sorted(eagle_config.eagle_aux_hidden_state_layer_ids)]
+    path.write_text(json.dumps(config, indent=4) + "\n")
+    prenorm = dict(model.named_parameters())[EAGLE3_FEATURE_PRENORM].detach()
+    if not torch.all(prenorm == prenorm.flatten()[0]):
+        runtime.print0(
+            f"warning: {EAGLE3_FEATURE_PRENORM} was trained (max |w - mean| "
+            f"{float((prenorm - prenorm.mean()).abs().max()):.3g}): engines normalize the draft's base features "
+            f"without it, so their acceptance can differ from the one measured here (outputs stay lossless).")
 
 
 def _export_medusa(model: torch.nn.Module, directory: Path) -> None:
