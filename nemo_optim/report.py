@@ -1,5 +1,6 @@
 """The compression report: one row per model of a pipeline (size, parameters, perplexity, KL
-and top-1 agreement to the original, task accuracy with its 95% interval, tokens/s) as markdown, plus PNG plots of those numbers
+and top-1 agreement to the original, task accuracy with its 95% interval, tokens/s, and decode
+tokens/s served by vLLM where its engine venv exists) as markdown, plus PNG plots of those numbers
 and of the distillation loss curves; and for draft heads, speculative decoding's acceptance
 length and speed-up per draft length.
 
@@ -48,6 +49,50 @@ def _row(label: str, model_path: str, evaluation_path: str, artifact: str) -> di
         "accuracy_norm": accuracy.get("accuracy_norm"),
         "accuracy_norm_ci95": _interval(accuracy.get("ci95_norm")),
     }
+
+
+def _servable_dir(model_path: str, artifact: str) -> Optional[Path]:
+    """The HF directory an engine can load for a row: its artifact if that is one, else the
+    model's own HF weights (an HF directory or a converted GGUF); None for a native checkpoint."""
+    from nemo_optim.models.loader import resolve_source
+
+    for path in (Path(artifact), resolve_source(model_path).path):
+        if path.is_file() and path.suffix == ".gguf":
+            from nemo_optim.models.hf import gguf_to_hf
+
+            return gguf_to_hf(path)
+        if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return path
+    return None
+
+
+def _served(rows: list[dict]) -> list[str]:
+    """Adds each row's decode tokens/s in vLLM's engine (`served_tokens_per_second`) and returns
+    note lines: what could not be served and why, or how to get the engine."""
+    from nemo_optim.serving import engine_job, engine_python, run_engine
+
+    if engine_python() is None:
+        return ["Served tokens/s: `make engine-venv` builds vLLM's CPU engine (.venv-vllm); the report then serves "
+                "each row's HF export in it."]
+    import torch
+
+    jobs, notes = [], []
+    for row in rows:
+        directory = _servable_dir(row["path"], row["artifact"])
+        if directory is None:
+            notes.append(f"{row['model']}: a native checkpoint without an HF export, not served")
+            continue
+        prompt = torch.arange(1, 65)[None]  # (token ids: the speed does not depend on the text)
+        jobs.append(engine_job(row["model"], directory, prompt, dtype="auto", new_tokens=1, prompt_logprobs=0,
+                               timing={"decode_tokens": 64, "decode_prompts": 1, "repeats": 1}, timing_only=True))
+    for result in run_engine(jobs) if jobs else []:
+        row = next(r for r in rows if r["model"] == result["name"])
+        if "error" in result:
+            notes.append(f"{row['model']}: not served here ({result['error']})")
+        else:
+            row["served_tokens_per_second"] = result["timing"]["decode_tokens_per_s"]
+    return ["Served tokens/s: decode speed in vLLM's CPU engine (one prompt, 64 new tokens, batch 1)"
+            + (": " + "; ".join(notes) if notes else "") + "."]
 
 
 def _interval(bounds) -> Optional[str]:
@@ -175,15 +220,18 @@ def report(
     lines, images = [f"# {title}", ""], []
     if rows:
         images = _plots(rows, Path(distillation_metrics) if distillation_metrics else None, out_dir)
+        served_notes = _served(rows)
         lines += _table([("model", "model"), ("parameters_m", "params (M)"), ("size_mb", "on disk (MiB)"),
                          ("perplexity", "ppl"), ("kl_to_original", "KL to original"),
                          ("top1_agreement", "top-1 agree"), ("accuracy_norm", "accuracy"),
-                         ("accuracy_norm_ci95", "accuracy 95% CI"), ("tokens_per_second", "tokens/s")], rows)
+                         ("accuracy_norm_ci95", "accuracy 95% CI"), ("tokens_per_second", "tokens/s"),
+                         ("served_tokens_per_second", "served tokens/s (vLLM)")], rows)
         tasks = {(row["accuracy_task"], row["accuracy_items"]) for row in rows if row["accuracy_task"]}
         if tasks:
             lines += ["", "Accuracy: " + "; ".join(f"`{task}`, {items} items" for task, items in sorted(tasks))
                       + " (length-normalised log-likelihood choice, lm-eval's acc_norm; "
                       "95% Wilson interval: differences inside it are noise)."]
+        lines += ["", *served_notes]
         lines += ["", "Evaluated: " + "; ".join(f"{row['model']}: `{row['path']}`" for row in rows),
                   "", "On disk: " + "; ".join(f"{row['model']}: `{row['artifact']}`" for row in rows), ""]
     if speculative_rows:

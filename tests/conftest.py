@@ -47,6 +47,16 @@ def tiny_hf_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     return {arch: make_tiny_hf_model(arch, root / arch, tiny_tokenizer) for arch in ARCHITECTURES}
 
 
+@pytest.fixture(autouse=True)
+def _engine_only_where_marked(request, monkeypatch):
+    # Serving in vLLM takes a minute per engine start: only tests marked `engine` get the engine
+    # (the report, for one, serves its rows whenever the engine venv exists).
+    if request.node.get_closest_marker("engine") is None:
+        from nemo_optim.serving import ENGINE_PYTHON_ENV
+
+        monkeypatch.setenv(ENGINE_PYTHON_ENV, "/nonexistent/engine-python")
+
+
 @pytest.fixture
 def runtime_single():
     """megatron parallel state for one process; torn down after the test."""

@@ -154,3 +154,22 @@ def test_static_fp8_exports_need_a_gpu_engine(served, name):
     static per-tensor FP8 kernel: the engine's own error says so."""
     result = served[name][0]
     assert any(op in result.get("error", "") for op in STATIC_FP8_OPS), result
+
+
+def test_report_serves_each_row_with_an_hf_export(tmp_path, tiny_tokenizer):
+    """`make run`'s report gains vLLM's decode tokens/s for rows with HF weights and says why
+    the others have none."""
+    from nemo_optim.evaluation import EvaluationConfig
+    from nemo_optim.report import report
+    from nemo_optim.stages.evaluate import evaluate
+
+    source = make_tiny_hf_model("llama", tmp_path / "llama", tiny_tokenizer, hidden_size=128)
+    ptq(model_path=str(source), quantization_config=QuantizationConfig(algorithm=None),
+        export_config=ExportConfig(path=str(tmp_path / "export"), dtype="float32"), save_path=str(tmp_path / "native"))
+    evaluate(model_path=str(source), output_path=str(tmp_path / "eval.json"),
+             evaluation=EvaluationConfig(data=DataConfig(seq_length=32), num_sequences=2))
+    markdown = report(output_dir=str(tmp_path / "report"), models={"hf": str(source), "native": str(tmp_path / "native")},
+                      evaluations={"hf": str(tmp_path / "eval.json"), "native": str(tmp_path / "eval.json")}).read_text()
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert rows[0]["served_tokens_per_second"] > 0 and "served_tokens_per_second" not in rows[1]
+    assert "served tokens/s (vLLM)" in markdown and "native: a native checkpoint without an HF export" in markdown

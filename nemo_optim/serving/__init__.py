@@ -42,7 +42,8 @@ def require_engine() -> Path:
     return python
 
 
-def run_engine(jobs: list[dict], *, timeout_s: float = 3600, log_path: Path | None = None) -> list[dict]:
+def run_engine(jobs: list[dict], *, timeout_s: float = 3600, log_path: Path | None = None,
+               env: dict[str, str] | None = None) -> list[dict]:
     """Runs `jobs` one after the other in one engine process (engine_worker.py documents a job)
     and returns one result per job, in order; a job that failed has an "error" line."""
     python = require_engine()
@@ -52,7 +53,7 @@ def run_engine(jobs: list[dict], *, timeout_s: float = 3600, log_path: Path | No
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                # the worker reads the chosen kernels in vLLM's engine process (LLM.apply_model)
-               "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+               "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(env or {})}
         env.pop("PYTHONPATH", None)  # the project's packages must not shadow the engine venv's
         log = (log_path or Path(scratch) / "engine.log")
         with open(log, "w") as out:

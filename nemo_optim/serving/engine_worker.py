@@ -6,7 +6,8 @@ never nemo_optim.
 
 REQUEST: {"jobs": [{"name", "model", "dtype", "max_model_len", "prompts": [[token ids]],
 "max_tokens", "prompt_logprobs" (top-k per prompt position, 0: none), "speculative" (vLLM's
-speculative_config or null), "timing": {"prefill_prompts", "decode_tokens", "repeats"} or null}]}.
+speculative_config or null), "timing": {"decode_tokens", "decode_prompts", "repeats"} or null,
+"profile_linears" (time the first layer's linears at decode shape)}]}.
 Each job's engine is built, used and shut down before the next one starts; a job that fails
 records its error line and the others still run.
 """
@@ -112,6 +113,10 @@ def run_job(job: dict) -> dict:
             result["timing"] = _timing(llm, SamplingParams, job)
         if job.get("speculative"):
             result["spec_decode"] = _spec_metrics(llm)
+        if job.get("profile_linears"):
+            import engine_probe
+
+            result["linears"] = llm.apply_model(engine_probe.time_linears)[0]
     finally:
         del llm
         gc.collect()

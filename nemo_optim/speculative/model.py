@@ -28,7 +28,7 @@ DRAFT_WEIGHTS = "draft.safetensors"
 MODELOPT_STATE = "modelopt_state.pt"
 DRAFT_PREFIXES = ("eagle_module.", "medusa_heads.")
 EAGLE3_FEATURE_PRENORM = "eagle_module.layers.0.input_layernorm.weight"
-"""Kept at its initial ones, never trained. ModelOpt's EAGLE-3 layer normalizes the embeddings
+"""EAGLE-3: kept at its initial ones, never trained. ModelOpt's EAGLE-3 layer normalizes the embeddings
 with it and then, as an ordinary decoder layer, also the fused base features before its own
 `hidden_norm`: hidden_norm(input_layernorm(h)). EAGLE's reference layer, vLLM and SGLang apply
 hidden_norm(h) only. With a weight of ones the first norm is undone by the second (RMSNorm is
@@ -104,8 +104,9 @@ def add_draft_heads(base: torch.nn.Module, config: SpeculativeConfig) -> torch.n
     config.check_against_model(hf_config)
     mode, mode_config = config.modelopt_mode(hf_config)
     model = mtsp.convert(base, [(mode, mode_config)])
+    frozen = {EAGLE3_FEATURE_PRENORM} if config.algorithm == "eagle3" else set()
     for name, param in model.named_parameters():
-        param.requires_grad = is_draft_key(name) and name != EAGLE3_FEATURE_PRENORM
+        param.requires_grad = is_draft_key(name) and name not in frozen
     if config.algorithm == "medusa":
         with torch.no_grad():  # Medusa's authors start every head's LM head as the base model's
             for head in model.medusa_heads:
@@ -260,6 +261,9 @@ def _export_medusa(model: torch.nn.Module, directory: Path) -> None:
         "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
         "num_heads": model.medusa_num_heads, "num_hidden_layers": model.medusa_num_layers,
         "truncated_vocab_size": None, "original_lm_head": False,
+        # ModelOpt's ResBlocks have biases; vLLM 0.32 builds its blocks without them (and skips
+        # the bias tensors without a word) unless the config says so
+        "medusa_fc_bias": any(name.endswith(".bias") for name in weights),
     }, indent=2) + "\n")
 
 
