@@ -46,6 +46,31 @@ class DraftLengthResult:
     """Prompts whose speculative output equals plain greedy decoding token for token."""
     num_prompts: int
     tokens: int
+    drafts: int = 0
+    """Verifications of a chain of drafts, as vLLM counts them (`vllm:spec_decode_num_drafts`)."""
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    """Verifications whose i-th draft was accepted, as vLLM counts them
+    (`vllm:spec_decode_num_accepted_tokens_per_pos`): drafts accepted past `max_new_tokens` or
+    EOS, which the output drops, count too, so 1 + sum / drafts (vLLM's mean acceptance length)
+    exceeds `acceptance_length` by up to draft_length * num_prompts / drafts."""
+
+
+class _CountingDrafter:
+    """A drafter that also records how many drafts each verification accepted."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+        self.accepted: list[int] = []
+
+    def start(self, prompt, prefill, pending) -> None:
+        self.drafter.start(prompt, prefill, pending)
+
+    def propose(self, k: int) -> list[int]:
+        return self.drafter.propose(k)
+
+    def accept(self, num_accepted: int, verify, new_tokens: list[int]) -> None:
+        self.accepted.append(num_accepted)
+        self.drafter.accept(num_accepted, verify, new_tokens)
 
 
 @dataclasses.dataclass
@@ -68,16 +93,17 @@ def measure_draft(model: torch.nn.Module, prompts: torch.Tensor, draft_lengths: 
     """Decodes every prompt plainly, then speculatively at each draft length (one prompt at a
     time, so both see the same machine load); one untimed warm-up first."""
     model.eval()
-    drafter = drafter_for(model)
+    drafter = _CountingDrafter(drafter_for(model))
     greedy_decode(model, prompts[0], 8, eos_id)
     speculative_decode(model, drafter, prompts[0], 8, max(draft_lengths), eos_id)
     plain_seconds = tokens = 0
-    spec = {k: {"seconds": 0.0, "emitted": 0, "rounds": 0, "identical": 0} for k in draft_lengths}
+    spec = {k: {"seconds": 0.0, "emitted": 0, "rounds": 0, "identical": 0, "accepted": []} for k in draft_lengths}
     for prompt in prompts:
         plain = greedy_decode(model, prompt, max_new_tokens, eos_id)
         plain_seconds += plain.seconds
         tokens += len(plain.tokens)
         for k in draft_lengths:
+            drafter.accepted = spec[k]["accepted"]
             decoded = speculative_decode(model, drafter, prompt, max_new_tokens, k, eos_id)
             spec[k]["seconds"] += decoded.seconds
             spec[k]["emitted"] += sum(decoded.accepted_per_round)
@@ -90,7 +116,8 @@ def measure_draft(model: torch.nn.Module, prompts: torch.Tensor, draft_lengths: 
             acceptance_length=totals["emitted"] / totals["rounds"] if totals["rounds"] else float("nan"),
             tokens_per_second=tokens / totals["seconds"], baseline_tokens_per_second=tokens / plain_seconds,
             speedup=plain_seconds / totals["seconds"], identical_prompts=totals["identical"],
-            num_prompts=len(prompts), tokens=tokens)
+            num_prompts=len(prompts), tokens=tokens, drafts=len(totals["accepted"]),
+            accepted_per_position=[sum(n > i for n in totals["accepted"]) for i in range(k)])
         results.append(row)
         runtime.print0(f"draft length {k}: acceptance length {row.acceptance_length:.2f}, "
                        f"{row.tokens_per_second:.1f} tokens/s vs {row.baseline_tokens_per_second:.1f} greedy "

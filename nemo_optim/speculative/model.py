@@ -207,8 +207,9 @@ def _load_draft_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]
 def export_draft(speculative: SpeculativeModel, export_dir: str | Path) -> Path:
     """The draft in the format serving engines load, next to the unchanged base model:
     EAGLE through ModelOpt's speculative exporter (config.json + model.safetensors, the layout
-    of EAGLE's official checkpoints that vLLM, SGLang and TensorRT-LLM read); Medusa heads in
-    vLLM's Medusa layout (ModelOpt 0.43 has no Medusa exporter for transformers models)."""
+    of EAGLE's official checkpoints that vLLM, SGLang and TensorRT-LLM read) plus the base layer
+    ids in vLLM's numbering; Medusa heads in vLLM's Medusa layout (ModelOpt 0.43 has no Medusa
+    exporter for transformers models). tests/test_engine_drafts.py serves both in vLLM."""
     export_dir = Path(export_dir)
     with checkpoint.atomic_directory(export_dir, collective=False) as tmp:
         if speculative.config.is_eagle:
