@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
-.PHONY: setup run test test-current test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean
+.PHONY: lint setup run test test-current test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ test: setup
 
 test-current:
 	$(MAKE) test LEG=current
+
+# ruff, configured in pyproject.toml (pyflakes, pycodestyle, lines <= 120)
+lint: setup
+	$(BIN)/ruff check .
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

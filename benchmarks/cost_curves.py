@@ -169,7 +169,8 @@ def _run(args, point: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], ptq_stages: list[dict], kd: list[dict], out_dir: Path) -> None:
+def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], ptq_stages: list[dict], kd: list[dict],
+          out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,8 +183,10 @@ def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], ptq_stages: list[dict]
                  label="load + calibration")
     axes[1].plot([r["model_gib"] for r in ptq_stages], [r["rss_over_baseline_gib"] for r in ptq_stages], "s-",
                  label="whole ptq stage (+ save, export)")
-    axes[1].plot([r["model_gib"] for r in ptq_sizes], [1.5 * r["model_gib"] for r in ptq_sizes], "--", label="1.5x model")
-    axes[1].set(xlabel="fp32 model (GiB)", ylabel="peak RSS over baseline (GiB)", title="PTQ FP8 memory vs model size (16 sequences)")
+    axes[1].plot([r["model_gib"] for r in ptq_sizes], [1.5 * r["model_gib"] for r in ptq_sizes], "--",
+                 label="1.5x model")
+    axes[1].set(xlabel="fp32 model (GiB)", ylabel="peak RSS over baseline (GiB)",
+                title="PTQ FP8 memory vs model size (16 sequences)")
     axes[1].legend()
     axes[2].plot([r["seq_length"] for r in kd], [r["step_seconds"] for r in kd], "o-")
     axes[2].set(xlabel="sequence length", ylabel="seconds", title="KD step (4 sequences)")
@@ -195,14 +198,16 @@ def _plot(ptq_samples: list[dict], ptq_sizes: list[dict], ptq_stages: list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="outputs/compress_smollm2/pruned")
-    parser.add_argument("--tiny", default=None, help="HF dir of a tiny model (default: made like the tests' tiny Llama)")
+    parser.add_argument("--tiny", default=None,
+                        help="HF dir of a tiny model (default: made like the tests' tiny Llama)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)
     results_arguments(parser)
     args = parser.parse_args()
     if args.point:  # one measurement, in its own process
         kind, model, value = args.point.split(":", 2)
-        result = ptq_point(model, int(value), kind, args.work_dir) if kind in PTQ_METHODS else kd_point(model, int(value))
+        result = (ptq_point(model, int(value), kind, args.work_dir) if kind in PTQ_METHODS
+                  else kd_point(model, int(value)))
         (Path(args.work_dir) / f"{args.point.replace(':', '_').replace('/', '_')}.json").write_text(json.dumps(result))
         return
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="cost-curves-")

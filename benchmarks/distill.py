@@ -13,7 +13,8 @@ samples of the train split) and the notes give KD / CE per seed and of the means
     .venv/bin/python -m benchmarks.distill            # ~2.5 h on 2 cores (each trained row 5-10 min alone)
     .venv/bin/python -m benchmarks.distill --core     # ~35 min: no training, CE, KD logits (+ intermediate), best KD
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
-    .venv/bin/python -m benchmarks.distill --rows "cross-entropy fine-tuning @ lr 0.001" --work-dir W --reuse-checkpoints
+    .venv/bin/python -m benchmarks.distill --rows "cross-entropy fine-tuning @ lr 0.001" --work-dir W \
+--reuse-checkpoints
 Writes benchmarks/results/distill.json and distill.md.
 """
 
@@ -91,7 +92,8 @@ REPEAT_SEEDS = (1, 2, 3)
 SEED_ROWS = tuple(f"{name} @ lr {lr:g}, seed {seed}" for name, lr in BEST_LRS.items() for seed in REPEAT_SEEDS)
 # the issue's comparison at equal tokens: CE, KD on logits, KD on logits + an intermediate
 # layer, and the best KD recipe
-CORE_ROWS = (CE, "KD logits", "KD logits + final-norm cosine", "KD logits + LM loss (T 2), corrected teacher @ lr 0.001")
+CORE_ROWS = (CE, "KD logits", "KD logits + final-norm cosine",
+             "KD logits + LM loss (T 2), corrected teacher @ lr 0.001")
 ALL_ROWS = (TRAINED_ROWS + tuple(f"{name} @ lr {lr:g}" for name, lrs in LR_SWEEP.items() for lr in lrs) + EXTRA_ROWS
             + SEED_ROWS)
 
@@ -174,7 +176,8 @@ def main() -> None:
                         help=f"run only {list(CORE_ROWS)} (~35 min on 2 cores)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--reuse-checkpoints", action="store_true",
-                        help="rows whose trained student is already complete in --work-dir are evaluated, not retrained")
+                        help="rows whose trained student is already complete in --work-dir are evaluated, "
+                             "not retrained")
     args = parser.parse_args()
     if args.core:
         args.rows = list(CORE_ROWS)
@@ -185,7 +188,8 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="distill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(source="embedded", seq_length=args.seq_length)
-    training = TrainingConfig(max_steps=args.steps, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
+    training = TrainingConfig(max_steps=args.steps, global_batch_size=args.global_batch,
+                              micro_batch_size=args.micro_batch,
                               lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(args.steps // 10, 1),
                               val_check_interval=0, checkpoint_interval=0, num_val_sequences=8, log_interval=10)
     tokens_per_row = args.steps * args.global_batch * args.seq_length
@@ -246,7 +250,8 @@ def main() -> None:
                                                 args.micro_batch)
         rows.append({"model": "teacher (SmolLM2-135M)", "parameters_m": teacher_loaded.config.num_parameters() / 1e6,
                      "tokens": 0, "perplexity": teacher_result.perplexity, "kl_to_teacher": 0.0, "top1_agreement": 1.0})
-        rows.append({"model": "teacher corrected (fine-tuned on the train split)", "parameters_m": rows[0]["parameters_m"],
+        rows.append({"model": "teacher corrected (fine-tuned on the train split)",
+                     "parameters_m": rows[0]["parameters_m"],
                      "tokens": tokens_per_row, **_evaluate(corrected_teacher(DEFAULT_SEED), teacher, held_out),
                      "seconds_per_step": None})
         student_params = load_model(student).config.num_parameters()
@@ -261,7 +266,8 @@ def main() -> None:
                          **_evaluate(path, teacher, held_out), "seconds_per_step": seconds[name]})
     by_name = {row["model"]: row for row in rows}
     # the baseline is CE at its best lr of the sweep (seed repeats are summarised apart)
-    ce_ppl = min(row["perplexity"] for row in rows if row["model"].startswith(label(CE)) and ", seed " not in row["model"])
+    ce_ppl = min(row["perplexity"] for row in rows
+                 if row["model"].startswith(label(CE)) and ", seed " not in row["model"])
     seeds = _seed_summary(rows, label, args.lr)
     for row in rows[1:]:
         row["ppl_vs_teacher"] = row["perplexity"] / teacher_result.perplexity
@@ -271,13 +277,16 @@ def main() -> None:
     ratio = kd_step / (ce_step + teacher_step)
     reused = [row["model"] for row in rows if row.get("reused")]
     reused_timing = any(label(name) in reused for name in (CE, "KD logits"))
-    notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M; the Q4_1 GGUF dequantized to fp32), student: Minitron depth pruning to "
-             f"{args.student_layers} layers ({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
+    notes = (f"Teacher {TEACHER} ({rows[0]['parameters_m']:.1f} M; the Q4_1 GGUF dequantized to fp32), student: "
+             f"Minitron depth pruning to {args.student_layers} layers "
+             f"({100 * student_params / teacher_loaded.config.num_parameters():.0f}% of the "
              f"parameters; pruning {prune_seconds:.0f} s incl. importance). Every trained row: {args.steps} steps x "
-             f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's train split, "
-             f"AdamW lr {args.lr} (unless the row says another) warmup+cosine to lr/10, fp32 on CPU ({torch.get_num_threads()} threads). Held-out: "
-             f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature {args.temperature}. "
-             f"Teacher correction (rows '{CORRECTED}'): the teacher fine-tuned with the LM loss on the same train split and "
+             f"{args.global_batch} x {args.seq_length} tokens = {tokens_per_row} tokens of the embedded corpus's "
+             f"train split, AdamW lr {args.lr} (unless the row says another) warmup+cosine to lr/10, fp32 on CPU "
+             f"({torch.get_num_threads()} threads). Held-out: "
+             f"{args.eval_sequences} x {args.seq_length} tokens of the validation split. KD temperature "
+             f"{args.temperature}. Teacher correction (rows '{CORRECTED}'): the teacher fine-tuned with the LM loss "
+             f"on the same train split and "
              f"budget ({args.steps} steps, lr {args.teacher_correction_lr}"
              + (f", {correction_seconds:.0f} s" if correction_seconds else ", reused from the work dir")
              + "), once for all students; KL / top-1 columns are against the original teacher. 'ppl / CE' divides by "

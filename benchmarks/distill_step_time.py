@@ -85,7 +85,8 @@ def main() -> None:
         {"part": "KD step (ModelOpt DistillationModel, logit KL)", "seconds": kd_seconds, "ratio": ratio},
     ]
     notes = (f"Median of {args.repeats} after a warm-up; {args.micro_batches} micro-batches of {args.micro_batch} x "
-             f"{args.seq_length} tokens; student {args.student} ({student.config.num_parameters() / 1e6:.1f} M), teacher "
+             f"{args.seq_length} tokens; student {args.student} ({student.config.num_parameters() / 1e6:.1f} M), "
+             f"teacher "
              f"{TEACHER}; fp32 on CPU, {torch.get_num_threads()} threads. Optimizer time excluded from all rows. "
              f"Goal: ratio <= 1.10.")
     write_results("distill_step_time", rows, [("part", "part"), ("seconds", "seconds"), ("ratio", "KD / parts")],

@@ -78,7 +78,8 @@ def main() -> None:
                  "median": statistics.median(gaussian), "max": max(gaussian)})
     notes = (f"Relative rounding error ||Q(x) - x||^2 / ||x||^2 of ModelOpt's FP8_PER_CHANNEL_PER_TOKEN input "
              f"quantizer (E4M3, one dynamic scale per token) on the inputs of SmolLM2-135M-Instruct's decoder "
-             f"linears (the Q4_1 GGUF dequantized to fp32), {args.eval_sequences} x {args.seq_length} tokens of held-out stdlib docstrings "
+             f"linears (the Q4_1 GGUF dequantized to fp32), {args.eval_sequences} x {args.seq_length} tokens of "
+             f"held-out stdlib docstrings "
              f"(benchmarks/ptq.py's held-out text); per linear kind, min / median / max over the layers. The last "
              f"row is the same quantizer on Gaussian tokens: the format's floor when nothing underflows.")
     write_results("fp8_rounding", rows, [("row", "input"), ("min", "min"), ("median", "median"), ("max", "max")],

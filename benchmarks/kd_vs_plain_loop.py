@@ -7,9 +7,9 @@ its HF export), the same packed rows of the embedded corpus's train split in the
 (nemo-optim's seeded sample order), 2 micro-batches of 2 x 256 tokens per step, AdamW (lr 1e-4
 constant, betas 0.9/0.95, weight decay 0.01 on matrices), gradients clipped at 1.0, fp32 on CPU.
 Each side runs in its own process (peak RSS is that process's; nemo-optim's started as its executors
-start CPU jobs, with glibc's tcache off, the plain loop's in the plain environment); the two sides alternate, --runs times
-each (this VM's speed drifts by 10-20% from minute to minute), and each side's s/step is the median
-over its runs of the run's median step after the first.
+start CPU jobs, with glibc's tcache off, the plain loop's in the plain environment); the two sides
+alternate, --runs times each (this VM's speed drifts by 10-20% from minute to minute), and each
+side's s/step is the median over its runs of the run's median step after the first.
 
     .venv/bin/python -m benchmarks.kd_vs_plain_loop                 # ~6 min on 2 cores
     .venv/bin/python -m benchmarks.kd_vs_plain_loop --steps 3       # smoke
@@ -127,7 +127,8 @@ def _side(args, side: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", default="outputs/compress_smollm2/pruned", help="nemo-optim checkpoint of the student")
+    parser.add_argument("--student", default="outputs/compress_smollm2/pruned",
+                        help="nemo-optim checkpoint of the student")
     parser.add_argument("--student-hf", default=None, help="its HF export (default: exported into --work-dir)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -165,17 +166,19 @@ def main() -> None:
                      "peak_rss_gib": max(run["peak_rss_gib"] for run in runs[side]), "first_loss": first["losses"][0],
                      "last_loss": first["losses"][-1], "losses": first["losses"],
                      "same_losses_every_run": all(run["losses"] == first["losses"] for run in runs[side])})
-    pair_ratios = [plain / nemo for nemo, plain in zip(rows[0]["run_seconds_per_step"], rows[1]["run_seconds_per_step"])]
+    pair_ratios = [plain / nemo
+                   for nemo, plain in zip(rows[0]["run_seconds_per_step"], rows[1]["run_seconds_per_step"])]
     ratio = rows[0]["tokens_per_second"] / rows[1]["tokens_per_second"]
     rows[0]["speed_vs_plain"], rows[1]["speed_vs_plain"] = ratio, 1.0
     rows[0]["speed_vs_plain_per_run"] = pair_ratios
-    notes = (f"{args.steps} optimizer steps of {args.micro_batches} x {args.micro_batch} x {args.seq_length} = {tokens} "
-             f"tokens, fp32 on CPU ({torch.get_num_threads()} threads), {args.runs} alternating runs per side; tokens/s from "
+    notes = (f"{args.steps} optimizer steps of {args.micro_batches} x {args.micro_batch} x {args.seq_length} = "
+             f"{tokens} tokens, fp32 on CPU ({torch.get_num_threads()} threads), {args.runs} alternating runs per "
+             f"side; tokens/s from "
              f"the median over runs of each run's median step after the first; nemo-optim / plain per run pair: "
              f"{', '.join(f'{r:.2f}' for r in pair_ratios)}. "
              f"Goal: nemo-optim >= 0.9x the plain loop's tokens/s, the same loss curve within noise. Step 1's loss "
-             f"is computed before any update on the same batch, so both sides must agree there. " + __doc__.split("\n\n")[1]
-             .replace("\n", " ") + " " + args.note).strip()
+             f"is computed before any update on the same batch, so both sides must agree there. "
+             + __doc__.split("\n\n")[1].replace("\n", " ") + " " + args.note).strip()
     write_results("kd_vs_plain_loop", rows, [
         ("row", "implementation"), ("seconds_per_step", "s/step"), ("tokens_per_second", "tokens/s"),
         ("speed_vs_plain", "vs plain"), ("peak_rss_gib", "peak RSS (GiB)"), ("first_loss", "loss step 1"),

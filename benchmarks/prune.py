@@ -72,7 +72,8 @@ def main() -> None:
                          "perplexity": result.perplexity, "loss": result.loss, "kl": result.kl_to_reference,
                          "top1_agreement": result.top1_agreement, "prune_seconds": seconds})
             print(rows[-1], flush=True)
-    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU, no retraining. Importance on {args.calib_sequences} x "
+    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit "
+             f"rounding) on CPU, no retraining. Importance on {args.calib_sequences} x "
              f"{args.seq_length} calibration tokens of the embedded corpus; evaluated on {args.eval_sequences} x "
              f"{args.seq_length} validation tokens. Width importance is estimated by the 78% row and cached; "
              f"the 62% row reuses the cache (its seconds are the re-prune time).")

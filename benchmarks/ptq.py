@@ -113,8 +113,8 @@ def main() -> None:
             for batch in batches:
                 forward_logits(model, batch)
 
-        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0,
-                     "effective_bits": 32.0, "quantized_share": 0.0})
+        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity,
+                     "ppl_change_percent": 0.0, "effective_bits": 32.0, "quantized_share": 0.0})
         for name in args.rows:
             kind, spec = ROWS[name]
             model = load_model(MODEL).model
@@ -126,7 +126,8 @@ def main() -> None:
                 config = QuantizationConfig(calibration_dataset_size=args.calib_sequences,
                                             calibration_seq_len=args.seq_length, **spec)
                 if config.auto_quantize_bits is not None:  # calibrates on the same rows as forward_loop
-                    model, summary = auto_quantize(model, config, tokenizer, fresh_model=lambda: load_model(MODEL).model)
+                    model, summary = auto_quantize(model, config, tokenizer,
+                                                   fresh_model=lambda: load_model(MODEL).model)
                 else:
                     model, summary = quantize(model, config, forward_loop)
             seconds = time.perf_counter() - began
@@ -154,7 +155,8 @@ def main() -> None:
 def write_ptq_results(args, rows: list[dict], previous: dict, wall_time: dict | None) -> None:
     """ptq.json / ptq.md: `rows` measured now, the other rows kept from `previous`."""
     rows, reused = merge_previous_rows(rows, previous, ["Q4_1 GGUF as fp32 (reference)", *ROWS])
-    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
+    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit "
+             f"rounding) on CPU. Calibration: {args.calib_sequences} x {args.seq_length} tokens of "
              f"pydoc text (calibration split). Held out: {args.eval_sequences} x {args.seq_length} tokens of stdlib "
              f"docstrings (another domain). Estimated size: decoder linears at effective bits, the rest at 16 bits. "
              f"Rows without a suffix use nemo-optim's default calibration (TUNED_CALIBRATION: the preset's method, "
@@ -162,7 +164,8 @@ def write_ptq_results(args, rows: list[dict], previous: dict, wall_time: dict | 
              f"every activation quantizer and 'activations only' every weight quantizer (ablations: what the "
              f"weights or the activations alone cost; with activations only the weights stay fp32, so the quantized "
              f"share is 0); 'auto_quantize B bits' is ModelOpt's auto_quantize choosing per layer between the format "
-             f"and 16 bits by gradient sensitivity on the calibration rows, under B bits as ModelOpt counts them (format bits without scales, unquantized 16), "
+             f"and 16 bits by gradient sensitivity on the calibration rows, under B bits as ModelOpt counts them "
+             f"(format bits without scales, unquantized 16), "
              f"which keeps >= 95% of the decoder's linear weights quantized (see 'quantized share'); when every "
              f"candidate format's default is GPTQ-lite, the chosen formats are then re-calibrated with max + GPTQ-lite "
              f"on a fresh copy of the model. "

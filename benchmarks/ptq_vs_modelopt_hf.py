@@ -8,16 +8,18 @@ calibration (max / SmoothQuant / AWQ-lite: what hf_ptq.py runs; nemo-optim's tun
 is off here), INT4-AWQ at block 64 on both (SmolLM2's 576-wide layers do not take ModelOpt's 128).
 Time: "load->export" from loading the tokenizer and the model to the end of the export (tokenizing the
 calibration rows and writing the tokenizer into the export included on both sides, as hf_ptq.py does),
-libraries imported before the clock starts on both sides; "command" the whole process (interpreter start, imports, tokenizing
-the calibration rows, load, calibrate, export, exit), what a user waits for. Each side runs in its own
-process (nemo-optim's started as its executors start CPU jobs, with glibc's tcache off; ModelOpt's in the
-plain environment); the two sides alternate, 3 runs each, medians reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
+libraries imported before the clock starts on both sides; "command" the whole process (interpreter
+start, imports, tokenizing the calibration rows, load, calibrate, export, exit), what a user waits for.
+Each side runs in its own process (nemo-optim's started as its executors start CPU jobs, with glibc's
+tcache off; ModelOpt's in the plain environment); the two sides alternate, 3 runs each, medians
+reported; peak RSS is that process's. Quality is measured in other processes (ModelOpt's HF exporter
 compresses weights in place, so that side quantizes the same way again). nemo-optim also saves its
-native checkpoint (the exports are made from it if an export fails). FP8 is measured again with
-128 calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of
-another domain (16 x 256 tokens of standard-library docstrings), against each side's own fp32 model (megatron's and transformers' fp32 logits agree
-to ~1e-5): perplexity, KL, top-1 agreement; nemo-optim's minus the HF path's with a 95% interval (paired bootstrap over
-the 16 sequences: an interval that holds 0 is a difference within the noise of this held-out set).
+native checkpoint (the exports are made from it if an export fails). FP8 is measured again with 128
+calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of another
+domain (16 x 256 tokens of standard-library docstrings), against each side's own fp32 model (megatron's
+and transformers' fp32 logits agree to ~1e-5): perplexity, KL, top-1 agreement; nemo-optim's minus the
+HF path's with a 95% interval (paired bootstrap over the 16 sequences: an interval that holds 0 is a
+difference within the noise of this held-out set).
 
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf                  # ~35 min on 2 cores
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf --formats fp8    # one format
@@ -41,7 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import merge_previous_rows, nemo_optim_process_env, previous_results, results_arguments, write_results
+from benchmarks.common import (
+    merge_previous_rows,
+    nemo_optim_process_env,
+    previous_results,
+    results_arguments,
+    write_results,
+)
 from nemo_optim.models.hf import SMOLLM2
 
 FORMATS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG"}
@@ -94,7 +102,8 @@ def _totals(per_sequence: dict, rows: list[int] | None = None) -> dict:
     def total(key):
         return sum(per_sequence[key][i] for i in rows)
 
-    return {"perplexity": math.exp(total("nll") / count), "kl": total("kl") / count, "top1_agreement": total("agree") / count}
+    return {"perplexity": math.exp(total("nll") / count), "kl": total("kl") / count,
+            "top1_agreement": total("agree") / count}
 
 
 def paired_interval(ours: dict, theirs: dict, metric: str, resamples: int = 2000) -> tuple[float, float]:
@@ -121,7 +130,8 @@ def run_nemo_optim(point: str, work: Path) -> dict:
     export_format = "hf" if fmt == "fp8" else "trtllm"  # the megatron HF exporter has no INT8 / INT4-AWQ
     began = time.perf_counter()
     ptq(model_path=SMOLLM2, quantization_config=_quantization_config(fmt, sequences), overwrite=True,
-        model_dtype="float32", export_config=ExportConfig(path=str(work / f"nemo_{point}"), export_format=export_format, dtype="fp16"))
+        model_dtype="float32",
+        export_config=ExportConfig(path=str(work / f"nemo_{point}"), export_format=export_format, dtype="fp16"))
     return {"wall_seconds": time.perf_counter() - began, "peak_rss_gib": _peak_rss_gib(), "export": export_format}
 
 
@@ -192,7 +202,8 @@ def run_modelopt_hf(point: str, work: Path, evaluate: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS),
-                        help="formats to measure (default: all); the other rows are kept from the previous results file")
+                        help="formats to measure (default: all); the other rows are kept from the previous results "
+                             "file")
     parser.add_argument("--long-calibration", default=LONG_CALIBRATION,
                         help="FORMAT@ROWS measured again with more calibration rows ('' for none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (the median is reported)")
@@ -223,7 +234,8 @@ def main() -> None:
                             "--work-dir", str(work), "--result", str(result_file)], check=True,
                            env=nemo_optim_process_env() if side.startswith("nemo_optim") else None)
             process_seconds = time.perf_counter() - began  # interpreter start, imports, work, exit
-            result_file.write_text(json.dumps(json.loads(result_file.read_text()) | {"process_seconds": process_seconds}))
+            result_file.write_text(json.dumps(json.loads(result_file.read_text())
+                                              | {"process_seconds": process_seconds}))
         return json.loads(result_file.read_text())
 
     rows = []
@@ -259,13 +271,15 @@ def main() -> None:
     previous = previous_results("ptq_vs_modelopt_hf", args.out)
     for row in previous.get("rows", []):  # rows of files written before rows had a point
         row.setdefault("point", f"{row['format']}@{row['calibration_sequences']} {row['row']}")
-    order = [f"{fmt}@{CALIBRATION_SEQUENCES} {label}" for fmt in FORMATS for label in ("nemo-optim ptq", "ModelOpt HF path")]
+    order = [f"{fmt}@{CALIBRATION_SEQUENCES} {label}"
+             for fmt in FORMATS for label in ("nemo-optim ptq", "ModelOpt HF path")]
     order += [f"{LONG_CALIBRATION} {label}" for label in ("nemo-optim ptq", "ModelOpt HF path")]
     rows, reused = merge_previous_rows(rows, previous, order, key="point")
     notes = (f"{torch.get_num_threads()} threads. " + " ".join(__doc__.split("\n\n")[1].split())
              + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "") + " " + args.note).strip()
     write_results("ptq_vs_modelopt_hf", rows, [
-        ("format", "format"), ("calibration_sequences", "calib. rows"), ("row", "path"), ("perplexity", "ppl"), ("kl", "KL"), ("top1_agreement", "top-1"),
+        ("format", "format"), ("calibration_sequences", "calib. rows"), ("row", "path"), ("perplexity", "ppl"),
+        ("kl", "KL"), ("top1_agreement", "top-1"),
         ("ppl_vs_hf", "ppl - HF's [95%]"), ("kl_vs_hf", "KL - HF's [95%]"), ("top1_vs_hf", "top-1 - HF's [95%]"),
         ("wall_seconds", "load->export s"), ("wall_vs_hf", "vs HF path"), ("process_seconds", "command s"),
         ("process_vs_hf", "command vs HF path"), ("peak_rss_gib", "peak RSS (GiB)"),

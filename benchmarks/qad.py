@@ -99,7 +99,8 @@ def main() -> None:
                                   warmup_steps=max(steps // 10, 1), val_check_interval=0, checkpoint_interval=0,
                                   num_val_sequences=8, log_interval=10)
         began = time.perf_counter()
-        result = distill(student_model_path=str(natives[fmt]), teacher_model_path=MODEL, output_path=str(work / _slug(row)),
+        result = distill(student_model_path=str(natives[fmt]), teacher_model_path=MODEL,
+                         output_path=str(work / _slug(row)),
                          distillation_config=load_distillation_config({}), data=data, training=training,
                          resume=False, overwrite=True)
         qad[row] = {"seconds_per_step": result.seconds_per_step, "qad_seconds": time.perf_counter() - began,
@@ -108,11 +109,13 @@ def main() -> None:
     rows = []
     with runtime.parallel_runtime():
         base, tokenizer, held_out, reference = reference_on_held_out(MODEL, args.seq_length, args.eval_sequences)
-        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity, "ppl_change_percent": 0.0})
+        rows.append({"row": "Q4_1 GGUF as fp32 (reference)", "perplexity": reference.perplexity,
+                     "ppl_change_percent": 0.0})
         for fmt in FORMATS:
             native = natives.get(fmt)  # None: no row of this format ran now
             candidates = [(f"{fmt} (PTQ)", native, native is not None)]
-            candidates += [(r, work / _slug(r), r in args.rows) for r, (row_fmt, _, _) in ROWS.items() if row_fmt == fmt]
+            candidates += [(r, work / _slug(r), r in args.rows)
+                           for r, (row_fmt, _, _) in ROWS.items() if row_fmt == fmt]
             for name, path, ran_now in candidates:
                 if not ran_now:
                     if name in previous_rows:
@@ -130,7 +133,8 @@ def main() -> None:
                     "measured": datetime.date.today().isoformat(),
                 })
                 print(rows[-1], flush=True)
-    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit rounding) on CPU ({torch.get_num_threads()} threads). PTQ: nemo-optim's recipe for the "
+    notes = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32: its decoder weights already carry 4-bit "
+             f"rounding) on CPU ({torch.get_num_threads()} threads). PTQ: nemo-optim's recipe for the "
              f"format (max + GPTQ-lite), {args.calib_sequences} x {args.seq_length} calibration tokens of pydoc text, "
              f"as in ptq.md. QAD: the `distill` stage with the PTQ checkpoint as student (fake quantizers and "
              f"calibrated scales kept, weights trained through them) and the unquantized model as teacher, logit KL "
@@ -140,7 +144,8 @@ def main() -> None:
              f"lr/10. Held out: {args.eval_sequences} x {args.seq_length} tokens of standard-library docstrings "
              f"(ptq.md's). PTQ seconds "
              f"include the export; '-' where the PTQ checkpoint was reused from the work dir. "
-             + (f"Rows kept from an earlier run of this script: {', '.join(r['row'] for r in rows if r.get('reused'))}. "
+             + (f"Rows kept from an earlier run of this script: "
+                f"{', '.join(r['row'] for r in rows if r.get('reused'))}. "
                 if any(r.get("reused") for r in rows) else "") + args.note).strip()
     write_results("qad", rows, [
         ("row", "config"), ("perplexity", "ppl"), ("ppl_change_percent", "ppl change %"), ("kl", "KL"),

@@ -68,7 +68,8 @@ def _build(row: str, work: Path, distill_steps: int) -> tuple[Path, str, str]:
         if row.startswith("pruned"):
             return work / "pruned_hf", "float32", str(work / "pruned")
         if not (work / "distilled").exists():
-            distill(student_model_path=str(work / "pruned"), teacher_model_path=SMOLLM2, output_path=str(work / "distilled"),
+            distill(student_model_path=str(work / "pruned"), teacher_model_path=SMOLLM2,
+                    output_path=str(work / "distilled"),
                     hf_export_path=str(work / "distilled_hf"), data=DataConfig(seq_length=256), resume=False,
                     training=TrainingConfig(max_steps=distill_steps, global_batch_size=4, micro_batch_size=4, lr=1e-3,
                                             min_lr=1e-4, warmup_steps=max(distill_steps // 10, 1), val_check_interval=0,
@@ -123,8 +124,8 @@ def main() -> None:
         job = engine_job(row, path, prompts, dtype=dtype, prompt_logprobs=20, max_model_len=1024, profile_linears=True,
                          timing={"decode_tokens": args.decode_tokens, "decode_prompts": 1, "repeats": 3})
         # one engine process per model, alone; its one worker may use both cores
-        result = run_engine([job], log_path=args.work_dir / f"engine_{row.replace(' ', '_')}.log",
-                            env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"})[0]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+        result = run_engine([job], log_path=args.work_dir / f"engine_{row.replace(' ', '_')}.log", env=env)[0]
         if "error" in result:
             raise SystemExit(f"{row}: the engine failed: {result['error']}")
         agreement = compare_with_engine(*references[row][:1], result, references[row][1])
@@ -159,7 +160,8 @@ def main() -> None:
              f"(the fake-quantized one for quantized rows). ppl / KL to orig / task acc: the evaluate stage "
              f"(16 x 256 held-out tokens; stdlib-cloze, {args.accuracy_items} items, normalized accuracy). "
              f"The fp32 original is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to fp32."
-             + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "") + (f" {args.note}" if args.note else ""))
+             + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "")
+             + (f" {args.note}" if args.note else ""))
     write_results("served", rows, columns, notes, args.out)
 
 

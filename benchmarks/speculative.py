@@ -83,7 +83,8 @@ def main() -> None:
                 "config": dataclasses.asdict(config), "measured": datetime.date.today().isoformat(),
             })
     # one line per draft length: a row kept from the last run keeps all of its lines
-    rows = [row for row in previous_results("speculative", args.out).get("rows", []) if row["row"] not in args.rows] + rows
+    rows = [row for row in previous_results("speculative", args.out).get("rows", [])
+            if row["row"] not in args.rows] + rows
     notes = (
         f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to fp32) on CPU, {torch.get_num_threads()} threads, "
         f"batch 1. Drafts trained by the `speculative` stage with the base model frozen: {args.prompts} prompts of "
@@ -93,13 +94,15 @@ def main() -> None:
         f"targets are still the base model's distributions; the row's steps x 8 rows, AdamW at lr "
         f"{args.lr} (warmup, cosine to lr/10). 'training minutes' is the optimizer steps' time; 'stage minutes' "
         f"adds loading, data generation (cached between rows), validation and the measurement. Measured on "
-        f"{args.eval_prompts} held-out prompts (64 tokens from the validation split's documents), {args.max_new_tokens} "
-        f"new tokens each; chain drafts; acceptance length = tokens emitted per verifying base forward "
+        f"{args.eval_prompts} held-out prompts (64 tokens from the validation split's documents), "
+        f"{args.max_new_tokens} new tokens each; chain drafts; acceptance length = tokens emitted per verifying "
+        f"base forward "
         f"(accepted drafts + 1); speed-up = plain greedy decoding with a KV cache (transformers, same model, "
         f"same prompts) / speculative decoding, wall time including prefill. 'identical' counts prompts whose "
         f"output equals plain greedy decoding token for token. {args.note}").strip()
     write_results("speculative", rows, [
-        ("row", "draft"), ("data", "training text"), ("draft_length", "draft tokens"), ("acceptance_length", "acceptance length"),
+        ("row", "draft"), ("data", "training text"), ("draft_length", "draft tokens"),
+        ("acceptance_length", "acceptance length"),
         ("tokens_per_second", "tokens/s"), ("baseline_tokens_per_second", "greedy tokens/s"),
         ("speedup", "speed-up"), ("identical_prompts", "identical"), ("training_tokens", "training tokens"),
         ("training_minutes", "training minutes"), ("stage_minutes", "stage minutes"), ("measured", "measured"),

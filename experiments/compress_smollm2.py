@@ -7,7 +7,8 @@
 
     .venv/bin/python -m experiments.compress_smollm2 --yes          # ~30 min on 2 CPU cores
     .venv/bin/python -m experiments.compress_smollm2 --dryrun --yes    # prints the tasks (NeMo-Run asks first)
-    .venv/bin/python -m experiments.compress_smollm2 run.executor=slurm run.executor.partition=batch distill_steps=60 --yes
+    .venv/bin/python -m experiments.compress_smollm2 run.executor=slurm run.executor.partition=batch \
+distill_steps=60 --yes
 
 Every task is a recipe with small edits, wrapped in `run_stage`: a stage whose output is
 complete and was made from the same inputs and settings is skipped, so re-running after a crash
@@ -38,7 +39,8 @@ def stage_task(recipe: run.Partial, name: str, output: str, work_dir: str, input
 
 
 def evaluation_tasks(models: dict[str, str], reference_model: str, work_dir: str, num_sequences: int, seq_length: int,
-                     source: str | None = None, split: str | None = None) -> tuple[dict[str, str], dict[str, run.Partial]]:
+                     source: str | None = None,
+                     split: str | None = None) -> tuple[dict[str, str], dict[str, run.Partial]]:
     """An `evaluate` task per model against `reference_model`: (label -> its JSON, task name -> task).
     `source` / `split`: other evaluation text than the recipe's (the embedded corpus's validation split)."""
     evaluations, tasks = {}, {}
@@ -77,12 +79,14 @@ def pipeline_tasks(
 
     prune = prune_recipe(nemo_checkpoint=model, save_path=pruned, target_num_layers=target_num_layers,
                          num_train_samples=importance_samples, seq_length=seq_length)
-    correct_teacher = finetune_recipe(model_path=model, dir=work_dir, name="teacher_corrected", max_steps=teacher_correction_steps,
-                                      seq_length=seq_length, lr=teacher_correction_lr, min_lr=teacher_correction_lr / 10,
+    correct_teacher = finetune_recipe(model_path=model, dir=work_dir, name="teacher_corrected",
+                                      max_steps=teacher_correction_steps, seq_length=seq_length,
+                                      lr=teacher_correction_lr, min_lr=teacher_correction_lr / 10,
                                       warmup_steps=max(teacher_correction_steps // 10, 1))
     distill = distillation_recipe(student_model_path=pruned, teacher_model_path=teacher, dir=work_dir, name="distilled",
-                                  max_steps=distill_steps, global_batch_size=4, micro_batch_size=2, seq_length=seq_length,
-                                  lr=lr, min_lr=lr / 10, warmup_steps=max(distill_steps // 10, 1))
+                                  max_steps=distill_steps, global_batch_size=4, micro_batch_size=2,
+                                  seq_length=seq_length, lr=lr, min_lr=lr / 10,
+                                  warmup_steps=max(distill_steps // 10, 1))
     # the LM loss beside the logit KL (ModelOpt's balancer), KL at temperature 2:
     # benchmarks/results/distill.md (10.4% below CE's perplexity, mean of 4 seeds)
     distill.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False, logit_kl_temperature=2.0)

@@ -246,7 +246,8 @@ def auto_quantize_output_errors_attribute() -> str:
 
 
 @_entry("nvidia-modelopt", "AutoQuantizeGradientSearcher._custom_support: (checker, context, grad filter) entries, the "
-        "first matching one used; ModelOpt >= 0.44 registers a megatron entry that recomputes nothing", "0.43.0", "0.47.0")
+        "first matching one used; ModelOpt >= 0.44 registers a megatron entry that recomputes nothing",
+        "0.43.0", "0.47.0")
 def auto_quantize_support_list() -> list:
     from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher
 

@@ -99,7 +99,8 @@ class TrainingConfig:
         return self.precision == "bf16" or (self.precision == "auto" and runtime.use_cuda())
 
 
-def learning_rate_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def learning_rate_scheduler(optimizer: torch.optim.Optimizer,
+                            config: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """torch's schedulers for linear warmup to `lr` (step k of W trains at lr * (k+1)/W, never
     at 0), then cosine decay to `min_lr` at `max_steps`; stepped once per optimizer step."""
     from torch.optim import lr_scheduler
@@ -444,7 +445,8 @@ def _validation_metrics(model: torch.nn.Module, val_tokens: torch.Tensor, loss_f
     with torch.no_grad(), _autocast(config):
         for start in range(0, len(val_tokens), config.micro_batch_size):
             batch = make_batch(val_tokens[start : start + config.micro_batch_size])
-            outputs += forward_backward(model, [batch], loss_fn, num_micro_batches=1, seq_length=val_tokens.shape[1] - 1,
+            outputs += forward_backward(model, [batch], loss_fn, num_micro_batches=1,
+                                        seq_length=val_tokens.shape[1] - 1,
                                         micro_batch_size=config.micro_batch_size, forward_only=True, with_labels=True,
                                         adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
     model.train()

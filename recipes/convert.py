@@ -14,7 +14,8 @@ EMBEDDED_TASK = "embedded:stdlib-cloze"
 
 
 def evaluation_config(num_sequences: int = 16, seq_length: int = 256, source: str = "embedded",
-                      accuracy_task: str | None = None, accuracy_items: int | None = None) -> run.Config[EvaluationConfig]:
+                      accuracy_task: str | None = None,
+                      accuracy_items: int | None = None) -> run.Config[EvaluationConfig]:
     accuracy = run.Config(AccuracyConfig, task=accuracy_task, num_items=accuracy_items) if accuracy_task else None
     return run.Config(EvaluationConfig, data=run.Config(DataConfig, source=source, seq_length=seq_length),
                       num_sequences=num_sequences, accuracy=accuracy)

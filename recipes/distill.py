@@ -82,7 +82,8 @@ def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
 def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
     """Minitron Llama-3.1-8B -> 4B (width-pruned) distillation at TP=8, bf16 autocast,
     seq 4096. Launch with 8 GPUs; point `data.source` at your corpus."""
-    recipe = distillation_recipe(student_model_path="/results/llama31_4b_width", teacher_model_path="/models/Llama-3.1-8B-Instruct",
+    recipe = distillation_recipe(student_model_path="/results/llama31_4b_width",
+                                 teacher_model_path="/models/Llama-3.1-8B-Instruct",
                                  dir="/results", name="llama31_4b_distilled", num_gpus_per_node=8, tp_size=8,
                                  max_steps=30000, global_batch_size=768, micro_batch_size=4, seq_length=4096,
                                  lr=1e-4, min_lr=1e-5, warmup_steps=100)

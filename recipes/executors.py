@@ -73,13 +73,15 @@ def slurm(
     set (a login node, or the one-node test cluster). More than one task per node runs torchrun."""
     host = host or _env("NEMO_OPTIM_SLURM_HOST")
     if host:
-        tunnel = run.Config(run.SSHTunnel, host=host, user=user or _env("NEMO_OPTIM_SLURM_USER", os.environ.get("USER", "")),
-                               job_dir=job_dir or _env("NEMO_OPTIM_SLURM_JOB_DIR", "nemo_optim_jobs"))
+        tunnel = run.Config(run.SSHTunnel, host=host,
+                            user=user or _env("NEMO_OPTIM_SLURM_USER", os.environ.get("USER", "")),
+                            job_dir=job_dir or _env("NEMO_OPTIM_SLURM_JOB_DIR", "nemo_optim_jobs"))
     else:
         tunnel = run.Config(run.LocalTunnel, job_dir=job_dir or _env("NEMO_OPTIM_SLURM_JOB_DIR", ""))
     packager_name = packager or _env("NEMO_OPTIM_SLURM_PACKAGER", "git" if host else "none")
     if packager_name not in ("git", "none"):
-        raise ValueError(f"slurm packager={packager_name!r}: use git (ships the committed code) or none (shared filesystem).")
+        raise ValueError(f"slurm packager={packager_name!r}: use git (ships the committed code) or none "
+                         f"(shared filesystem).")
     mounts = container_mounts if container_mounts is not None else _env("NEMO_OPTIM_SLURM_CONTAINER_MOUNTS", "")
     tasks = ntasks_per_node or _env_int("NEMO_OPTIM_SLURM_NTASKS_PER_NODE", 1)
     return run.Config(
@@ -160,8 +162,9 @@ def dgxcloud(base_url: Optional[str] = None, kube_apiserver_url: Optional[str] =
 
 
 @run.cli.factory
-def lepton(resource_shape: Optional[str] = None, node_group: Optional[str] = None, container_image: Optional[str] = None,
-           nemo_run_dir: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8) -> run.Config[run.Executor]:
+def lepton(resource_shape: Optional[str] = None, node_group: Optional[str] = None,
+           container_image: Optional[str] = None, nemo_run_dir: Optional[str] = None, nodes: int = 1,
+           gpus_per_node: int = 8) -> run.Config[run.Executor]:
     """Pass-through to NeMo-Run's LeptonExecutor (workspace from NEMO_OPTIM_LEPTON_*)."""
     return run.Config(
         run.LeptonExecutor,

@@ -236,7 +236,8 @@ def state_name(state) -> str:
     return getattr(state, "name", str(state))
 
 
-def wait_for_terminal_states(exp: run.Experiment, poll_seconds: float = 5.0, timeout: float | None = None) -> dict[str, str]:
+def wait_for_terminal_states(exp: run.Experiment, poll_seconds: float = 5.0,
+                             timeout: float | None = None) -> dict[str, str]:
     """Job id -> final state. `exp.run(detach=False)` may return while a Slurm job is still
     SUBMITTED or RUNNING, so the state is polled from the scheduler until it is terminal."""
     began = time.monotonic()

@@ -71,7 +71,7 @@ def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
     """Minitron Llama-3.1-8B -> 4B width pruning (hidden 4096 -> 3072, ffn 14336 -> 9216),
     importance at TP=8 on 1024 sequences. Launch with 8 GPUs."""
     recipe = prune_recipe(nemo_checkpoint="/models/Llama-3.1-8B-Instruct", save_path="/results/llama31_4b_width",
-                          target_num_layers=None, target_hidden_size=3072, target_ffn_hidden_size=9216, num_train_samples=1024,
-                          seq_length=4096, devices=8, tp_size=8)
+                          target_num_layers=None, target_hidden_size=3072, target_ffn_hidden_size=9216,
+                          num_train_samples=1024, seq_length=4096, devices=8, tp_size=8)
     return recipe
 

@@ -77,7 +77,8 @@ def _wait_for(check, what: str, cluster: Cluster, timeout: float = 60.0) -> None
         for name, process in cluster.processes.items():
             if process.poll() is not None:
                 cluster.stop()
-                raise SlurmUnavailable(f"{name} exited with {process.returncode} while waiting for {what}: {cluster.log(name)}")
+                raise SlurmUnavailable(f"{name} exited with {process.returncode} while waiting for {what}: "
+                                       f"{cluster.log(name)}")
         time.sleep(0.5)
     cluster.stop()
     raise SlurmUnavailable(f"timed out waiting for {what}")
@@ -113,12 +114,13 @@ def start(root: Path, cpus: int | None = None) -> Cluster:
         _wait_for(lambda: _ok("bash", "-c", "munge -n | unmunge"), "munged", cluster)
 
     # MariaDB for slurmdbd, on a loopback port, data in root/mysql
-    subprocess.run(["mariadb-install-db", "--user=root", f"--datadir={root / 'mysql'}", "--auth-root-authentication-method=socket"],
+    subprocess.run(["mariadb-install-db", "--user=root", f"--datadir={root / 'mysql'}",
+                    "--auth-root-authentication-method=socket"],
                    check=True, capture_output=True)
     mysql_socket = root / "mysql.sock"
     _start(cluster, "mariadbd", ["mariadbd", "--user=root", f"--datadir={root / 'mysql'}", f"--socket={mysql_socket}",
-                                 f"--port={ports['mysql']}", "--bind-address=127.0.0.1", f"--pid-file={root / 'mysql.pid'}",
-                                 "--skip-log-bin", "--innodb-buffer-pool-size=64M"])
+                                 f"--port={ports['mysql']}", "--bind-address=127.0.0.1",
+                                 f"--pid-file={root / 'mysql.pid'}", "--skip-log-bin", "--innodb-buffer-pool-size=64M"])
     _wait_for(lambda: _ok("mariadb", f"--socket={mysql_socket}", "-e", "select 1"), "mariadbd", cluster)
     subprocess.run(["mariadb", f"--socket={mysql_socket}", "-e",
                     "create user if not exists 'slurm'@'127.0.0.1' identified by 'slurm';"
@@ -172,7 +174,8 @@ def wait_for_job(job_id: str, timeout: float = 600.0) -> str:
     began = time.monotonic()
     terminal = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
     while time.monotonic() - began < timeout:
-        result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True)
+        result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"],
+                                capture_output=True, text=True)
         state = result.stdout.strip().split(" ")[0] if result.returncode == 0 else ""
         if state.startswith(terminal):
             return state

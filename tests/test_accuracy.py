@@ -90,7 +90,8 @@ def test_items_files_in_mmlu_and_lm_eval_shapes(tmp_path):
     mmlu = tmp_path / "abstract_algebra_test.csv"  # MMLU's own header-less layout
     mmlu.write_text('"Find the order of the group Z_4.",2,4,8,16,B\nIs 7 prime?,yes,no,maybe,never,A\n')
     items = read_items(mmlu)
-    assert [(i.answer, i.subject, i.style) for i in items] == [(1, "abstract algebra", "letters"), (0, "abstract algebra", "letters")]
+    assert [(i.answer, i.subject, i.style) for i in items] == [(1, "abstract algebra", "letters"),
+                                                               (0, "abstract algebra", "letters")]
     # lm-eval's MMLU prompt, one shot
     assert build_prompt(items[1], [items[0]]) == (
         "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
@@ -109,8 +110,10 @@ def test_items_files_in_mmlu_and_lm_eval_shapes(tmp_path):
 BAD_ITEMS = {
     "missing": (None, "file not found"),
     "no_answer": ({"question": "q?", "choices": ["a", "b"]}, "row 1: field 'answer' is missing"),
-    "out_of_range": ({"question": "q?", "choices": ["a", "b"], "answer": 5}, "row 1: field 'answer'=5 is out of range for 2 choices"),
-    "empty_choices": ({"question": "q?", "choices": [], "answer": 0}, "row 1: field 'choices' must hold at least two non-empty strings"),
+    "out_of_range": ({"question": "q?", "choices": ["a", "b"], "answer": 5},
+                     "row 1: field 'answer'=5 is out of range for 2 choices"),
+    "empty_choices": ({"question": "q?", "choices": [], "answer": 0},
+                      "row 1: field 'choices' must hold at least two non-empty strings"),
 }
 
 
@@ -165,7 +168,8 @@ def test_lm_eval_adapter_equals_lm_eval_hf_backend_and_our_multiple_choice(tiny_
     data = _write_lm_eval_task(tmp_path / "tasks", items)
     manager = TaskManager(include_path=str(tmp_path / "tasks"))
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_hf_models['llama']},dtype=float32",
-                                 tasks=["tiny_cloze"], task_manager=manager, device="cpu", batch_size=4, log_samples=True)
+                                 tasks=["tiny_cloze"], task_manager=manager, device="cpu", batch_size=4,
+                                 log_samples=True)
     loaded = load_model(tiny_hf_models["llama"])
     tokenizer = load_tokenizer(loaded.hf_dir)
     ours = lm_eval.simple_evaluate(model=NemoOptimLM(loaded.model, tokenizer), tasks=["tiny_cloze"],
@@ -254,7 +258,8 @@ def test_scores_and_generation_at_tp_and_pp_equal_one_process(tp, pp, tiny_hf_mo
         loaded = load_model(tiny_hf_models["llama"])
         tokenizer = load_tokenizer(loaded.hf_dir)
         items, examples = task_items(AccuracyConfig(task=str(items_file), num_fewshot=1))
-        expected, _ = choice_log_likelihoods(loaded.model, tokenizer, items, examples, max_length=256, micro_batch_size=3)
+        expected, _ = choice_log_likelihoods(loaded.model, tokenizer, items, examples, max_length=256,
+                                             micro_batch_size=3)
         prompts = [tokenizer.encode(item.question) for item in items[:3]]
         generated = greedy_generate(loaded.model, prompts, max_new_tokens=6, max_length=256, eos_id=None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",

@@ -66,7 +66,8 @@ def test_save_hands_the_writer_no_views_and_no_copies(tiny_hf_models, runtime_si
     model = load_model(tiny_hf_models["llama"]).model
     without_the_handover = model.sharded_state_dict()
     apply_factories(without_the_handover)
-    assert views(without_the_handover) == ["decoder.layers.mlp.linear_fc1.weight"] * 4  # 2 halves x 2 layers (one stacked key)
+    # 2 halves x 2 layers (one stacked key)
+    assert views(without_the_handover) == ["decoder.layers.mlp.linear_fc1.weight"] * 4
     del without_the_handover
     before = {name: (parameter, parameter.detach().clone()) for name, parameter in model.named_parameters()}
     parameter_memory = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in model.parameters()]
@@ -149,4 +150,5 @@ def test_checkpoint_saved_at_tp1_loads_resharded(tp, pp, tiny_hf_models, tmp_pat
     with runtime.parallel_runtime():
         info = read_checkpoint_info(tmp_path / "resaved")
         assert info.manifest["saved_with"] == {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
-        torch.testing.assert_close(forward_logits(load_model(tmp_path / "resaved").model, tokens), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(forward_logits(load_model(tmp_path / "resaved").model, tokens), expected,
+                                   rtol=0, atol=1e-5)

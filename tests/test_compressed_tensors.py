@@ -88,8 +88,9 @@ def test_configs_without_an_equivalent_are_refused_before_calibrating(wide_llama
     with pytest.raises(QuantizationConfigError, match=r"algorithm='w4a8_awq' cannot be written with "
                                                       r"export_config.export_format='compressed_tensors': its weights"):
         _export(wide_llama, tmp_path, "w4a8_awq")
-    with pytest.raises(QuantizationConfigError, match=r"\(smoothquant\) with export_config.export_format='compressed_tensors'"
-                                                      r".*4 heads share 2 KV groups.*add '\*linear_proj\*'"):
+    with pytest.raises(QuantizationConfigError,
+                       match=r"\(smoothquant\) with export_config.export_format='compressed_tensors'"
+                             r".*4 heads share 2 KV groups.*add '\*linear_proj\*'"):
         _export(wide_llama, tmp_path, "int8_sq")
     with pytest.raises(QuantizationConfigError, match="enable_kv_cache=True"):
         _export(wide_llama, tmp_path, "fp8", enable_kv_cache=True)

@@ -32,7 +32,8 @@ def test_embedded_corpus_splits_are_disjoint_deterministic_and_cover_everything(
 
 def test_text_and_jsonl_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first document\nstill first\n\nsecond document\n")
-    assert load_documents(DataConfig(source=str(tmp_path / "a.txt"))) == ["first document\nstill first", "second document"]
+    assert load_documents(DataConfig(source=str(tmp_path / "a.txt"))) == ["first document\nstill first",
+                                                                          "second document"]
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x y"}) + "\n\n" + json.dumps({"body": "z"}) + "\n")
     assert load_documents(DataConfig(source=str(tmp_path / "b.jsonl"), text_field="body")) == ["x y", "z"]
     with pytest.raises(DataError, match="b.jsonl:1: no string field 'text'"):
@@ -94,7 +95,8 @@ def test_kl_and_agreement_against_a_reference(tiny_hf_models, tiny_tokenizer, ru
     hand_agree = (p_log.argmax(-1) == q_log.argmax(-1)).float().mean().item()
     assert result.kl_to_reference == pytest.approx(hand_kl, rel=1e-4)
     assert result.top1_agreement == pytest.approx(hand_agree)
-    assert result.reference_perplexity == pytest.approx(math.exp(F.nll_loss(p_log.flatten(0, 1), tokens[:, 1:].flatten()).item()), rel=1e-4)
+    assert result.reference_perplexity == pytest.approx(
+        math.exp(F.nll_loss(p_log.flatten(0, 1), tokens[:, 1:].flatten()).item()), rel=1e-4)
 
 
 def test_evaluate_stage_writes_json(tiny_hf_models, tmp_path):

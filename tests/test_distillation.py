@@ -130,7 +130,8 @@ def _run_worker(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
 
 
 def _history(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output.parent / f"{output.name}_run" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)
+            for line in (output.parent / f"{output.name}_run" / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in load_model(path).model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("kill", [["--kill-after-step", "3"], ["--kill-inside-save", "4"]], ids=["between-saves", "inside-save"])
+@pytest.mark.parametrize("kill", [["--kill-after-step", "3"], ["--kill-inside-save", "4"]],
+                         ids=["between-saves", "inside-save"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kill, pair, kd_yaml, tmp_path):
     teacher, student = pair["llama"]
     common = ("--student", str(student), "--teacher", str(teacher), "--config", str(kd_yaml), "--steps", "6")
@@ -229,7 +231,8 @@ def test_resume_with_other_settings_starts_over(pair, tmp_path, capsys):
     result = distill(training=_training(max_steps=2, checkpoint_interval=1, lr=1e-2), **kwargs)
     assert "settings changed (training); starting over" in capsys.readouterr().out
     assert result.resumed_from is None
-    assert json.loads((newest_checkpoint(tmp_path / "a_run") / "meta.json").read_text())["fingerprint"]["training"]["lr"] == 1e-2
+    assert (json.loads((newest_checkpoint(tmp_path / "a_run") / "meta.json").read_text())
+            ["fingerprint"]["training"]["lr"] == 1e-2)
 
 
 def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
@@ -237,7 +240,8 @@ def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
     from nemo_optim.stages.ptq import ptq
 
     teacher, student = pair["llama"]
-    ptq(model_path=str(student), export_config=ExportConfig(path=str(tmp_path / "fp8"), export_format="hf", dtype="float32"),
+    ptq(model_path=str(student),
+        export_config=ExportConfig(path=str(tmp_path / "fp8"), export_format="hf", dtype="float32"),
         quantization_config=QuantizationConfig(algorithm="fp8", calibration_dataset_size=4, calibration_seq_len=32))
     quantized = tmp_path / "fp8_native"
     distill(student_model_path=str(quantized), teacher_model_path=str(teacher), output_path=str(tmp_path / "qad"),
@@ -268,14 +272,19 @@ def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
 def test_bad_yaml_is_one_clear_error(source, message, tmp_path):
     path = tmp_path / "kd.yaml"
     path.write_text(source)
-    with pytest.raises(DistillationConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(DistillationConfigError,
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_distillation_config(path)
 
 
 @pytest.mark.parametrize("pairs,message", [
-    ([["decoder.final_layernorn", "decoder.final_layernorm"]], "student layer 'decoder.final_layernorn' is not a module of the student model; did you mean decoder.final_layernorm"),
-    ([["decoder.layers.7.mlp", "decoder.layers.1.mlp"]], "student layer 'decoder.layers.7.mlp': the student has 2 layers"),
-    ([["decoder.layers.1.mlp", "decoder.layers.1.mlpp"]], "teacher layer 'decoder.layers.1.mlpp' is not a module of the teacher model; did you mean decoder.layers.1.mlp"),
+    ([["decoder.final_layernorn", "decoder.final_layernorm"]],
+     "student layer 'decoder.final_layernorn' is not a module of the student model; "
+     "did you mean decoder.final_layernorm"),
+    ([["decoder.layers.7.mlp", "decoder.layers.1.mlp"]],
+     "student layer 'decoder.layers.7.mlp': the student has 2 layers"),
+    ([["decoder.layers.1.mlp", "decoder.layers.1.mlpp"]],
+     "teacher layer 'decoder.layers.1.mlpp' is not a module of the teacher model; did you mean decoder.layers.1.mlp"),
 ])
 def test_unknown_layer_names_are_reported_against_the_real_modules(pairs, message, pair, tmp_path):
     teacher, student = pair["llama"]
@@ -290,7 +299,8 @@ def test_teacher_with_another_tokenizer_is_refused(pair, tmp_path):
     teacher, student = pair["llama"]
     import transformers
 
-    other_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=_other_tokenizer(), eos_token="<|endoftext|>")
+    other_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=_other_tokenizer(),
+                                                           eos_token="<|endoftext|>")
     other = make_tiny_hf_model("llama", tmp_path / "other", other_tokenizer)
     with pytest.raises(DistillationConfigError, match="teacher and student tokenizers differ"):
         distill(student_model_path=str(student), teacher_model_path=str(other), output_path=str(tmp_path / "out"),
@@ -323,6 +333,7 @@ def test_cli_rejects_bad_yaml_in_one_line_before_launching(tmp_path, capsys):
     code = launch.main(["smollm2_135m_distill_depth20_cpu", f"distillation_config_path={bad}", "--dryrun"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "distillation_config=None to use the YAML" in err[0]
-    code = launch.main(["smollm2_135m_distill_depth20_cpu", f"distillation_config_path={bad}", "distillation_config=None", "--dryrun"])
+    code = launch.main(["smollm2_135m_distill_depth20_cpu", f"distillation_config_path={bad}",
+                        "distillation_config=None", "--dryrun"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "skip_lm_loss='maybe' must be true or false" in err[0]

@@ -50,7 +50,8 @@ def served(tmp_path_factory, tiny_tokenizer):
     """Writes every export, serves all of them in one engine process; name -> (result, reference
     logits, reference greedy tokens, unquantized logits)."""
     root = tmp_path_factory.mktemp("served")
-    sources = {arch: make_tiny_hf_model(arch, root / "src" / arch, tiny_tokenizer, hidden_size=128) for arch in ARCHITECTURES}
+    sources = {arch: make_tiny_hf_model(arch, root / "src" / arch, tiny_tokenizer, hidden_size=128)
+               for arch in ARCHITECTURES}
     prompts = document_prompts(DataConfig(), "validation", load_tokenizer(sources["llama"]), 3, 48)
     exports, oracles = {}, {}  # name -> (export dir, engine dtype); name -> (native model path, unquantized path)
     for arch, source in sources.items():
@@ -61,13 +62,15 @@ def served(tmp_path_factory, tiny_tokenizer):
           pruning_config=PruningConfig(drop_layers=[1]), hf_export_path=str(root / "pruned_hf"))
     distill(student_model_path=str(root / "pruned"), teacher_model_path=str(sources["llama"]),
             output_path=str(root / "distilled"), hf_export_path=str(root / "distilled_hf"),
-            data=DataConfig(seq_length=64), training=TrainingConfig(max_steps=3, global_batch_size=4, micro_batch_size=2,
-                                                                    lr=1e-3, warmup_steps=1, val_check_interval=0,
-                                                                    checkpoint_interval=0))
+            data=DataConfig(seq_length=64),
+            training=TrainingConfig(max_steps=3, global_batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1,
+                                    val_check_interval=0, checkpoint_interval=0))
     for name in ("pruned", "distilled"):
         exports[name], oracles[name] = (root / f"{name}_hf", "float32"), (str(root / name), str(root / name))
-    for name, (algorithm, excluded, dtype, engine_dtype) in {**QUANTIZED, "ct_fp8": ("fp8", [], "float32", "float32")}.items():
-        ptq(model_path=str(sources["llama"]), export_config=ExportConfig(path=str(root / name), export_format="compressed_tensors", dtype=dtype),
+    written = {**QUANTIZED, "ct_fp8": ("fp8", [], "float32", "float32")}
+    for name, (algorithm, excluded, dtype, engine_dtype) in written.items():
+        ptq(model_path=str(sources["llama"]),
+            export_config=ExportConfig(path=str(root / name), export_format="compressed_tensors", dtype=dtype),
             quantization_config=QuantizationConfig(algorithm=algorithm, exclude_modules=excluded, **CALIBRATION))
         exports[name], oracles[name] = (root / name, engine_dtype), (f"{root / name}_native", str(sources["llama"]))
     # (vLLM serves ModelOpt's own HF format in bf16/fp16 only)
@@ -75,7 +78,8 @@ def served(tmp_path_factory, tiny_tokenizer):
         quantization_config=QuantizationConfig(algorithm="fp8", **CALIBRATION))
     exports["hf_fp8"] = (root / "hf_fp8", "bfloat16")
     # a control that must fail the comparison: SmoothQuant's scales left out of the norms
-    exports["control_unfolded"], oracles["control_unfolded"] = (_unfolded_copy(root / "ct_int8_sq", sources["llama"], root), "float32"), oracles["ct_int8_sq"]
+    exports["control_unfolded"] = (_unfolded_copy(root / "ct_int8_sq", sources["llama"], root), "float32")
+    oracles["control_unfolded"] = oracles["ct_int8_sq"]
 
     references = {}
     with runtime.parallel_runtime(runtime.ParallelConfig()):
@@ -168,8 +172,34 @@ def test_report_serves_each_row_with_an_hf_export(tmp_path, tiny_tokenizer):
         export_config=ExportConfig(path=str(tmp_path / "export"), dtype="float32"), save_path=str(tmp_path / "native"))
     evaluate(model_path=str(source), output_path=str(tmp_path / "eval.json"),
              evaluation=EvaluationConfig(data=DataConfig(seq_length=32), num_sequences=2))
-    markdown = report(output_dir=str(tmp_path / "report"), models={"hf": str(source), "native": str(tmp_path / "native")},
-                      evaluations={"hf": str(tmp_path / "eval.json"), "native": str(tmp_path / "eval.json")}).read_text()
+    evaluation = str(tmp_path / "eval.json")
+    models = {"hf": str(source), "native": str(tmp_path / "native")}
+    markdown = report(output_dir=str(tmp_path / "report"), models=models,
+                      evaluations={"hf": evaluation, "native": evaluation}).read_text()
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
     assert rows[0]["served_tokens_per_second"] > 0 and "served_tokens_per_second" not in rows[1]
     assert "served tokens/s (vLLM)" in markdown and "native: a native checkpoint without an HF export" in markdown
+
+
+@pytest.mark.slow
+def test_smollm2_and_its_int8_export_serve_as_nemo_optim_computes_them(tmp_path):
+    """The real model (SmolLM2-135M's GGUF dequantized to fp32: tied embeddings, rope theta 1e5,
+    GQA 9/3) and its compressed-tensors INT8 export, against nemo-optim's own (fake-quant) model
+    on held-out text (KL over vLLM's top 20 plus the rest as one bucket)."""
+    from nemo_optim.models.hf import SMOLLM2, embedded_model_path, gguf_to_hf
+
+    source = gguf_to_hf(embedded_model_path(SMOLLM2))
+    export = tmp_path / "int8"
+    ptq(model_path=SMOLLM2, quantization_config=QuantizationConfig(algorithm="int8", calibration_dataset_size=16),
+        export_config=ExportConfig(path=str(export), export_format="compressed_tensors", dtype="float32"))
+    prompts = document_prompts(DataConfig(), "validation", load_tokenizer(source), 2, 64)
+    with runtime.parallel_runtime(runtime.ParallelConfig()):
+        original = reference_outputs(load_model(SMOLLM2).model, prompts, 16)
+        quantized = reference_outputs(load_model(f"{export}_native").model, prompts, 16)
+    results = run_engine([engine_job("original", source, prompts, prompt_logprobs=20),
+                          engine_job("int8", export, prompts, prompt_logprobs=20)], log_path=tmp_path / "engine.log")
+    for result, (logits, greedy) in zip(results, (original, quantized)):
+        agreement = compare_with_engine(logits, result, greedy)
+        print(result["name"], agreement)
+        assert agreement.top1_agreement >= 0.98 and agreement.mean_kl < 1e-3, (result["name"], agreement)
+    assert "W8A8Int8" in results[1]["linear_methods"]["qkv_proj"]

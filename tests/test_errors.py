@@ -36,9 +36,9 @@ DAMAGE = {
     "config_json": (2, "{model}/config.json: not valid JSON (Expecting property name enclosed in double quotes at "
                        "line 3 column 1); restore config.json from the model's source."),
     # the header is read where the weights are loaded: inside the task, so the task's line
-    "truncated_weights": (1, "{model}/model.safetensors: not a readable safetensors file (Error while deserializing "
-                             "header: incomplete metadata, file not fully covered); it is truncated or damaged, copy it "
-                             "again from the model's source."),
+    "truncated_weights": (1, "{model}/model.safetensors: not a readable safetensors file (Error while "
+                             "deserializing header: incomplete metadata, file not fully covered); it is truncated or "
+                             "damaged, copy it again from the model's source."),
     "no_tokenizer": (2, "{model}: no tokenizer files (none of tokenizer.json, tokenizer.model, vocab.json, "
                         "tokenizer_config.json); copy the model's tokenizer files into this directory."),
 }
@@ -86,7 +86,8 @@ def test_known_input_errors_become_one_line_only_inside_a_task(monkeypatch, caps
 
 def test_every_stage_refuses_an_existing_output_with_the_same_error(tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(OutputExistsError, match=r"^output_path='.*out' exists; pass overwrite=True or choose another path\.$"):
+    with pytest.raises(OutputExistsError,
+                       match=r"^output_path='.*out' exists; pass overwrite=True or choose another path\.$"):
         refuse_existing_outputs([("output_path", tmp_path / "out")], overwrite=False)
     refuse_existing_outputs([("output_path", tmp_path / "out")], overwrite=True)
     assert issubclass(OutputExistsError, FileExistsError) and issubclass(OutputExistsError, InputError)
@@ -95,11 +96,13 @@ def test_every_stage_refuses_an_existing_output_with_the_same_error(tmp_path):
 PRE_LAUNCH = {
     "gpu_format_on_cpu": (["ptq_recipe", "model_path={model}", "export_config.path={out}",
                            "quantization_config.algorithm=nvfp4"],
-                          "error: ptq_recipe: quantization_config.algorithm='nvfp4' needs a CUDA GPU (NVFP4/MX kernels); "
-                          "this machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, int4, int4_awq or w4a8_awq."),
+                          "error: ptq_recipe: quantization_config.algorithm='nvfp4' needs a CUDA GPU "
+                          "(NVFP4/MX kernels); this machine has none. On CPU use fp8, fp8_pc_pt, int8, int8_sq, "
+                          "int4, int4_awq or w4a8_awq."),
     "calibration_file_missing": (["ptq_recipe", "model_path={model}", "export_config.path={out}",
                                   "quantization_config.calibration_dataset={tmp}/calib.jsonl"],
-                                 "error: ptq_recipe: quantization_config.calibration_dataset: source='{tmp}/calib.jsonl': "
+                                 "error: ptq_recipe: quantization_config.calibration_dataset: "
+                                 "source='{tmp}/calib.jsonl': "
                                  "file not found; give a .txt or .jsonl file, `embedded`, `embedded:pydoc`, "
                                  "`embedded:docstrings`, or `hf:<dataset>`."),
     "prune_target_too_large": (["prune_recipe", "nemo_checkpoint={model}", "save_path={out}",
@@ -110,7 +113,8 @@ PRE_LAUNCH = {
                                   "pruning_config.target_num_layers=None", "pruning_config.drop_layers=[3]"],
                                  "error: prune_recipe: pruning_config: drop_layers [3] out of range: layers are "
                                  "numbered 1..2."),
-    "training_text_malformed": (["finetune_recipe", "model_path={model}", "output_path={out}", "data.source={tmp}/bad.jsonl"],
+    "training_text_malformed": (["finetune_recipe", "model_path={model}", "output_path={out}",
+                                 "data.source={tmp}/bad.jsonl"],
                                 "error: finetune_recipe: data.source: {tmp}/bad.jsonl:1: not valid JSON (Expecting "
                                 "value); each line must be one JSON object."),
 }

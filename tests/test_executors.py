@@ -60,7 +60,8 @@ def test_cluster_profile_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("NEMO_OPTIM_SLURM_CONTAINER_MOUNTS", "/lustre/models:/models,/lustre/results:/results")
     monkeypatch.setenv("NEMO_OPTIM_SLURM_HOST", "login.cluster.example")
     executor = fdl.build(executor_with_overrides(EXECUTORS["slurm"], ["partition=interactive", "time=00:30:00"]))
-    assert (executor.account, executor.partition, executor.gpus_per_node, executor.time) == ("llm-team", "interactive", 8, "00:30:00")
+    assert (executor.account, executor.partition, executor.gpus_per_node, executor.time) == (
+        "llm-team", "interactive", 8, "00:30:00")
     assert executor.container_mounts == ["/lustre/models:/models", "/lustre/results:/results"]
     assert isinstance(executor.tunnel, run.SSHTunnel) and executor.tunnel.host == "login.cluster.example"
     assert isinstance(executor.packager, run.GitArchivePackager)  # a remote cluster gets the committed code
@@ -81,7 +82,8 @@ def test_cpu_jobs_start_with_glibcs_thread_cache_off(monkeypatch):
     for name in ("local", "torchrun"):
         assert fdl.build(EXECUTORS[name]()).env_vars["GLIBC_TUNABLES"] == off
     assert fdl.build(EXECUTORS["slurm"](ntasks_per_node=2)).env_vars == {"OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": off}
-    assert "GLIBC_TUNABLES" not in fdl.build(EXECUTORS["slurm"](gpus_per_node=8)).env_vars  # host memory is not the limit there
+    # host memory is not the limit there
+    assert "GLIBC_TUNABLES" not in fdl.build(EXECUTORS["slurm"](gpus_per_node=8)).env_vars
 
     assert cpu_allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + off}
@@ -100,7 +102,8 @@ def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_slurm_dryrun_prints_the_sbatch_script():
     result = _launch("llama31_8b_ptq_fp8_8gpu_h100_bf16", "run.executor=slurm", "run.executor.partition=batch",
                      "run.executor.gpus_per_node=8", "run.executor.ntasks_per_node=8",
-                     "run.executor.container_image=nvcr.io/nvidia/nemo:25.11", "--dryrun", NEMO_OPTIM_SLURM_ACCOUNT="llm-team")
+                     "run.executor.container_image=nvcr.io/nvidia/nemo:25.11", "--dryrun",
+                     NEMO_OPTIM_SLURM_ACCOUNT="llm-team")
     out = result.stdout
     assert result.returncode == 0, result.stderr[-3000:]
     assert "#SBATCH --account=llm-team" in out and "#SBATCH --partition=batch" in out
@@ -141,7 +144,8 @@ def test_kubeflow_trainjob_manifest_and_its_command(kubeconfig, tiny_hf_models, 
     assert override["containers"][0]["volumeMounts"] == [{"name": "results", "mountPath": "/results"}]
     assert {"name": "NEMO_OPTIM_CACHE", "value": "/results/.cache"} in manifest["spec"]["trainer"]["env"]
     assert manifest["spec"]["trainer"]["command"][0] == "/bin/bash"
-    assert manifest["spec"]["trainer"]["command"][1].startswith("/results/nemo_run/") and manifest["spec"]["trainer"]["command"][1].endswith("/launch.sh")
+    assert (manifest["spec"]["trainer"]["command"][1].startswith("/results/nemo_run/")
+            and manifest["spec"]["trainer"]["command"][1].endswith("/launch.sh"))
 
 
 # --- a real Slurm ------------------------------------------------------------------------------
@@ -159,7 +163,8 @@ def slurm_cluster(tmp_path_factory):
 
 
 def _sacct_states() -> dict[str, str]:
-    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,State"], capture_output=True, text=True, check=True)
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,State"], capture_output=True, text=True,
+                            check=True)
     return {line.split("|")[0]: line.split("|")[2] for line in result.stdout.splitlines() if line}
 
 

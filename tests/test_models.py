@@ -38,8 +38,10 @@ def test_mcore_logits_match_transformers(arch, tiny_hf_models, runtime_single):
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
     # built without megatron's random values (every weight was imported), with the tensor-parallel
     # attributes megatron sets while initializing; modules built later from the config initialise
-    fc1, fc2 = loaded.model.decoder.layers[0].mlp.linear_fc1.weight, loaded.model.decoder.layers[0].mlp.linear_fc2.weight
-    assert (fc1.tensor_model_parallel, fc1.partition_dim, fc2.tensor_model_parallel, fc2.partition_dim) == (True, 0, True, 1)
+    fc1, fc2 = (loaded.model.decoder.layers[0].mlp.linear_fc1.weight,
+                loaded.model.decoder.layers[0].mlp.linear_fc2.weight)
+    assert (fc1.tensor_model_parallel, fc1.partition_dim, fc2.tensor_model_parallel, fc2.partition_dim) == (
+        True, 0, True, 1)
     assert "_zeros_instead_of_random" not in repr(loaded.model.config.init_method)
 
 
@@ -79,7 +81,8 @@ def test_unsupported_architecture_is_one_clear_error(tiny_hf_models, tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelSourceError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(ModelSourceError,
+                       match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         config_from_hf(bad)
 
 

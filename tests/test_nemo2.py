@@ -248,8 +248,9 @@ def test_exporting_to_nemo2_refuses_quantized_models_and_unknown_targets(tmp_pat
 @pytest.mark.parametrize("student", ["original", pytest.param("pruned", marks=pytest.mark.minitron), "layer_dropped"])
 def test_nemo2_itself_loads_what_nemo_optim_exports(student, tiny_hf_models, tmp_path):
     """Round trip: nemo-optim writes a NeMo 2 checkpoint (of the tiny Llama, of a student pruned in
-    width and depth, and of one with a layer dropped); NeMo 2 reads it with its own loaders (tests/nemo2/forward_checkpoint.py)
-    and computes the logits nemo-optim computes, with the same tokenizer."""
+    width and depth, and of one with a layer dropped); NeMo 2 reads it with its own loaders
+    (tests/nemo2/forward_checkpoint.py) and computes the logits nemo-optim computes, with the same
+    tokenizer."""
     if not NEMO2_PYTHON.is_file():
         pytest.skip("NeMo 2 is not installed: make nemo2-venv")
     from nemo_optim.stages.convert import export_ckpt
@@ -261,10 +262,12 @@ def test_nemo2_itself_loads_what_nemo_optim_exports(student, tiny_hf_models, tmp
     if student == "pruned":
         source = str(tmp_path / "pruned")
         prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source, num_train_samples=4,
-              pruning_config=PruningConfig(target_ffn_hidden_size=96, target_num_layers=1), data=DataConfig(seq_length=64))
+              pruning_config=PruningConfig(target_ffn_hidden_size=96, target_num_layers=1),
+              data=DataConfig(seq_length=64))
     elif student == "layer_dropped":  # depth pruning that runs on both legs
         source = str(tmp_path / "dropped")
-        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source, pruning_config=PruningConfig(drop_layers=[1]))
+        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source,
+              pruning_config=PruningConfig(drop_layers=[1]))
     export_ckpt(path=source, output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
     torch.save(tokens[:, :-1], tmp_path / "tokens.pt")

@@ -19,8 +19,8 @@ from nemo_optim.accuracy.items import embedded_cloze_items
 
 
 def _tasks(model, work_dir, **overrides):
-    settings = dict(target_num_layers=1, importance_samples=4, teacher_correction_steps=2, distill_steps=4, calibration_samples=4,
-                    eval_sequences=4, seq_length=32)
+    settings = dict(target_num_layers=1, importance_samples=4, teacher_correction_steps=2, distill_steps=4,
+                    calibration_samples=4, eval_sequences=4, seq_length=32)
     return pipeline_tasks(model=str(model), work_dir=str(work_dir), **{**settings, **overrides})
 
 
@@ -31,9 +31,11 @@ def _run_in_process(tasks) -> dict:
 
 def test_every_pipeline_task_serializes_and_dry_runs(tiny_hf_models, tmp_path):
     tasks = _tasks(tiny_hf_models["llama"], tmp_path / "work")
-    assert list(tasks)[:5] == ["prune", "correct_teacher", "distill", "quantize", "export"] and list(tasks)[-1] == "report"
+    assert (list(tasks)[:5] == ["prune", "correct_teacher", "distill", "quantize", "export"]
+            and list(tasks)[-1] == "report")
     assert tasks["distill"].stage.teacher_model_path == str(tmp_path / "work" / "teacher_corrected")
-    assert list(_tasks(tiny_hf_models["llama"], tmp_path / "work", teacher_correction_steps=0))[:2] == ["prune", "distill"]
+    assert list(_tasks(tiny_hf_models["llama"], tmp_path / "work", teacher_correction_steps=0))[:2] == [
+        "prune", "distill"]
     serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
     for task in tasks.values():
         assert serializer.deserialize(serializer.serialize(task)) == task
@@ -70,7 +72,8 @@ def test_rerun_skips_current_stages_and_redoes_stale_ones(tiny_hf_models, tmp_pa
     # more distillation steps: distill and everything downstream of it, not prune, the teacher
     # correction nor the original's evaluation
     third = _run_in_process(_tasks(model, work, distill_steps=6))
-    assert third["prune"] == "skipped" and third["correct_teacher"] == "skipped" and third["evaluate_original"] == "skipped"
+    assert (third["prune"] == "skipped" and third["correct_teacher"] == "skipped"
+            and third["evaluate_original"] == "skipped")
     assert all(third[name] == "ran" for name in ("distill", "quantize", "export", "evaluate_distilled",
                                                    "evaluate_distilled_fp8"))
 

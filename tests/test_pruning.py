@@ -43,13 +43,16 @@ def test_each_axis_prunes_saves_reloads_and_exports(arch, axis, tiny_hf_models, 
         original = load_model(tiny_hf_models[arch]).config
         expected = config.pruned_model_config(original)
         assert loaded.config == expected
-        assert sum(p.numel() for p in loaded.model.parameters()) == expected.num_parameters() < original.num_parameters()
+        assert (sum(p.numel() for p in loaded.model.parameters()) == expected.num_parameters()
+                < original.num_parameters())
         layer = loaded.model.decoder.layers[0]
         assert layer.mlp.linear_fc2.weight.shape == (expected.hidden_size, expected.ffn_hidden_size)
-        assert layer.self_attention.linear_proj.weight.shape == (expected.hidden_size, expected.num_attention_heads * expected.kv_channels)
+        assert layer.self_attention.linear_proj.weight.shape == (expected.hidden_size,
+                                                                 expected.num_attention_heads * expected.kv_channels)
         ours = forward_logits(loaded.model, tokens)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
-    assert hf_model.config.hidden_size == expected.hidden_size and hf_model.config.num_hidden_layers == expected.num_layers
+    assert (hf_model.config.hidden_size == expected.hidden_size
+            and hf_model.config.num_hidden_layers == expected.num_layers)
     with torch.no_grad():
         reference = hf_model(tokens[:, :-1]).logits
     assert (ours - reference).abs().max().item() <= 1e-4
@@ -72,7 +75,8 @@ def test_drop_layers_does_what_modelopts_layer_dropping_does(tiny_hf_models, run
     ours, theirs = load_model(tiny_hf_models["qwen3"]).model, load_model(tiny_hf_models["qwen3"]).model
     drop_decoder_layers(ours, [2])
     drop_mcore_language_model_layers(theirs, layers_to_drop=[2])
-    assert [layer.layer_number for layer in ours.decoder.layers] == [layer.layer_number for layer in theirs.decoder.layers]
+    assert ([layer.layer_number for layer in ours.decoder.layers]
+            == [layer.layer_number for layer in theirs.decoder.layers])
     assert ours.config.num_layers == theirs.config.num_layers == 1
     tokens = _tokens(2)
     torch.testing.assert_close(forward_logits(ours, tokens), forward_logits(theirs, tokens), rtol=0, atol=0)
@@ -85,13 +89,15 @@ def test_minitron_on_local_layers_is_refused_before_launch_in_one_line(tiny_hf_m
     code = launch.main(["prune_recipe", f"nemo_checkpoint={tiny_hf_models['llama']}", f"save_path={tmp_path / 'p'}",
                         "pruning_config.target_num_layers=1", "--yes"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and lines[-1].startswith("error: prune_recipe: pruning_config: Minitron pruning with nvidia-modelopt")
+    assert code == 2 and lines[-1].startswith(
+        "error: prune_recipe: pruning_config: Minitron pruning with nvidia-modelopt")
     assert 'transformer_impl="transformer_engine"' in lines[-1] and "drop_layers" in lines[-1]
     assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.minitron
-def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_models, tiny_tokenizer, runtime_single,
+                                                                   tmp_path):
     from nemo_optim.data.packing import packed_sequences
 
     scores = tmp_path / "scores"
@@ -102,24 +108,29 @@ def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_model
             forward_logits(model, batch)
 
     loaded = load_model(tiny_hf_models["llama"])
-    prune_language_model(loaded.model, loaded.config, PruningConfig(target_ffn_hidden_size=96), forward_loop, str(scores))
+    prune_language_model(loaded.model, loaded.config, PruningConfig(target_ffn_hidden_size=96), forward_loop,
+                         str(scores))
     assert (scores / "rank0.pth").is_file()
     fresh = load_model(tiny_hf_models["llama"])
-    from_scratch, _ = prune_language_model(fresh.model, fresh.config, PruningConfig(target_ffn_hidden_size=64), forward_loop)
+    from_scratch, _ = prune_language_model(fresh.model, fresh.config, PruningConfig(target_ffn_hidden_size=64),
+                                           forward_loop)
 
     def must_not_run(model):
         raise AssertionError("importance was recomputed")
 
     again = load_model(tiny_hf_models["llama"])
-    from_cache, config = prune_language_model(again.model, again.config, PruningConfig(target_ffn_hidden_size=64), must_not_run, str(scores))
+    from_cache, config = prune_language_model(again.model, again.config, PruningConfig(target_ffn_hidden_size=64),
+                                              must_not_run, str(scores))
     assert config.ffn_hidden_size == 64
     tokens = _tokens(1)
     torch.testing.assert_close(forward_logits(from_cache, tokens), forward_logits(from_scratch, tokens), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    pytest.param({"target_hidden_size": 128}, "target_hidden_size=128 is larger than the model's 64", marks=pytest.mark.minitron),
-    pytest.param({"target_num_attention_heads": 3}, "target_num_attention_heads=3 must be a multiple of num_query_groups=2", marks=pytest.mark.minitron),
+    pytest.param({"target_hidden_size": 128}, "target_hidden_size=128 is larger than the model's 64",
+                 marks=pytest.mark.minitron),
+    pytest.param({"target_num_attention_heads": 3},
+                 "target_num_attention_heads=3 must be a multiple of num_query_groups=2", marks=pytest.mark.minitron),
     pytest.param({"target_num_query_groups": 1}, "cannot prune query groups", marks=pytest.mark.minitron),
     ({"drop_layers": [3]}, r"drop_layers \[3\] out of range: layers are numbered 1..2"),
     ({"drop_layers": [1, 2]}, "would remove every layer"),

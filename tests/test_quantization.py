@@ -17,7 +17,8 @@ from nemo_optim.data.corpus import DataError
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
 from nemo_optim.quantization import modelopt_config
-from nemo_optim.quantization.config import ALGORITHMS, PRESET_METHODS, ExportConfig, QuantizationConfig, QuantizationConfigError
+from nemo_optim.quantization.config import (ALGORITHMS, PRESET_METHODS, ExportConfig, QuantizationConfig,
+                                            QuantizationConfigError)
 from nemo_optim.stages.ptq import ptq
 from nemo_optim.quantization.quantizer import (ExportVerificationError, auto_quantize, calibration_batches,
                                                calibration_loop, quantize, verify_export)
@@ -43,7 +44,8 @@ def test_each_cpu_algorithm_quantizes_every_decoder_linear(algorithm, tiny_hf_mo
     model, summary = quantize(loaded.model, _config(algorithm), tokenizer=tiny_tokenizer)
     logits = forward_logits(model, tokens)
     assert summary.enabled_quantizers >= 8 and summary.quantized_linear_share == 1.0
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item() / tokens.shape[1]
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
+                  reduction="batchmean").item() / tokens.shape[1]
     assert 0 < (logits - reference).abs().max().item()
     assert kl < 0.05, f"{algorithm}: KL to fp32 {kl}"
     # block 32: 4 + 16/32 bits. Per-channel int8: 8 + 32/in_features, weighted by size over
@@ -68,7 +70,8 @@ def test_our_config_equals_the_raw_modelopt_preset(tiny_hf_models, tiny_tokenize
     torch.testing.assert_close(ours, raw, rtol=0, atol=0)
 
 
-def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tiny_hf_models, tiny_tokenizer, runtime_single):
+def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tiny_hf_models, tiny_tokenizer,
+                                                                             runtime_single):
     """Oracles: raw mtq.quantize with the same method chain, and the unquantized model. The
     default FP8 calibration (max, then GPTQ-lite) must land closer to fp32 than the preset's
     max calibration alone, which `calibration_algorithm="preset"` still gives exactly. With
@@ -91,7 +94,8 @@ def test_tuned_calibration_is_modelopts_gptq_lite_chain_and_beats_the_preset(tin
         return model, forward_logits(model, tokens)
 
     def kl(logits):
-        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
+                        reduction="batchmean").item()
 
     chain = {"quant_cfg": copy.deepcopy(mtq.FP8_DEFAULT_CFG["quant_cfg"]),
              "algorithm": [{"method": "max"}, {"method": compat.gptq_method(), "block_size": 128}]}
@@ -137,7 +141,8 @@ def test_gptq_passes_keep_one_group_of_hessians_at_a_time(tiny_hf_models, tiny_t
     assert gptq_passes.hessian_bytes(quantized.decoder.layers[0]) == 4 * (3 * 64 ** 2 + 128 ** 2)
     # a budget that holds both layers' Hessians: one pass, as ModelOpt runs it
     seen.clear()
-    quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", gptq_hessian_budget=10.0), tokenizer=tiny_tokenizer)
+    quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", gptq_hessian_budget=10.0),
+             tokenizer=tiny_tokenizer)
     assert seen == [(2, ["0", "1"])], seen
 
 
@@ -170,11 +175,12 @@ def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models
     torch.testing.assert_close(ours, forward_logits(raw, tokens), rtol=0, atol=0)
     outputs = []
     for alpha in (0.1, 0.9):
-        model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config("int8_sq", sq_alpha=alpha), tokenizer=tiny_tokenizer)
+        model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config("int8_sq", sq_alpha=alpha),
+                            tokenizer=tiny_tokenizer)
         outputs.append(forward_logits(model, tokens))
     assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4
-    model, summary = quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", exclude_modules=["*layers.0.*"]),
-                              tokenizer=tiny_tokenizer)
+    model, summary = quantize(load_model(tiny_hf_models["llama"]).model,
+                              _config("fp8", exclude_modules=["*layers.0.*"]), tokenizer=tiny_tokenizer)
     assert not model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
     assert model.decoder.layers[1].mlp.linear_fc1.weight_quantizer.is_enabled
     assert summary.quantized_linear_share == pytest.approx(0.5)
@@ -183,8 +189,8 @@ def test_smoothquant_alpha_is_applied_and_exclusions_are_honoured(tiny_hf_models
     assert model.decoder.layers[0].mlp.linear_fc1.weight_quantizer.is_enabled
     assert not model.decoder.layers[1].self_attention.linear_qkv.input_quantizer.is_enabled
     with pytest.raises(QuantizationConfigError, match="leaves none of the 2 layers quantized"):
-        quantize(load_model(tiny_hf_models["llama"]).model, _config("fp8", exclude_first_layers=1, exclude_last_layers=1),
-                 tokenizer=tiny_tokenizer)
+        quantize(load_model(tiny_hf_models["llama"]).model,
+                 _config("fp8", exclude_first_layers=1, exclude_last_layers=1), tokenizer=tiny_tokenizer)
 
 
 def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
@@ -198,7 +204,8 @@ def test_quantized_checkpoint_restores_exactly(tiny_hf_models, tiny_tokenizer, r
     torch.testing.assert_close(forward_logits(restored, tokens), expected, rtol=0, atol=0)
 
 
-def test_hf_export_that_releases_the_layers_writes_the_same_files(tiny_hf_models, tiny_tokenizer, runtime_single, tmp_path):
+def test_hf_export_that_releases_the_layers_writes_the_same_files(tiny_hf_models, tiny_tokenizer, runtime_single,
+                                                                  tmp_path):
     """The ptq stage lets the unified HF export free each decoder layer once it is converted (the
     stage is done with the model). Oracle: the export of the same model that keeps its layers."""
     from safetensors.torch import load_file
@@ -211,7 +218,8 @@ def test_hf_export_that_releases_the_layers_writes_the_same_files(tiny_hf_models
     assert all(p.numel() for p in model.decoder.parameters())
     write_hf_export(model, loaded.hf_dir, tmp_path / "released", torch.float32, release_exported_layers=True)
     released_weights = [name for name, p in model.decoder.layers.named_parameters() if not p.numel()]
-    assert len(released_weights) == 8 and all(name.endswith("weight") for name in released_weights)  # 4 linears x 2 layers
+    # 4 linears x 2 layers
+    assert len(released_weights) == 8 and all(name.endswith("weight") for name in released_weights)
 
     def tensors(path):
         return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(str(file)).items()}
@@ -225,7 +233,8 @@ def test_hf_export_that_releases_the_layers_writes_the_same_files(tiny_hf_models
 
 
 def _ptq(model, path, algorithm, export_format, **kwargs):
-    return ptq(model_path=str(model), export_config=ExportConfig(path=str(path), export_format=export_format, dtype="float32"),
+    return ptq(model_path=str(model),
+               export_config=ExportConfig(path=str(path), export_format=export_format, dtype="float32"),
                quantization_config=_config(algorithm), **kwargs)
 
 
@@ -378,7 +387,8 @@ def test_trtllm_export_of_a_tied_model_shares_the_embedding_table(tiny_hf_models
     import transformers
     from safetensors.torch import load_file
 
-    hf_embedding = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_models["llama_tied"]).get_input_embeddings().weight
+    hf_embedding = (transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_models["llama_tied"])
+                    .get_input_embeddings().weight)
     for name, config in (("int8_sq", _config("int8_sq")),
                          ("auto", _config("int8_sq", auto_quantize_bits=10.0, auto_quantize_formats=["int8_sq"]))):
         export = ptq(model_path=str(tiny_hf_models["llama_tied"]), quantization_config=config,
@@ -388,7 +398,8 @@ def test_trtllm_export_of_a_tied_model_shares_the_embedding_table(tiny_hf_models
         assert exported["share_embedding_table"] is True
         assert not any("lm_head" in key for key in weights)
         torch.testing.assert_close(weights["transformer.vocab_embedding.weight"], hf_embedding.half(), rtol=0, atol=0)
-    chosen = [line.rsplit(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  decoder.layers.")]
+    chosen = [line.rsplit(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  decoder.layers.")]
     assert "none" in chosen and set(chosen) <= {"int8_sq", "none"}, chosen
 
 
@@ -400,12 +411,14 @@ def test_auto_quantize_reports_a_format_per_layer_within_the_budget(tiny_hf_mode
             with pytest.raises(QuantizationConfigError, match=r"auto_quantize_bits=6.0 is not reachable .* 7\.69"):
                 ptq(model_path=str(tiny_hf_models["llama"]),
                     export_config=ExportConfig(path=str(tmp_path / f"auto{bits}"), export_format="trtllm"),
-                    quantization_config=_config(None, auto_quantize_bits=bits, auto_quantize_formats=["fp8", "int4_awq"]))
+                    quantization_config=_config(None, auto_quantize_bits=bits,
+                                                auto_quantize_formats=["fp8", "int4_awq"]))
             assert not (tmp_path / f"auto{bits}").exists()
             continue
         export = ptq(model_path=str(tiny_hf_models["llama"]),
                      export_config=ExportConfig(path=str(tmp_path / f"auto{bits}"), export_format="trtllm"),
-                     quantization_config=_config(None, auto_quantize_bits=bits, auto_quantize_formats=["fp8", "int4_awq"]))
+                     quantization_config=_config(None, auto_quantize_bits=bits,
+                                                 auto_quantize_formats=["fp8", "int4_awq"]))
         out = capsys.readouterr().out
         chosen = [line.rsplit(": ", 1)[1] for line in out.splitlines() if line.startswith("  decoder.layers.")]
         assert len(chosen) == 8 and set(chosen) <= {"fp8", "int4_awq"}
@@ -421,7 +434,8 @@ def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_mo
     reference_model = load_model(tiny_hf_models["llama"]).model
     results = {}
     for name, calibration in (("search only", "preset"), ("gptq_lite", None)):
-        config = _config("int4", auto_quantize_bits=9.0, auto_quantize_formats=["int4", "int8_wo"], calibration_algorithm=calibration)
+        config = _config("int4", auto_quantize_bits=9.0, auto_quantize_formats=["int4", "int8_wo"],
+                         calibration_algorithm=calibration)
         tokens = torch.cat(calibration_batches(config, tiny_tokenizer))
         searched = load_model(tiny_hf_models["llama"]).model
         model, summary = auto_quantize(searched, config, tiny_tokenizer,
@@ -429,7 +443,8 @@ def test_auto_quantize_recalibrates_the_chosen_formats_with_gptq_lite(tiny_hf_mo
         # re-calibrated on a fresh copy: the searched model's weights were released before it loaded
         assert all(p.is_meta for p in searched.parameters()) == (calibration is None)
         logits, reference = forward_logits(model, tokens), forward_logits(reference_model, tokens)
-        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean").item()
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
+                      reduction="batchmean").item()
         results[name] = (kl, dict(summary.per_layer_formats))
     formats = results["gptq_lite"][1]
     assert formats == results["search only"][1] and {"int4", "int8_wo"} <= set(formats.values())
@@ -473,7 +488,8 @@ def test_auto_quantize_scoring_holds_one_layer_and_equals_modelopts_whole_batch_
                                          data_loader=batches, disabled_layers=["*output_layer*"],
                                          num_calib_steps=len(batches), num_score_steps=len(batches), **steps)
         assert not any("forward" in vars(layer) for layer in model.decoder.layers)  # the recompute is undone
-        return {name: stats["scores"] for name, stats in state["candidate_stats"].items()}, state["best"]["recipe"], max(holding)
+        return ({name: stats["scores"] for name, stats in state["candidate_stats"].items()}, state["best"]["recipe"],
+                max(holding))
 
     auto_quantize_scoring.register_megatron_scoring()
     ours, our_choice, our_holders = search(forward_step=auto_quantize_scoring.forward_step,
@@ -504,14 +520,15 @@ def test_custom_config_file_in_either_form_matches_the_preset(tiny_hf_models, ti
     modelopt_config.set_block_size(entries, 32)
     for form in ("dict", "list"):
         path = tmp_path / f"{form}.json"
-        path.write_text(json.dumps({"quant_cfg": modelopt_config.entries_to_modelopt(entries, form=form), "algorithm": algorithm}))
+        path.write_text(json.dumps({"quant_cfg": modelopt_config.entries_to_modelopt(entries, form=form),
+                                    "algorithm": algorithm}))
         model, _ = quantize(load_model(tiny_hf_models["llama"]).model, _config(None, custom_config_path=str(path)),
                             tokenizer=tiny_tokenizer)
         torch.testing.assert_close(forward_logits(model, tokens), reference, rtol=0, atol=0)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(QuantizationConfigError, match="not a ModelOpt config"):
-        quantize(load_model(tiny_hf_models["llama"]).model, _config(None, custom_config_path=str(tmp_path / "bad.json")),
-                 tokenizer=tiny_tokenizer)
+        quantize(load_model(tiny_hf_models["llama"]).model,
+                 _config(None, custom_config_path=str(tmp_path / "bad.json")), tokenizer=tiny_tokenizer)
 
 
 def test_per_token_fp8_rounding_matches_torch_e4m3_and_its_floor():
@@ -629,7 +646,8 @@ def test_resumable_calibration_is_refused_before_launch_where_it_cannot_run(tiny
     assert expected in last and not (tmp_path / "export").exists()
     if compat.resumable_layerwise_calibration():
         with pytest.raises(QuantizationConfigError, match="one calibration method per run"):
-            QuantizationConfig(algorithm="fp8", calibration_algorithm="max+mse", calibration_checkpoint_dir="/tmp/layers")
+            QuantizationConfig(algorithm="fp8", calibration_algorithm="max+mse",
+                               calibration_checkpoint_dir="/tmp/layers")
         # ModelOpt >= 0.44's gptq max-calibrates first: the tuned max+GPTQ default is one layer-wise step
         assert QuantizationConfig(algorithm="fp8", calibration_checkpoint_dir="/tmp/layers").layerwise_methods() == [
             "gptq_lite"]

@@ -74,8 +74,8 @@ def test_unknown_recipe_and_bad_key_list_the_valid_ones(capsys):
     for executor in (["run.executor=nowhere"], ["executor=nowhere"], ["--executor", "nowhere"]):
         assert launch.main(["smollm2_135m_import_cpu", *executor, "--yes"]) == 2
         assert capsys.readouterr().err.strip() == (
-            "error: executor 'nowhere' is unknown; valid executors: dgxcloud, kubeflow, lepton, local, skypilot, slurm, "
-            "torchrun.")
+            "error: executor 'nowhere' is unknown; valid executors: dgxcloud, kubeflow, lepton, local, skypilot, "
+            "slurm, torchrun.")
 
 
 def test_recipe_names_follow_the_rule():
@@ -129,13 +129,15 @@ def test_launch_runs_a_real_local_job_and_reports_failure(tiny_hf_models, tmp_pa
     artifact in place; a failing task exits 1 and names its log directory."""
     export = tmp_path / "fp8"
     code = launch.main(["ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}",
-                        "quantization_config.calibration_dataset_size=4", "quantization_config.calibration_seq_len=32", "--yes"])
+                        "quantization_config.calibration_dataset_size=4", "quantization_config.calibration_seq_len=32",
+                        "--yes"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert (export / "hf_quant_config.json").is_file() and (tmp_path / "fp8_native" / "manifest.json").is_file()
     assert "ptq_recipe: SUCCEEDED" in out
 
-    code = launch.main(["ptq_recipe", f"model_path={tmp_path / 'missing'}", f"export_config.path={tmp_path / 'never'}", "--yes"])
+    code = launch.main(["ptq_recipe", f"model_path={tmp_path / 'missing'}", f"export_config.path={tmp_path / 'never'}",
+                        "--yes"])
     captured = capsys.readouterr()
     assert code == 1
     assert "ptq_recipe: FAILED (logs: " in captured.out

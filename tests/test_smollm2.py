@@ -50,7 +50,8 @@ def test_the_converted_tokenizer_follows_the_gguf_files_own_bos_setting(smollm2_
     assert tokenizer.bos_token_id not in ids and ids[0] == tokenizer.convert_tokens_to_ids("def")
     # the ids SmolLM2's tokenizer gives this text (the same on both legs)
     assert ids == [1604, 803, 24, 81, 28, 278, 727, 472, 1003, 253, 1232, 278]
-    assert json.loads((smollm2_hf_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (json.loads((smollm2_hf_dir / "tokenizer_config.json").read_text())["tokenizer_class"]
+            == "PreTrainedTokenizerFast")
 
 
 def test_smollm2_perplexity_on_embedded_corpus(runtime_single):

@@ -196,14 +196,16 @@ def test_launch_trains_a_draft_through_nemo_runs_local_executor(trained_base, tm
     assert code == 0, out[-3000:]
     assert "speculative_recipe: SUCCEEDED" in out
     assert json.loads((output / "evaluation.json").read_text())["lossless"]
-    assert json.loads((tmp_path / "eagle3_export" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert (json.loads((tmp_path / "eagle3_export" / "config.json").read_text())["architectures"]
+            == ["LlamaForCausalLMEagle3"])
 
 
 def test_cli_refuses_an_unknown_algorithm_in_one_line(tmp_path):
     output = tmp_path / "out"
     completed = subprocess.run(
         [sys.executable, "launch.py", "speculative_recipe", "speculative_config.algorithm=eagle9",
-         f"output_path={output}", f"export_path={output}_export", "--yes"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         f"output_path={output}", f"export_path={output}_export", "--yes"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1] == (
         "error: speculative_recipe: override 'speculative_config.algorithm=eagle9': expected one of 'eagle3', "
@@ -252,9 +254,11 @@ def test_two_data_parallel_processes_train_the_same_draft_as_one(tiny_hf_models,
         assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
         runs[name] = completed.stdout
     assert runs["parallel"].count("lossless True") == 2  # both ranks get rank 0's measurement
-    histories = {name: [json.loads(line) for line in (tmp_path / f"{name}_run" / "metrics.jsonl").read_text().splitlines()]
+    histories = {name: [json.loads(line)
+                        for line in (tmp_path / f"{name}_run" / "metrics.jsonl").read_text().splitlines()]
                  for name in runs}
-    assert [(r["kind"], r["step"]) for r in histories["parallel"]] == [(r["kind"], r["step"]) for r in histories["single"]]
+    assert ([(r["kind"], r["step"]) for r in histories["parallel"]]
+            == [(r["kind"], r["step"]) for r in histories["single"]])
     for want, have in zip(histories["single"], histories["parallel"]):
         assert have["loss"] == pytest.approx(want["loss"], rel=1e-4), (want, have)
     single, parallel = (load_file(str(tmp_path / name / "draft.safetensors")) for name in ("single", "parallel"))

@@ -42,13 +42,16 @@ def make_tiny_hf_model(arch: str, directory: Path, tokenizer, seed: int = 0, hid
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
     )
     if arch == "llama":
-        config, cls = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0), transformers.LlamaForCausalLM
+        config, cls = (transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0),
+                       transformers.LlamaForCausalLM)
     elif arch == "llama_tied":
-        config, cls = transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0), transformers.LlamaForCausalLM
+        config, cls = (transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0),
+                       transformers.LlamaForCausalLM)
     elif arch == "qwen2":
         config, cls = transformers.Qwen2Config(**common, tie_word_embeddings=False), transformers.Qwen2ForCausalLM
     elif arch == "qwen3":
-        config, cls = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True), transformers.Qwen3ForCausalLM
+        config, cls = (transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
+                       transformers.Qwen3ForCausalLM)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -174,7 +174,8 @@ def embedded_cloze_items() -> list[MultipleChoiceItem]:
     pairs = [pair for doc in split_documents(config, "validation") for pair in _cloze_parts(doc)]
     # a few texts recur across documents (inherited docstrings): drop pairs whose sentence or
     # context also appears in text a stage may train or calibrate on
-    seen = "\n".join(" ".join(doc.split()) for split in ("train", "calibration") for doc in split_documents(config, split))
+    seen = "\n".join(" ".join(doc.split())
+                     for split in ("train", "calibration") for doc in split_documents(config, split))
     pairs = [(context, truth) for context, truth in pairs if context not in seen and truth not in seen]
     pairs = sorted(set(pairs), key=lambda pair: _digest(pair[0]))
     items = []

@@ -8,7 +8,8 @@ pruned, distilled and fake-quantized checkpoints at any TP/PP.
     from nemo_optim.accuracy.lm_eval_adapter import NemoOptimLM, run_lm_eval
     with runtime.parallel_runtime():
         loaded = load_model("outputs/compress_smollm2/distilled")
-        results = run_lm_eval(NemoOptimLM(loaded.model, load_tokenizer(loaded.hf_dir)), ["my_task"], include_path="tasks/")
+        results = run_lm_eval(NemoOptimLM(loaded.model, load_tokenizer(loaded.hf_dir)), ["my_task"],
+                              include_path="tasks/")
 
 Model parallelism: every rank runs every request (lm-eval's own data-parallel sharding is
 off: `rank` 0 of `world_size` 1 on each), so TP/PP ranks stay in step and all get the results.
@@ -95,7 +96,8 @@ class NemoOptimLM(TemplateLM):
             max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=self.tokenizer.decode(self.eot_token_id))
             if gen_kwargs.get("do_sample") or gen_kwargs.get("temperature", 0.0) > 0:
-                raise ValueError(f"generate_until: sampling ({gen_kwargs}) is not supported; nemo-optim decodes greedily.")
+                raise ValueError(f"generate_until: sampling ({gen_kwargs}) is not supported; "
+                                 f"nemo-optim decodes greedily.")
             prompt = self.tok_encode(context)[-(self.max_length - max_new):]
 
             def stop(_row, new_ids, until=until):

@@ -144,7 +144,8 @@ def task_items(config: AccuracyConfig) -> tuple[list[MultipleChoiceItem], dict]:
     items, examples = _split_fewshot(load_task_items(config.task), config)
     if config.num_items is not None:
         if len(items) < config.num_items:
-            raise TaskDataError(f"num_items={config.num_items}: {config.task} has {len(items)} items to score; lower num_items.")
+            raise TaskDataError(f"num_items={config.num_items}: {config.task} has {len(items)} items to score; "
+                                f"lower num_items.")
         items = items[: config.num_items]
     return items, examples
 
@@ -177,7 +178,8 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # ties -> first, as numpy
 
 
-def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, config: AccuracyConfig, max_length: int) -> AccuracyResult:
+def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, config: AccuracyConfig,
+                             max_length: int) -> AccuracyResult:
     """Accuracy of `model` on `config.task` (every rank calls it; all get the result)."""
     items, examples = task_items(config)
     log_likelihoods, seconds = choice_log_likelihoods(
@@ -201,7 +203,8 @@ def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, config: Accuracy
         stderr=_stderr(correct), stderr_norm=_stderr(correct_norm),
         ci95=_wilson(correct), ci95_norm=_wilson(correct_norm),
         num_fewshot=config.num_fewshot, seconds=seconds,
-        per_subject={subject: {"items": len(hits), "accuracy": sum(hits) / len(hits), "accuracy_norm": sum(norm) / len(norm)}
+        per_subject={subject: {"items": len(hits), "accuracy": sum(hits) / len(hits),
+                               "accuracy_norm": sum(norm) / len(norm)}
                      for subject, (hits, norm) in sorted(subjects.items())} if len(subjects) > 1 else {},
         predictions=predictions, predictions_norm=predictions_norm,
     )

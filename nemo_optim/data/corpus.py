@@ -106,7 +106,8 @@ def _docstring_documents() -> list[str]:
         if module.__doc__:
             documents.append(inspect.cleandoc(module.__doc__))
         for _, obj in sorted(vars(module).items()):
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == module.__name__:
+            if ((inspect.isclass(obj) or inspect.isfunction(obj))
+                    and getattr(obj, "__module__", None) == module.__name__):
                 doc = inspect.getdoc(obj)
                 if doc and len(doc) > 80:
                     documents.append(doc)
@@ -126,7 +127,8 @@ def jsonl_objects(path: Path, error_at=lambda path, line, message: DataError(f"{
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise error_at(path, line_number, f"not valid JSON ({error.msg}); each line must be one JSON object.") from None
+            raise error_at(path, line_number,
+                           f"not valid JSON ({error.msg}); each line must be one JSON object.") from None
         if not isinstance(record, dict):
             raise error_at(path, line_number, "not a JSON object; each line must be one JSON object.")
         yield line_number, record

@@ -60,7 +60,8 @@ def load_distillation_config(source: str | Path | DistillationConfig | dict | No
         where = str(path)
     unknown = sorted(set(fields) - set(_USER_FIELDS))
     if unknown:
-        raise DistillationConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(_USER_FIELDS)}.")
+        raise DistillationConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; "
+                                      f"valid fields: {', '.join(_USER_FIELDS)}.")
     _check_values(fields, where)
     fields = {**fields}
     if "logit_layers" in fields:
@@ -75,7 +76,8 @@ def _check_values(fields: dict, where: str) -> None:
         raise DistillationConfigError(f"{where}: {message}.")
 
     logit_layers = fields.get("logit_layers", ("output_layer", "output_layer"))
-    if not (isinstance(logit_layers, (list, tuple)) and len(logit_layers) == 2 and all(isinstance(x, str) for x in logit_layers)):
+    if not (isinstance(logit_layers, (list, tuple)) and len(logit_layers) == 2
+            and all(isinstance(x, str) for x in logit_layers)):
         fail(f"logit_layers={logit_layers!r} must be two layer names [student, teacher]")
     for index, pair in enumerate(fields.get("intermediate_layer_pairs") or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) in (2, 3) and all(isinstance(x, str) for x in pair)):
@@ -108,7 +110,8 @@ def _check_layer_name(name: str, role: str, model: torch.nn.Module, num_layers: 
         first = compat.first_layer_index(model.config)
         if index >= num_layers:
             raise DistillationConfigError(
-                f"distillation config: {role} layer {name!r}: the {role} has {num_layers} layers (0..{num_layers - 1}).")
+                f"distillation config: {role} layer {name!r}: the {role} has {num_layers} layers "
+                f"(0..{num_layers - 1}).")
         if index < first:
             raise DistillationConfigError(
                 f"distillation config: {role} layer {name!r} is not on the last pipeline stage (layers "
@@ -122,7 +125,8 @@ def _check_layer_name(name: str, role: str, model: torch.nn.Module, num_layers: 
         candidates = sorted({re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.0.", n) for n in names})
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"some valid names: {', '.join(candidates[:6])}"
-    raise DistillationConfigError(f"distillation config: {role} layer {name!r} is not a module of the {role} model; {hint}")
+    raise DistillationConfigError(f"distillation config: {role} layer {name!r} is not a module of the {role} model; "
+                                  f"{hint}")
 
 
 def validate_layer_names(config: DistillationConfig, student: torch.nn.Module, teacher: torch.nn.Module,

@@ -98,7 +98,8 @@ def build_distillation_model(
     for field in _SHARED_FIELDS:
         if getattr(student_config, field) != getattr(teacher_config, field):
             raise DistillationConfigError(
-                f"student {field}={getattr(student_config, field)} but teacher {field}={getattr(teacher_config, field)}; "
+                f"student {field}={getattr(student_config, field)} but teacher "
+                f"{field}={getattr(teacher_config, field)}; "
                 f"logit distillation needs the same vocabulary."
             )
     validate_layer_names(distillation_config, student, teacher, student_config.num_layers, teacher_config.num_layers)

@@ -46,7 +46,8 @@ def resolve_source(model_path: str | Path) -> ModelSource:
         return ModelSource("nemo2", path)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource("hf", path)
-    found = "a file" if path.is_file() else "a directory without config.json or manifest.json" if path.is_dir() else "nothing"
+    found = ("a file" if path.is_file() else "a directory without config.json or manifest.json" if path.is_dir()
+             else "nothing")
     raise hf.ModelSourceError(
         f"model path {name!r}: found {found}; give a nemo-optim checkpoint directory, a NeMo 2 "
         f"checkpoint directory, a Hugging Face model directory, a .gguf file, or one of the embedded models: "

@@ -80,7 +80,8 @@ def read_model_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(model_yaml.read_text())
     except yaml.YAMLError as error:
-        raise Nemo2CheckpointError(f"{model_yaml}: not valid YAML ({error}); restore it from the checkpoint's source.") from None
+        raise Nemo2CheckpointError(
+            f"{model_yaml}: not valid YAML ({error}); restore it from the checkpoint's source.") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise Nemo2CheckpointError(f"{model_yaml}: no `config` section; is this a NeMo 2 GPT checkpoint?")
     return data
@@ -291,7 +292,12 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
     import yaml
 
     from nemo_optim import compat, runtime
-    from nemo_optim.checkpoint import HF_TOKENIZER_FILES, atomic_directory, fork_writer_results_queue, save_dist_checkpoint
+    from nemo_optim.checkpoint import (
+        HF_TOKENIZER_FILES,
+        atomic_directory,
+        fork_writer_results_queue,
+        save_dist_checkpoint,
+    )
     from nemo_optim.models.fiddle_json import as_yaml_data, serialize
 
     context = nemo2_context(config)

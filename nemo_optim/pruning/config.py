@@ -82,14 +82,16 @@ class PruningConfig:
             errors.append(f"target_num_query_groups={self.target_num_query_groups}: this ModelOpt cannot prune query "
                           f"groups; leave it unset or set it to {model.num_query_groups}")
         if heads % model.num_query_groups:
-            errors.append(f"target_num_attention_heads={heads} must be a multiple of num_query_groups={model.num_query_groups}")
+            errors.append(f"target_num_attention_heads={heads} must be a multiple of "
+                          f"num_query_groups={model.num_query_groups}")
         bad = [n for n in self.drop_layers if not 1 <= n <= model.num_layers]
         if bad:
             errors.append(f"drop_layers {bad} out of range: layers are numbered 1..{model.num_layers}")
         if self.drop_layers and len(set(self.drop_layers)) >= model.num_layers:
             errors.append("drop_layers would remove every layer")
         if self.target_params is not None and self.target_params >= model.num_parameters():
-            errors.append(f"target_params={self.target_params:.4g} is not below the model's {model.num_parameters()} parameters")
+            errors.append(f"target_params={self.target_params:.4g} is not below the model's "
+                          f"{model.num_parameters()} parameters")
         if errors:
             raise PruningConfigError("pruning_config: " + "; ".join(errors) + ".")
 

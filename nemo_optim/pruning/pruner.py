@@ -140,8 +140,10 @@ def rebuild_static(pruned: torch.nn.Module, config: GPTModelConfig) -> torch.nn.
     static.load_state_dict(state, strict=False)
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if (parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
         count = sum(p.numel() for p in static.parameters())
         if count != config.num_parameters():
-            raise PruningResultError(f"pruned model has {count} parameters, its config implies {config.num_parameters()}.")
+            raise PruningResultError(f"pruned model has {count} parameters, "
+                                     f"its config implies {config.num_parameters()}.")
     return static

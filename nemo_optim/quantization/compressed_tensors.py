@@ -95,12 +95,14 @@ def _split_rows(name: str, tensor: torch.Tensor, model_config) -> dict[str, torc
     """A megatron fused weight's rows (or a per-row scale) as the HF projections they stand for:
     QKV interleaved per KV group, fc1 as [gate; up]."""
     if name == "self_attention.linear_qkv":
-        groups, heads, head_dim = model_config.num_query_groups, model_config.num_attention_heads, model_config.kv_channels
+        groups, heads = model_config.num_query_groups, model_config.num_attention_heads
+        head_dim = model_config.kv_channels
         per_group = heads // groups
         grouped = tensor.reshape(groups, (per_group + 2) * head_dim, *tensor.shape[1:])
         q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
-        return {"self_attn.q_proj": q.reshape(-1, *tensor.shape[1:]), "self_attn.k_proj": k.reshape(-1, *tensor.shape[1:]),
-                "self_attn.v_proj": v.reshape(-1, *tensor.shape[1:])}
+        rest = tensor.shape[1:]
+        return {"self_attn.q_proj": q.reshape(-1, *rest), "self_attn.k_proj": k.reshape(-1, *rest),
+                "self_attn.v_proj": v.reshape(-1, *rest)}
     if name == "mlp.linear_fc1":
         if not model_config.gated_linear_unit:
             return {"mlp.up_proj": tensor}
@@ -170,7 +172,8 @@ def _fold(result: dict, folds: dict[str, torch.Tensor], prefix: str, config) -> 
         entry = result[prefix + hf_name]
         entry["weight"] = entry["weight"] * factor[:, None]
         if entry["weight_scale"].numel() == 1:
-            raise QuantizationConfigError(f"{prefix + hf_name}: a per-tensor weight scale cannot absorb per-row input scales")
+            raise QuantizationConfigError(
+                f"{prefix + hf_name}: a per-tensor weight scale cannot absorb per-row input scales")
         entry["weight_scale"] = entry["weight_scale"] * factor[:, None]
         entry.setdefault("row_fold", torch.ones_like(factor))
         entry["row_fold"] = entry["row_fold"] * factor
@@ -230,8 +233,8 @@ def write_compressed_tensors(model: torch.nn.Module, config: QuantizationConfig,
         for file in sorted(Path(dense_dir).glob("*.safetensors")):
             dense.update(load_file(file))
         for path in Path(dense_dir).iterdir():
-            if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json" \
-                    and path.name != "hf_quant_config.json":
+            metadata = path.is_file() and not path.name.endswith(".safetensors")
+            if metadata and path.name not in ("model.safetensors.index.json", "hf_quant_config.json"):
                 (Path(directory) / path.name).write_bytes(path.read_bytes())
     _check_layout(model, dense)
     ignore = sorted({name.rsplit(".", 1)[0] for name in dense if name.endswith("proj.weight")
@@ -269,7 +272,8 @@ def _check_layout(model: torch.nn.Module, dense: dict[str, torch.Tensor]) -> Non
 
     for index, layer in enumerate(model.decoder.layers):
         for name in LINEARS:
-            for hf_name, part in _split_rows(name, layer.get_submodule(name).weight.detach().float(), model.config).items():
+            weight = layer.get_submodule(name).weight.detach().float()
+            for hf_name, part in _split_rows(name, weight, model.config).items():
                 key = f"model.layers.{index}.{hf_name}.weight"
                 if key not in dense or not torch.equal(dense[key].float(), part):
                     raise ExportVerificationError(

@@ -115,10 +115,11 @@ class QuantizationConfig:
         errors = []
         if self.custom_config_path is None and self.algorithm is not None and self.algorithm not in ALGORITHMS:
             errors.append(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)} (or None)")
-        unknown_methods = [m for m in (self.calibration_algorithm or "preset").split("+") if m not in CALIBRATION_METHODS]
+        unknown_methods = [m for m in (self.calibration_algorithm or "preset").split("+")
+                           if m not in CALIBRATION_METHODS]
         if unknown_methods:
-            errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: unknown method {unknown_methods[0]!r}; "
-                          f"join methods from {', '.join(CALIBRATION_METHODS)} with '+'")
+            errors.append(f"calibration_algorithm={self.calibration_algorithm!r}: unknown method "
+                          f"{unknown_methods[0]!r}; join methods from {', '.join(CALIBRATION_METHODS)} with '+'")
         elif "gptq_lite" in self.calibration_methods():
             methods = self.calibration_methods()
             preset_method = PRESET_METHODS.get(self.algorithm or "", "max")
@@ -152,7 +153,8 @@ class QuantizationConfig:
         if self.auto_quantize_bits is not None:
             return [f"{setting} cannot be combined with auto_quantize_bits (its search is not layer-wise)"]
         if len(self.layerwise_methods()) > 1:
-            return [f"{setting} needs one calibration method per run, not {self.calibration_algorithm or 'the default'} "
+            return [f"{setting} needs one calibration method per run, not "
+                    f"{self.calibration_algorithm or 'the default'} "
                     f"({'+'.join(self.calibration_methods())}); set calibration_algorithm to one method"]
         return []
 
@@ -168,10 +170,11 @@ class QuantizationConfig:
                 f"{compat.installed('nvidia-modelopt')}); unset it or install requirements/current-constraints.txt.")
         if processes > 1:
             raise QuantizationConfigError(
-                f"{setting}: ModelOpt's resumable layer-wise calibration runs in one process, this job has {processes}; "
-                f"set calibration_tp=1, calibration_pp=1 and devices=1, or unset it.")
+                f"{setting}: ModelOpt's resumable layer-wise calibration runs in one process, this job has "
+                f"{processes}; set calibration_tp=1, calibration_pp=1 and devices=1, or unset it.")
         directory = Path(self.calibration_checkpoint_dir)
-        others = [p.name for p in directory.iterdir() if not p.name.startswith(LAYERWISE_FILES)] if directory.is_dir() else []
+        others = ([p.name for p in directory.iterdir() if not p.name.startswith(LAYERWISE_FILES)]
+                  if directory.is_dir() else [])
         if others:
             raise QuantizationConfigError(
                 f"{setting} holds files that are not ModelOpt's layer checkpoints ({others[0]}, ...): it is cleared "
@@ -214,7 +217,8 @@ class QuantizationConfig:
         reason = NO_HF_EXPORT.get(self.algorithm or "") if export_format == "hf" else None
         if reason:
             raise QuantizationConfigError(
-                f"quantization_config.algorithm={self.algorithm!r} cannot be exported with export_config.export_format='hf': "
+                f"quantization_config.algorithm={self.algorithm!r} cannot be exported with "
+                f"export_config.export_format='hf': "
                 f"ModelOpt's megatron HF exporter fails on it ({reason}); use export_format=trtllm."
             )
 

@@ -218,8 +218,10 @@ def excluded_layer_patterns(config: QuantizationConfig, model: torch.nn.Module) 
             f"quantization_config: exclude_first_layers + exclude_last_layers = "
             f"{config.exclude_first_layers + config.exclude_last_layers} leaves none of the {total} layers quantized."
         )
-    keep = set(range(1, config.exclude_first_layers + 1)) | set(range(total - config.exclude_last_layers + 1, total + 1))
-    return [f"decoder.layers.{index}.*" for index, layer in enumerate(model.decoder.layers) if layer.layer_number in keep]
+    keep = (set(range(1, config.exclude_first_layers + 1))
+            | set(range(total - config.exclude_last_layers + 1, total + 1)))
+    return [f"decoder.layers.{index}.*" for index, layer in enumerate(model.decoder.layers)
+            if layer.layer_number in keep]
 
 
 # --- calibration ----------------------------------------------------------------------------------
@@ -246,7 +248,8 @@ def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
         # ModelOpt may run it more than once (AWQ, SmoothQuant, GPTQ-lite, auto_quantize). Its
         # quantizers are in place by now: the logits are skipped unless the output layer has one,
         # or calibration is layer-wise (ModelOpt runs the output layer as its last step)
-        skip = (output_layer_skipped(model) if not output_layer_quantized(model) and not config.calibration_checkpoint_dir
+        skip = (output_layer_skipped(model)
+                if not output_layer_quantized(model) and not config.calibration_checkpoint_dir
                 else contextlib.nullcontext())
         with skip:
             for batch in runtime.progress(batches, description="calibration"):
@@ -282,7 +285,8 @@ def quantize(model: torch.nn.Module, config: QuantizationConfig, forward_loop: F
     return model, summary
 
 
-def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forward_loop: ForwardLoop) -> torch.nn.Module:
+def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig,
+                        forward_loop: ForwardLoop) -> torch.nn.Module:
     """ModelOpt's layer-wise calibration with a checkpoint per finished layer: a rerun after a kill
     resumes after the last one (same settings, same calibration rows)."""
     import shutil
@@ -312,7 +316,8 @@ def _quantize_layerwise(model: torch.nn.Module, config: QuantizationConfig, forw
 
 
 def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
-                  fresh_model: Callable[[], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, QuantizationSummary]:
+                  fresh_model: Callable[[], torch.nn.Module] | None = None
+                  ) -> tuple[torch.nn.Module, QuantizationSummary]:
     """ModelOpt `auto_quantize`: per-layer formats among `config.auto_quantize_formats` under
     `config.auto_quantize_bits` effective bits (PP=1).
 
@@ -362,7 +367,8 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
         # the search calibrated every candidate with its preset's method (max); the chosen
         # formats now get the tuned calibration (SmolLM2 int4+int8_wo: +26.3% -> +22.1% ppl)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="get_auto_quantize_config")  # "uses algorithm='max'": replaced here
+            # "uses algorithm='max'": replaced here
+            warnings.filterwarnings("ignore", message="get_auto_quantize_config")
             chosen = mtq.get_auto_quantize_config(search_state)
         chosen["algorithm"] = recalibration
         model.to_empty(device="meta")  # the caller's reference stays; its weights need not

@@ -50,7 +50,8 @@ def run_engine(jobs: list[dict], *, timeout_s: float = 3600, log_path: Path | No
     with tempfile.TemporaryDirectory(prefix="engine_") as scratch:
         request, result = Path(scratch) / "request.json", Path(scratch) / "result.json"
         request.write_text(json.dumps({"jobs": jobs}))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                # the worker reads the chosen kernels in vLLM's engine process (LLM.apply_model)
                "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(env or {})}
@@ -83,7 +84,8 @@ def _root_causes(log: str) -> dict[str, str]:
     causes = {}
     for part in log.split(JOB_MARK)[1:]:
         name, _, body = part.partition("\n")
-        lines = [line.split("] ", 1)[-1].strip() if line.startswith("(") else line.strip() for line in body.splitlines()]
+        lines = [line.split("] ", 1)[-1].strip() if line.startswith("(") else line.strip()
+                 for line in body.splitlines()]
         for index, text in enumerate(lines):
             head = text.split(":", 1)[0]
             if head.endswith(("Error", "Exception")) and " " not in head and not any(g in text for g in _GENERIC):
@@ -149,7 +151,8 @@ def compare_with_engine(reference_logits: torch.Tensor, engine_result: dict,
                            mean_kl=sum(kls) / max(len(kls), 1), max_kl=max(kls, default=0.0), greedy_prefix=greedy)
 
 
-def reference_outputs(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
+def reference_outputs(model: torch.nn.Module, prompts: torch.Tensor,
+                      new_tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
     """A nemo-optim model's logits at every prompt position and its greedy continuations: what an
     engine serving the model's export is compared with."""
     from nemo_optim.models.forward import forward_logits, greedy_tokens

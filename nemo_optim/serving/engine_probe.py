@@ -11,7 +11,8 @@ def linear_methods(model) -> dict:
         if method is None or type(method).__name__ == "UnquantizedEmbeddingMethod":
             continue
         scheme = getattr(module, "scheme", None)
-        kernel = getattr(scheme, "kernel", None) or getattr(scheme, "fp8_linear", None) or getattr(method, "kernel", None)
+        kernel = (getattr(scheme, "kernel", None) or getattr(scheme, "fp8_linear", None)
+                  or getattr(method, "kernel", None))
         found.setdefault(name.rsplit(".", 1)[-1], " / ".join(
             type(x).__name__ for x in (method, scheme, kernel) if x is not None))
     return found
@@ -41,7 +42,7 @@ def time_linears(model, repeats: int = 200) -> dict:
             for _ in range(repeats):
                 module(x)
         seconds = (time.perf_counter() - start) / repeats
-        timings[name.rsplit(".", 1)[-1]] = {"us": seconds * 1e6, "bytes": params,
-                                            "gb_per_s": params / seconds / 1e9,
-                                            "shape": [module.input_size_per_partition, module.output_size_per_partition]}
+        shape = [module.input_size_per_partition, module.output_size_per_partition]
+        timings[name.rsplit(".", 1)[-1]] = {"us": seconds * 1e6, "bytes": params, "gb_per_s": params / seconds / 1e9,
+                                            "shape": shape}
     return timings

@@ -195,7 +195,8 @@ class MedusaDrafter:
 
     def propose(self, k: int) -> list[int]:
         if k > len(self.model.medusa_heads):
-            raise ValueError(f"num_draft_tokens={k} needs {k} Medusa heads; the model has {len(self.model.medusa_heads)}.")
+            raise ValueError(
+                f"num_draft_tokens={k} needs {k} Medusa heads; the model has {len(self.model.medusa_heads)}.")
         return [int(self.model.medusa_heads[i](self.hidden)[0, -1].argmax()) for i in range(k)]
 
     def accept(self, num_accepted: int, verify: BaseOutput, new_tokens: list[int]) -> None:

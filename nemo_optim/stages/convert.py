@@ -7,7 +7,8 @@ Steps of `import_ckpt`:
   4. save the native checkpoint (atomic), 5. optionally export to HF and check that
      transformers reloads the export with the same logits.
 
-    python -c "from nemo_optim.stages.convert import import_ckpt; import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
+    python -c "from nemo_optim.stages.convert import import_ckpt; \
+import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
 """
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry

@@ -6,7 +6,9 @@ DistillationModel, train with `nemo_optim.training` (resumable), export the stud
 state such as quantizers is kept: a PTQ checkpoint as student gives QAD), save, optionally
 export to HF.
 
-    python -c "from nemo_optim.stages.distill import distill; distill(student_model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', output_path='/tmp/distilled')"
+    python -c "from nemo_optim.stages.distill import distill; \
+distill(student_model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', \
+output_path='/tmp/distilled')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads distill's annotations.
 """

@@ -20,7 +20,8 @@ from nemo_optim.prelaunch import LaunchTarget, check_data_source
 from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 
 
-def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
+def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, launch_target: Optional[LaunchTarget] = None,
+                    **_) -> None:
     """Pre-launch: the evaluation text and the task's items file are readable and valid."""
     check_data_source("evaluation.data.source", evaluation.data if evaluation else None, launch_target)
     if evaluation is not None and evaluation.accuracy is not None:
@@ -29,7 +30,8 @@ def check_arguments(*, evaluation: Optional[EvaluationConfig] = None, launch_tar
         try:
             import lm_eval  # noqa: F401
         except ImportError:
-            raise InputError("evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
+            raise InputError(
+                "evaluation.lm_eval needs lm-evaluation-harness: pip install 'nemo-optim[eval]'.") from None
 
 
 @stage_entry(check_arguments)

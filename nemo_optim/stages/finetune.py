@@ -4,7 +4,8 @@ distillation data before distilling, so the student does not learn the teacher's
 with that data (SmolLM2-135M on the embedded corpus: teacher perplexity 20.4 -> 12.8 after 60
 steps, benchmarks/results/distill.md).
 
-    python -c "from nemo_optim.stages.finetune import finetune; finetune(model_path='smollm2-135m-instruct', output_path='/tmp/teacher_corrected')"
+    python -c "from nemo_optim.stages.finetune import finetune; \
+finetune(model_path='smollm2-135m-instruct', output_path='/tmp/teacher_corrected')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads finetune's annotations.
 """

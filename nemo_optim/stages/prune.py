@@ -11,7 +11,8 @@ Steps:
 
 CPU:
     python -c "from nemo_optim.stages.prune import prune; from nemo_optim.pruning.config import PruningConfig; \
-prune(nemo_checkpoint='smollm2-135m-instruct', save_path='/tmp/pruned', pruning_config=PruningConfig(target_num_layers=20))"
+prune(nemo_checkpoint='smollm2-135m-instruct', save_path='/tmp/pruned', \
+pruning_config=PruningConfig(target_num_layers=20))"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads prune's annotations.
 """
@@ -107,7 +108,8 @@ def prune(
         model, config = prune_language_model(loaded.model, loaded.config, pruning_config, forward_loop, scores_path,
                                              score_func)
         runtime.print0(f"pruned {loaded.config.num_parameters() / 1e6:.1f} M -> {config.num_parameters() / 1e6:.1f} M "
-                       f"parameters (layers {config.num_layers}, hidden {config.hidden_size}, ffn {config.ffn_hidden_size}, "
+                       f"parameters (layers {config.num_layers}, hidden {config.hidden_size}, "
+                       f"ffn {config.ffn_hidden_size}, "
                        f"heads {config.num_attention_heads})")
         save_stage_model(model, config, save_path, loaded.hf_dir, hf_export_path, producer={
             "stage": "prune", "source": str(nemo_checkpoint), "pruning_config": dataclasses.asdict(pruning_config)})

@@ -50,10 +50,12 @@ def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
             max(calibration_tp * calibration_pp, (devices or 1) * (num_nodes or 1)))
     if launch_target is not None and launch_target.gpus is not None:
         quantization_config.check_hardware(
-            launch_target.gpus > 0, "this machine has none" if launch_target.local else "the executor gives the job none (gpus_per_node)")
+            launch_target.gpus > 0,
+            "this machine has none" if launch_target.local else "the executor gives the job none (gpus_per_node)")
     quantization_config.check_export_format(export_config.export_format)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
-        check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(), launch_target)
+        check_data_source("quantization_config.calibration_dataset", quantization_config.calibration_data(),
+                          launch_target)
 
 
 @stage_entry(check_arguments)
@@ -121,7 +123,8 @@ def ptq(
             if quantization_config.auto_quantize_bits is not None:
                 model, summary = auto_quantize(
                     model, quantization_config, tokenizer,
-                    fresh_model=lambda: load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl).model)
+                    fresh_model=lambda: load_model(model_path, dtype=model_dtype,
+                                                   transformer_impl=transformer_impl).model)
             else:
                 model, summary = quantize(model, quantization_config, tokenizer=tokenizer)
             checkpoint.save_checkpoint(
@@ -135,7 +138,8 @@ def ptq(
         if calibration_tp > 1 or (whole and calibration_pp > 1):
             # ModelOpt's exporters write TP shards into one file: export from a TP=1 reload of
             # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
-            runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=1 if whole else calibration_pp))
+            runtime.set_model_parallel_sizes(
+                runtime.ParallelConfig(pipeline_model_parallel_size=1 if whole else calibration_pp))
             model = load_model(save_path).model
         export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
                                        loaded.config.hf_architecture, release_model=not export_config.generate_sample)

@@ -13,7 +13,8 @@ Steps:
   5. the speculative checkpoint at `output_path` (draft weights, ModelOpt state, results),
   6. the deployment export at `export_path` (EAGLE: ModelOpt's exporter; Medusa: vLLM layout).
 
-    python -c "from nemo_optim.stages.speculative import speculative; speculative(model_path='smollm2-135m-instruct', output_path='/tmp/eagle3')"
+    python -c "from nemo_optim.stages.speculative import speculative; \
+speculative(model_path='smollm2-135m-instruct', output_path='/tmp/eagle3')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads these annotations.
 """

@@ -29,6 +29,7 @@ if __name__ == "__main__":
             return record(self, layer_idx, *rest, **kwargs)
 
         layerwise_calib._CheckpointState.save = record_or_die
-    ptq(model_path=args.model, export_config=ExportConfig(path=args.export, export_format=args.export_format, dtype="float32"),
+    ptq(model_path=args.model,
+        export_config=ExportConfig(path=args.export, export_format=args.export_format, dtype="float32"),
         quantization_config=QuantizationConfig(algorithm=args.algorithm, calibration_dataset_size=8,
                                               calibration_seq_len=64, calibration_checkpoint_dir=args.checkpoint_dir))

@@ -32,7 +32,8 @@ def main() -> int:
             print(f"rank {runtime.rank()}: TP={args.tp} PP={args.pp} max |logit diff| = {diff:.3e}", flush=True)
             failed = diff > args.atol
         if args.save:
-            checkpoint.save_checkpoint(loaded.model, loaded.config, args.save, loaded.hf_dir, producer={"stage": "test"})
+            checkpoint.save_checkpoint(loaded.model, loaded.config, args.save, loaded.hf_dir,
+                                       producer={"stage": "test"})
         flags = torch.tensor([int(failed)])
         torch.distributed.all_reduce(flags)
     return int(flags.item() > 0)

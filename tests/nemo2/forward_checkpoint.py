@@ -8,7 +8,8 @@ the tokenizer from its context/nemo_tokenizer artifact). Model: NeMo's `config.c
 Weights: NeMo's `MegatronCheckpointIO.load_checkpoint` with the `module.`-keyed sharded state dict
 that NeMo's MegatronStrategy builds, then `load_state_dict` (every weight present). On a CPU, the
 redirections of write_checkpoint.py, and the loaded tensors are left on the CPU (NeMo moves them to
-the CUDA device) and the forward's device="cuda" tensors made on the CPU; Lightning's Trainer/Fabric are not used (they need a GPU).
+the CUDA device) and the forward's device="cuda" tensors made on the CPU; Lightning's Trainer/Fabric
+are not used (they need a GPU).
 """
 
 import os
