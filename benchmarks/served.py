@@ -78,7 +78,9 @@ def _build(row: str, work: Path, distill_steps: int) -> tuple[Path, str, str]:
     algorithm, excluded = QUANTIZED[row]
     path = work / algorithm
     if not path.exists():
-        ptq(model_path=SMOLLM2, quantization_config=QuantizationConfig(algorithm=algorithm, exclude_modules=excluded),
+        # (INT4 blocks of 64: 128 does not divide SmolLM2's hidden size, 576)
+        quantization = QuantizationConfig(algorithm=algorithm, exclude_modules=excluded, awq_block_size=64)
+        ptq(model_path=SMOLLM2, quantization_config=quantization,
             export_config=ExportConfig(path=str(path), export_format="compressed_tensors", dtype="bf16"))
     return path, "bfloat16", f"{path}_native"
 
