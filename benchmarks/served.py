@@ -90,7 +90,7 @@ def _quality(row: str, model_path: str, work: Path, items: int) -> dict:
     out = work / "evaluation" / f"{row.replace(' ', '_')}.json"
     if not out.exists():
         evaluate(model_path=model_path, reference_model_path=SMOLLM2, output_path=str(out),
-                 evaluation=EvaluationConfig(num_sequences=16, accuracy=AccuracyConfig(num_items=items)))
+                 evaluation=EvaluationConfig(num_sequences=8, accuracy=AccuracyConfig(num_items=items)))
     result = json.loads(out.read_text())
     accuracy = result.get("task_accuracy") or {}
     return {"perplexity": result["perplexity"], "kl_to_original": result.get("kl_to_reference"),
@@ -160,7 +160,7 @@ def main() -> None:
              f"{args.prompts} prompts with one new token; medians of 3. 'engine top-1 / KL': vLLM's prompt "
              f"log-probabilities (top 20 + the rest as one bucket) against nemo-optim's own model of that row "
              f"(the fake-quantized one for quantized rows). ppl / KL to orig / task acc: the evaluate stage "
-             f"(16 x 256 held-out tokens; stdlib-cloze, {args.accuracy_items} items, normalized accuracy). "
+             f"(8 x 256 held-out tokens; stdlib-cloze, {args.accuracy_items} items, normalized accuracy). "
              f"The fp32 original is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to fp32."
              + (f" Rows kept from the previous run: {', '.join(reused)}." if reused else "")
              + (f" {args.note}" if args.note else ""))

@@ -165,5 +165,6 @@ def engine_job(name: str, model_dir: str | Path, prompts: torch.Tensor, *, dtype
                new_tokens: int = 16, prompt_logprobs: int = -1, **extra) -> dict:
     """One engine_worker job: greedy continuations and prompt log-probabilities (-1: the whole
     vocabulary) of `prompts` served from `model_dir`."""
-    return {"name": name, "model": str(model_dir), "dtype": dtype, "prompts": prompts.tolist(),
+    # (absolute: the engine runs in a scratch directory)
+    return {"name": name, "model": str(Path(model_dir).resolve()), "dtype": dtype, "prompts": prompts.tolist(),
             "max_tokens": new_tokens, "prompt_logprobs": prompt_logprobs, **extra}
