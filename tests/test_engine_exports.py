@@ -182,24 +182,28 @@ def test_report_serves_each_row_with_an_hf_export(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_smollm2_and_its_int8_export_serve_as_nemo_optim_computes_them(tmp_path):
+def test_smollm2_and_its_int4_export_serve_as_nemo_optim_computes_them(tmp_path):
     """The real model (SmolLM2-135M's GGUF dequantized to fp32: tied embeddings, rope theta 1e5,
-    GQA 9/3) and its compressed-tensors INT8 export, against nemo-optim's own (fake-quant) model
-    on held-out text (KL over vLLM's top 20 plus the rest as one bucket)."""
+    GQA 9/3) in fp32, and its compressed-tensors INT4 export served in bf16 (the CPU's INT4 kernel
+    runs in bf16 only), against nemo-optim's own (fake-quant) model on held-out text (KL over
+    vLLM's top 20 plus the rest as one bucket). benchmarks/results/served.md measured the INT4
+    export at top-1 0.97, KL 1.3e-3 (bf16 serving) and the fp32 original at top-1 1.0."""
     from nemo_optim.models.hf import SMOLLM2, embedded_model_path, gguf_to_hf
 
     source = gguf_to_hf(embedded_model_path(SMOLLM2))
-    export = tmp_path / "int8"
-    ptq(model_path=SMOLLM2, quantization_config=QuantizationConfig(algorithm="int8", calibration_dataset_size=16),
-        export_config=ExportConfig(path=str(export), export_format="compressed_tensors", dtype="float32"))
+    export = tmp_path / "int4"
+    ptq(model_path=SMOLLM2, quantization_config=QuantizationConfig(algorithm="int4", awq_block_size=64,
+                                                                   calibration_dataset_size=16),
+        export_config=ExportConfig(path=str(export), export_format="compressed_tensors", dtype="bf16"))
     prompts = document_prompts(DataConfig(), "validation", load_tokenizer(source), 2, 64)
     with runtime.parallel_runtime(runtime.ParallelConfig()):
         original = reference_outputs(load_model(SMOLLM2).model, prompts, 16)
         quantized = reference_outputs(load_model(f"{export}_native").model, prompts, 16)
     results = run_engine([engine_job("original", source, prompts, prompt_logprobs=20),
-                          engine_job("int8", export, prompts, prompt_logprobs=20)], log_path=tmp_path / "engine.log")
-    for result, (logits, greedy) in zip(results, (original, quantized)):
+                          engine_job("int4", export, prompts, prompt_logprobs=20, dtype="bfloat16")],
+                         log_path=tmp_path / "engine.log")
+    for result, (logits, greedy), (top1, kl) in zip(results, (original, quantized), ((0.99, 1e-4), (0.93, 5e-3))):
         agreement = compare_with_engine(logits, result, greedy)
         print(result["name"], agreement)
-        assert agreement.top1_agreement >= 0.98 and agreement.mean_kl < 1e-3, (result["name"], agreement)
-    assert "W8A8Int8" in results[1]["linear_methods"]["qkv_proj"]
+        assert agreement.top1_agreement >= top1 and agreement.mean_kl < kl, (result["name"], agreement)
+    assert "WNA16" in results[1]["linear_methods"]["qkv_proj"]
