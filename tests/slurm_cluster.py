@@ -1,8 +1,21 @@
-"""A real one-node Slurm cluster for tests: munge, MariaDB, slurmdbd (accounting: NeMo-Run reads
-job states with `sacct`), slurmctld and slurmd, all on localhost, configured in a scratch
-directory and stopped by pid.
+"""A real Slurm cluster for tests: munge, MariaDB, slurmdbd (accounting: NeMo-Run reads job
+states with `sacct`), slurmctld and slurmd, configured in a scratch directory and stopped by pid.
 
-    python tests/slurm_cluster.py          # start, print SLURM_CONF, wait for Ctrl-C
+One node (`start(root)`): every daemon on 127.0.0.1, the node named after this machine.
+
+Two nodes (`start(root, nodes=2)`): each slurmd runs in its own network namespace and UTS
+namespace (hostname node1 / node2) with its own address on a bridge this module creates
+(10.213.N.0/24, N free on this machine; nothing outside the bridge is addressed). slurmctld
+stays in the root namespace and listens on the bridge's address, which the nodes reach over
+their veth. Each slurmd starts in a private mount namespace with /etc/netns/<namespace>/hosts
+bind-mounted over /etc/hosts (as `ip netns exec` does), so node1, node2 and the controller
+resolve inside both nodes (NeMo-Run's torchrun rendezvous is `hostname --ip-address` of the
+first node, gloo binds to the address of the hostname). munge's socket and the filesystem are
+shared, so jobs see the same repository and venv on both nodes. Job steps run in their node's
+namespaces: `Cluster.network.pids(node)` lists them, `stop()` kills what is left there and
+deletes the links, namespaces and /etc/netns files.
+
+    python tests/slurm_cluster.py [NODES]   # start, print SLURM_CONF, wait for Ctrl-C
 
 Debian's packages are installed when missing (root; ~1 min). Commands find the cluster through
 the SLURM_CONF environment variable, which `start()` sets for this process and its children.
@@ -46,10 +59,62 @@ def ensure_installed() -> None:
 
 
 @dataclass
+class Network:
+    """The bridge, veth pairs and namespaces of a multi-node cluster (names unique to it)."""
+    bridge: str
+    subnet: str  # "10.213.N"
+    namespaces: dict[str, str] = field(default_factory=dict)  # node name -> namespace
+    veths: list[str] = field(default_factory=list)
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.subnet}.1"
+
+    def address(self, node: str) -> str:
+        return f"{self.subnet}.{10 + list(self.namespaces).index(node) + 1}"
+
+    def pids(self, node: str) -> list[int]:
+        """Every process in `node`'s namespace (its slurmd, job steps, tasks)."""
+        result = subprocess.run(["ip", "netns", "pids", self.namespaces[node]], capture_output=True, text=True)
+        return [int(pid) for pid in result.stdout.split()]
+
+    def exec(self, node: str, *command: str) -> list[str]:
+        """`command` run as on `node`: in its network namespace, with its hostname and its
+        /etc/hosts. (Not `ip netns exec`, which mounts a new /sys without the cgroup
+        hierarchies slurmd's cgroup plugin reads.)"""
+        namespace = self.namespaces[node]
+        hosts = Path("/etc/netns") / namespace / "hosts"
+        return ["nsenter", f"--net=/run/netns/{namespace}", "unshare", "--uts", "--mount", "--propagation", "private",
+                "sh", "-c", f'mount --bind {hosts} /etc/hosts && hostname {node} && exec "$@"', "sh", *command]
+
+    def delete(self) -> None:
+        for node, namespace in self.namespaces.items():
+            for pid in self.pids(node):  # job processes the slurmd left behind
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for veth in self.veths:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for namespace in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
+        try:
+            Path("/etc/netns").rmdir()  # only when no other namespace has files there
+        except OSError:
+            pass
+        self.namespaces.clear()
+        self.veths.clear()
+
+
+@dataclass
 class Cluster:
     root: Path
     conf: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    network: Network | None = None
 
     def stop(self) -> None:
         # reverse start order; each daemon by its pid
@@ -63,6 +128,8 @@ class Cluster:
                     process.kill()
                     process.wait()
         self.processes.clear()
+        if self.network is not None:
+            self.network.delete()
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -93,8 +160,60 @@ def _start(cluster: Cluster, name: str, command: list[str]) -> None:
     cluster.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start(root: Path, cpus: int | None = None) -> Cluster:
-    """Starts every daemon under `root` and sets SLURM_CONF; returns the running cluster."""
+def _run(*command: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SlurmUnavailable(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def _free_subnet() -> str:
+    """10.213.N with no address of this machine in 10.213.N.0/24."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    for third in range(os.getpid() % 200, os.getpid() % 200 + 250):
+        subnet = f"10.213.{third % 250 + 1}"
+        if f" {subnet}." not in used:
+            return subnet
+    raise SlurmUnavailable("no free 10.213.N.0/24 subnet for the test nodes")
+
+
+def _make_network(host: str, nodes: list[str]) -> Network:
+    """A bridge with the controller's address and, per node, a namespace joined to it by a veth
+    pair, and that namespace's /etc/hosts."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("ip", "unshare", "nsenter")):
+        raise SlurmUnavailable("a multi-node cluster needs root, iproute2 (ip netns), unshare and nsenter")
+    tag = f"{os.getpid() % 100000}"
+    network = Network(bridge=f"nosb{tag}", subnet=_free_subnet())
+    try:
+        _run("ip", "link", "add", network.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{network.controller_address}/24", "dev", network.bridge)
+        _run("ip", "link", "set", network.bridge, "up")
+        for node in nodes:
+            namespace = f"nemo-optim-{tag}-{node}"
+            _run("ip", "netns", "add", namespace)
+            network.namespaces[node] = namespace
+        hosts = "127.0.0.1 localhost\n" + f"{network.controller_address} {host}\n" + "".join(
+            f"{network.address(node)} {node}\n" for node in nodes)
+        for node, namespace in network.namespaces.items():
+            veth = f"nosv{tag}{node[-2:]}"
+            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+            network.veths.append(veth)
+            _run("ip", "link", "set", veth, "master", network.bridge, "up")
+            inside = ["ip", "netns", "exec", namespace]
+            _run(*inside, "ip", "addr", "add", f"{network.address(node)}/24", "dev", "eth0")
+            _run(*inside, "ip", "link", "set", "eth0", "up")
+            _run(*inside, "ip", "link", "set", "lo", "up")
+            (Path("/etc/netns") / namespace).mkdir(parents=True, exist_ok=True)
+            (Path("/etc/netns") / namespace / "hosts").write_text(hosts)
+    except BaseException:
+        network.delete()
+        raise
+    return network
+
+
+def start(root: Path, cpus: int | None = None, nodes: int = 1) -> Cluster:
+    """Starts every daemon under `root` and sets SLURM_CONF; returns the running cluster. With
+    `nodes` > 1, nodes node1..nodeN, each slurmd in its own network namespace (module doc);
+    `cpus` is then each node's CPU count (default: this machine's)."""
     ensure_installed()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -104,7 +223,36 @@ def start(root: Path, cpus: int | None = None) -> Cluster:
     for sub in ("state", "spool", "mysql", "munge"):
         (root / sub).mkdir(exist_ok=True)
     cluster = Cluster(root=root, conf=root / "slurm.conf")
+    if nodes > 1:
+        cluster.nodes = [f"node{index + 1}" for index in range(nodes)]
+        cluster.network = _make_network(host, cluster.nodes)
+        controller = cluster.network.controller_address
+        node_lines = "".join(
+            f"NodeName={node} NodeHostname={node} NodeAddr={cluster.network.address(node)} CPUs={cpus} "
+            f"State=UNKNOWN\n" for node in cluster.nodes)
+        # per-node files: %n is the node's name
+        slurmd_files = (f"SlurmdSpoolDir={root / 'spool' / '%n'}\nSlurmdPidFile={root / 'slurmd.%n.pid'}\n"
+                        f"SlurmdLogFile={root / 'slurmd.%n.daemon.log'}\nSlurmdParameters=config_overrides\n")
+        for node in cluster.nodes:
+            (root / "spool" / node).mkdir(parents=True, exist_ok=True)
+    else:
+        cluster.nodes = [host]
+        controller = "127.0.0.1"
+        node_lines = f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n"
+        slurmd_files = (f"SlurmdSpoolDir={root / 'spool'}\nSlurmdPidFile={root / 'slurmd.pid'}\n"
+                        f"SlurmdLogFile={root / 'slurmd.daemon.log'}\n")
 
+    try:
+        _start_daemons(cluster, host, ports, controller, node_lines, slurmd_files)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _start_daemons(cluster: Cluster, host: str, ports: dict[str, int], controller: str, node_lines: str,
+                   slurmd_files: str) -> None:
+    root = cluster.root
     # munge: slurm's authentication (the Debian package ships a key). Slurm's clients only look
     # for munged at its default socket, so ours goes there unless one already answers.
     if not _ok("bash", "-c", "munge -n | unmunge"):
@@ -136,18 +284,16 @@ def start(root: Path, cpus: int | None = None) -> Cluster:
     )
     dbd_conf.chmod(0o600)
     cluster.conf.write_text(
-        f"ClusterName={CLUSTER}\nSlurmctldHost={host}(127.0.0.1)\n{common}"
+        f"ClusterName={CLUSTER}\nSlurmctldHost={host}({controller})\n{common}"
         f"SlurmUser=root\nSlurmdUser=root\nSlurmctldPort={ports['ctld']}\nSlurmdPort={ports['slurmd']}\n"
-        f"StateSaveLocation={root / 'state'}\nSlurmdSpoolDir={root / 'spool'}\n"
-        f"SlurmctldPidFile={root / 'slurmctld.pid'}\nSlurmdPidFile={root / 'slurmd.pid'}\n"
-        f"SlurmctldLogFile={root / 'slurmctld.daemon.log'}\nSlurmdLogFile={root / 'slurmd.daemon.log'}\n"
+        f"StateSaveLocation={root / 'state'}\n{slurmd_files}"
+        f"SlurmctldPidFile={root / 'slurmctld.pid'}\nSlurmctldLogFile={root / 'slurmctld.daemon.log'}\n"
         "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nMpiDefault=none\n"
         "SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nReturnToService=2\n"
         f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
         f"AccountingStoragePort={ports['dbd']}\nJobAcctGatherType=jobacct_gather/none\n"
         "JobCompType=jobcomp/none\nSchedulerType=sched/backfill\nInactiveLimit=0\nKillWait=5\nMinJobAge=300\n"
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n"
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP\n"
+        f"{node_lines}PartitionName=debug Nodes={','.join(cluster.nodes)} Default=YES MaxTime=INFINITE State=UP\n"
     )
     os.environ["SLURM_CONF"] = str(cluster.conf)  # slurmdbd.conf is read from the same directory
 
@@ -159,14 +305,20 @@ def start(root: Path, cpus: int | None = None) -> Cluster:
 
     _start(cluster, "slurmctld", ["slurmctld", "-D", "-i", "-f", str(cluster.conf)])
     _wait_for(lambda: _ok("scontrol", "ping"), "slurmctld", cluster)
-    _start(cluster, "slurmd", ["slurmd", "-D", "-f", str(cluster.conf)])
+    if cluster.network is None:
+        _start(cluster, "slurmd", ["slurmd", "-D", "-f", str(cluster.conf)])
+    else:
+        for node in cluster.nodes:
+            _start(cluster, f"slurmd.{node}",
+                   cluster.network.exec(node, "slurmd", "-D", "-N", node, "-f", str(cluster.conf)))
 
-    def node_idle() -> bool:
-        result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-        return result.returncode == 0 and result.stdout.strip() in ("idle", "mix", "alloc")
+    def nodes_idle() -> bool:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
+        states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+        return (result.returncode == 0 and set(states) == set(cluster.nodes)
+                and all(state in ("idle", "mix", "alloc") for state in states.values()))
 
-    _wait_for(node_idle, "slurmd to register", cluster)
-    return cluster
+    _wait_for(nodes_idle, "every slurmd to register", cluster)
 
 
 def wait_for_job(job_id: str, timeout: float = 600.0) -> str:
@@ -186,7 +338,9 @@ def wait_for_job(job_id: str, timeout: float = 600.0) -> str:
 if __name__ == "__main__":
     import tempfile
 
-    running = start(Path(tempfile.mkdtemp(prefix="slurm-")))
+    import sys
+
+    running = start(Path(tempfile.mkdtemp(prefix="slurm-")), nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     print(f"export SLURM_CONF={running.conf}")
     try:
         signal.pause()
