@@ -6,15 +6,15 @@ The reference is the Q4_1 GGUF of SmolLM2 dequantized to fp32 (its decoder linea
 4-bit rounding). Rows:
   - PTQ FP8 / INT8-SmoothQuant / INT4-AWQ: nemo-optim's SmolLM2 CPU recipes with 16 calibration
     sequences (experiments/smollm2_ptq_formats.py's settings) and ModelOpt's preset calibration
-    (max / SmoothQuant / AWQ-lite, what NeMo 2 ran; no GPTQ-lite or auto_quantize search, which take
-    ~20 min per format on 2 cores), run here;
+    (max / SmoothQuant / AWQ-lite, what NeMo 2 ran; no GPTQ-lite or auto_quantize search, which would
+    add much time per format: benchmarks/results/README.md, Run times), run here;
   - INT4 PTQ (block 32, GPTQ-lite) and INT4 PTQ + QAD: `python -m experiments.qad_smollm2`'s outputs;
   - teacher corrected, pruned (30 -> 18 layers), distilled, distilled + FP8: `make run`'s outputs
     (experiments/compress_smollm2.py).
 A row whose experiment has not run is left out (the note says so); a row whose experiment wrote
 an evaluation with this task and item count is read from it, not recomputed.
 
-    .venv/bin/python -m benchmarks.accuracy                     # ~25 min on 2 cores after the experiments
+    .venv/bin/python -m benchmarks.accuracy                     # after the experiments
     .venv/bin/python -m benchmarks.accuracy --items 16 --rows original "PTQ FP8 (preset)"   # smoke
 Writes benchmarks/results/accuracy.json and accuracy.md.
 """

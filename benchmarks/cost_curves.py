@@ -12,12 +12,12 @@ stage's). Models:
 the tiny test Llama (2 layers, hidden 64), SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to
 fp32), and a random model of SmolLM2's shape at twice its width (hidden 1152, MLP 3072, 18/6
 heads). "Model memory" is the fp32 weights; "RSS over baseline" is the process's peak RSS minus its
-resident memory after the imports, before any model is built (the imports' own transient peak,
-~2.5 GiB, is in "peak RSS" too).
+resident memory after the imports, before any model is built (the imports' own transient
+peak is in "peak RSS" too).
 KD: forward + backward of one step (2 micro-batches of 2 sequences; optimizer excluded) of SmolLM2
 -> `make run`'s 18-layer pruned student, logit KL, median of 3 after one warm-up.
 
-    .venv/bin/python -m benchmarks.cost_curves            # ~15 min on 2 cores
+    .venv/bin/python -m benchmarks.cost_curves
 Writes benchmarks/results/cost_curves.{json,md} and cost_curves.png.
 """
 

@@ -10,8 +10,8 @@ CE and the best KD recipe are also run at other lrs (rows "<row> @ lr X"); 'ppl 
 CE at its best lr. Both are repeated at their best lr with other seeds (rows "... , seed S": other
 samples of the train split) and the notes give KD / CE per seed and of the means.
 
-    .venv/bin/python -m benchmarks.distill            # ~2.5 h on 2 cores (each trained row 5-10 min alone)
-    .venv/bin/python -m benchmarks.distill --core     # ~35 min: no training, CE, KD logits (+ intermediate), best KD
+    .venv/bin/python -m benchmarks.distill            # every row
+    .venv/bin/python -m benchmarks.distill --core     # no training, CE, KD logits (+ intermediate), best KD
     .venv/bin/python -m benchmarks.distill --rows "KD logits + LM loss"   # one row; others kept
     .venv/bin/python -m benchmarks.distill --rows "cross-entropy fine-tuning @ lr 0.001" --work-dir W \
 --reuse-checkpoints

@@ -6,7 +6,7 @@ relative rounding error ||Q(x) - x||^2 / ||x||^2 per linear kind (min / median /
 beside the same quantizer on Gaussian tokens. Both at the same level means the model's activations
 lose nothing to underflow or outliers: what is left is the 3-bit mantissa, which no scale changes.
 
-    .venv/bin/python -m benchmarks.fp8_rounding          # ~1 min on 2 cores
+    .venv/bin/python -m benchmarks.fp8_rounding
 Writes benchmarks/results/fp8_rounding.json and fp8_rounding.md.
 """
 

@@ -26,7 +26,7 @@ Checks (through the project's own stage functions where one exists: ptq, distill
                            their sequence length, and the ptq recipe's calibration batch in bf16
 
     python -m benchmarks.gpu_acceptance --out benchmarks/results              # one GPU (README: GPU acceptance kit)
-    python -m benchmarks.gpu_acceptance --device cpu --tiny --out /tmp/ga     # CPU smoke run, ~40 s (the test suite's)
+    python -m benchmarks.gpu_acceptance --device cpu --tiny --out /tmp/ga     # CPU smoke run (the test suite's)
 
 A GPU node gets the libraries beyond torch + transformers from `python -m benchmarks.gpu_wheels`. Exit status 0
 when no check failed and the run kept to its time budget, 1 otherwise, 2 when a library every check needs is missing.

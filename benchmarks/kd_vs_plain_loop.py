@@ -8,10 +8,10 @@ its HF export), the same packed rows of the embedded corpus's train split in the
 constant, betas 0.9/0.95, weight decay 0.01 on matrices), gradients clipped at 1.0, fp32 on CPU.
 Each side runs in its own process (peak RSS is that process's; nemo-optim's started as its executors
 start CPU jobs, with glibc's tcache off, the plain loop's in the plain environment); the two sides
-alternate, --runs times each (this VM's speed drifts by 10-20% from minute to minute), and each
+alternate, --runs times each (this VM's speed drifts from minute to minute), and each
 side's s/step is the median over its runs of the run's median step after the first.
 
-    .venv/bin/python -m benchmarks.kd_vs_plain_loop                 # ~6 min on 2 cores
+    .venv/bin/python -m benchmarks.kd_vs_plain_loop
     .venv/bin/python -m benchmarks.kd_vs_plain_loop --steps 3       # smoke
 Writes benchmarks/results/kd_vs_plain_loop.json and .md.
 """

@@ -5,7 +5,7 @@ Rows: depth 30 -> 20 by Minitron importance vs dropping the last 10 layers vs dr
 perplexity and KL / top-1 agreement to the unpruned model, seconds. Importance is estimated once
 into a scores cache; the second width row reuses it (the re-prune time is reported).
 
-    .venv/bin/python -m benchmarks.prune          # ~15 min on 2 cores
+    .venv/bin/python -m benchmarks.prune
 Writes benchmarks/results/prune.json and prune.md.
 """
 

@@ -6,7 +6,7 @@ the unquantized model: perplexity and its change, KL, top-1 agreement, calibrati
 effective bits per decoder weight (scales included), share of decoder linear weights quantized,
 estimated weight size. Also nemo-optim's PTQ wall time over raw `mtq.quantize` on one config.
 
-    .venv/bin/python -m benchmarks.ptq                    # all rows (~2 h on 2 cores; --rows for a subset)
+    .venv/bin/python -m benchmarks.ptq                    # all rows (--rows for a subset)
     .venv/bin/python -m benchmarks.ptq --rows fp8 --eval-sequences 4 --calib-sequences 8   # smoke
 Writes benchmarks/results/ptq.json and ptq.md.
 """

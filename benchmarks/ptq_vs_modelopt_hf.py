@@ -17,11 +17,11 @@ compresses weights in place, so that side quantizes the same way again). nemo-op
 native checkpoint (the exports are made from it if an export fails). FP8 is measured again with 128
 calibration rows: what is fixed cost and what grows with the rows. Quality on held-out text of another
 domain (16 x 256 tokens of standard-library docstrings), against each side's own fp32 model (megatron's
-and transformers' fp32 logits agree to ~1e-5): perplexity, KL, top-1 agreement; nemo-optim's minus the
-HF path's with a 95% interval (paired bootstrap over the 16 sequences: an interval that holds 0 is a
-difference within the noise of this held-out set).
+and transformers' fp32 logits agree: benchmarks/results/README.md): perplexity, KL, top-1 agreement;
+nemo-optim's minus the HF path's with a 95% interval (paired bootstrap over the 16 sequences: an interval
+that holds 0 is a difference within the noise of this held-out set).
 
-    .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf                  # ~35 min on 2 cores
+    .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf
     .venv/bin/python -m benchmarks.ptq_vs_modelopt_hf --formats fp8    # one format
 Writes benchmarks/results/ptq_vs_modelopt_hf.json and .md.
 """

@@ -7,7 +7,7 @@ trains that checkpoint's weights through ModelOpt's fake quantizers (calibrated 
 with logit KD from the unquantized model, on pydoc text only: QAD never sees the held-out
 domain. Evaluation as in benchmarks/ptq.py: 32 x 256 tokens of standard-library docstrings.
 
-    .venv/bin/python -m benchmarks.qad               # all rows (~100 min on 2 cores)
+    .venv/bin/python -m benchmarks.qad               # all rows
     .venv/bin/python -m benchmarks.qad --rows "int4 block 32 + QAD @ lr 0.0002" --steps 2 --eval-sequences 4  # smoke
 Writes benchmarks/results/qad.json and qad.md.
 """

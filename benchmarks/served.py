@@ -8,7 +8,7 @@ model (top-1 and KL over vLLM's top-20 on held-out prompts), and the evaluate st
 KL / top-1 to the original and task accuracy. Rows whose decode is slower than fp32 get a per-op
 profile of the first layer's linears at decode shape (microseconds, bytes read, GB/s).
 
-    .venv/bin/python -m benchmarks.served                       # ~45 min on 2 cores: builds what is missing
+    .venv/bin/python -m benchmarks.served                       # builds what is missing
     .venv/bin/python -m benchmarks.served --rows "int8 W8A8"    # one row; others kept
 Artifacts go to --work-dir (default outputs/served) and are reused; writes
 benchmarks/results/served.json and served.md.

@@ -3,7 +3,7 @@
 on held-out prompts (the validation split, never trained on) at draft lengths 1-5: acceptance
 length, tokens/s against plain KV-cached greedy decoding of the same model, identical outputs.
 
-    .venv/bin/python -m benchmarks.speculative                              # all rows, ~100 min on 2 cores
+    .venv/bin/python -m benchmarks.speculative                              # all rows
     .venv/bin/python -m benchmarks.speculative --rows medusa_with_corpus    # one row; other rows are kept
 Writes benchmarks/results/speculative.json and speculative.md.
 """

@@ -198,11 +198,11 @@ def build_gpt_model(config: GPTModelConfig, parallel: Optional[runtime.ParallelC
     """Builds this process's part of a megatron-core `GPTModel` (needs `runtime.parallel_runtime`).
 
     `initialize=False` fills zeros instead of random values, for a caller that loads every weight next
-    (megatron's normal_ init was ~0.6 of SmolLM2's 1.4 s load on CPU). The init functions are
+    (on CPU megatron's normal_ init was most of a load's time). The init functions are
     swapped for zero fills rather than setting megatron's `perform_initialization=False`: megatron
     sets a weight's tensor-parallel attributes only inside its init step, and TP training needs them.
     The fills take megatron's device path (the CPU here): its CPU path builds a full-size master copy
-    of every weight and copies it over (SmolLM2's load 0.85 -> 0.5 s)."""
+    of every weight and copies it over (timings: benchmarks/results/README.md, PTQ against ModelOpt's HF path)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 

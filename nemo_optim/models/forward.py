@@ -115,8 +115,8 @@ def _discard_output(batch, output):
 @contextlib.contextmanager
 def output_layer_skipped(model: torch.nn.Module):
     """Forward passes stop after the decoder's final norm: no output layer, no `[B, S, V]` logits
-    (on SmolLM2 a 4 x 256 batch's logits and their transposed copy are ~0.38 GiB, and the output
-    layer ~20% of the compute). For passes whose output nobody reads. megatron's GPTModel returns
+    (with a large vocabulary the largest activations of the pass and a large share of its compute:
+    benchmarks/results/README.md). For passes whose output nobody reads. megatron's GPTModel returns
     the hidden states when `post_process` is off, as on a pipeline stage before the last."""
     if not getattr(model, "post_process", False):
         yield
