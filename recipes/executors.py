@@ -124,8 +124,9 @@ def kubeflow(
         KubeflowExecutor,
         image=image or _env("NEMO_OPTIM_K8S_IMAGE", "nvcr.io/nvidia/nemo:25.11"),
         namespace=namespace or _env("NEMO_OPTIM_K8S_NAMESPACE", "default"),
-        num_nodes=num_nodes or _env_int("NEMO_OPTIM_K8S_NUM_NODES", 1),
-        gpus_per_node=gpus_per_node or _env_int("NEMO_OPTIM_K8S_GPUS_PER_NODE", None),
+        # an explicit 0 (or -1) is kept, for the pre-launch check to refuse, not replaced by the default
+        num_nodes=num_nodes if num_nodes is not None else _env_int("NEMO_OPTIM_K8S_NUM_NODES", 1),
+        gpus_per_node=gpus_per_node if gpus_per_node is not None else _env_int("NEMO_OPTIM_K8S_GPUS_PER_NODE", None),
         cpu_requests=cpu, cpu_limits=cpu, memory_requests=memory, memory_limits=memory,
         volumes=[{"name": "results", "persistentVolumeClaim": {"claimName": claim}}] if claim else [],
         volume_mounts=[{"name": "results", "mountPath": mount_path}] if claim else [],

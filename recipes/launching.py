@@ -348,6 +348,9 @@ def launch_recipe(
         executor_config = executor_with_overrides(executors[executor], executor_overrides)
         job_executor = fdl.build(executor_config)
         validate(partial, launch_target(job_executor))
+        from nemo_optim_recipes.kubernetes import check_trainjob  # Kubeflow: the TrainJob fits the Trainer API
+
+        check_trainjob(job_executor, partial, recipe)
     except (OverrideError, ValueError, TypeError, ImportError) as error:
         # fiddle appends a multi-line "Fiddle context"; the first line is the message
         return fail(f"{recipe}: {str(error).strip().splitlines()[0]}")
