@@ -70,7 +70,11 @@ def slurm(
     packager: Optional[str] = None,
 ) -> run.Config[run.SlurmExecutor]:
     """A Slurm job: sbatch through an SSH tunnel to `host`, or on this machine when no host is
-    set (a login node, or the one-node test cluster). More than one task per node runs torchrun."""
+    set (a login node, or the test cluster). More than one task per node, or more than one node,
+    runs torchrun: one agent per node (srun), its rendezvous on the first node of the allocation
+    (NeMo-Run: `hostname --ip-address` there), node rank = SLURM_NODEID. A task that dies makes
+    its agent exit non-zero (torchrun restarts nothing) and srun (--kill-on-bad-exit, NeMo-Run's
+    default) ends the other nodes' agents, so the job FAILS instead of waiting on a collective."""
     host = host or _env("NEMO_OPTIM_SLURM_HOST")
     if host:
         tunnel = run.Config(run.SSHTunnel, host=host,
@@ -84,11 +88,12 @@ def slurm(
                          f"(shared filesystem).")
     mounts = container_mounts if container_mounts is not None else _env("NEMO_OPTIM_SLURM_CONTAINER_MOUNTS", "")
     tasks = ntasks_per_node or _env_int("NEMO_OPTIM_SLURM_NTASKS_PER_NODE", 1)
+    node_count = nodes or _env_int("NEMO_OPTIM_SLURM_NODES", 1)
     return run.Config(
         run.SlurmExecutor,
         account=account or _env("NEMO_OPTIM_SLURM_ACCOUNT", "default"),
         partition=partition or _env("NEMO_OPTIM_SLURM_PARTITION"),
-        nodes=nodes or _env_int("NEMO_OPTIM_SLURM_NODES", 1),
+        nodes=node_count,
         ntasks_per_node=tasks,
         gpus_per_node=gpus_per_node or _env_int("NEMO_OPTIM_SLURM_GPUS_PER_NODE", None),
         time=time or _env("NEMO_OPTIM_SLURM_TIME", "01:00:00"),
@@ -96,7 +101,8 @@ def slurm(
         container_mounts=[m for m in mounts.split(",") if m],
         tunnel=tunnel,
         packager=run.Config(run.GitArchivePackager) if packager_name == "git" else run.Config(run.Packager),
-        launcher="torchrun" if tasks > 1 else None,
+        # without torchrun, the nodes' tasks would each run the stage alone (no process group)
+        launcher="torchrun" if tasks > 1 or node_count > 1 else None,
         env_vars={} if gpus_per_node else cpu_job_env(**({"OMP_NUM_THREADS": "1"} if tasks > 1 else {})),
     )
 
