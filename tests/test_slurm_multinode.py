@@ -33,6 +33,22 @@ DISTILL = ("training.global_batch_size=4", "training.micro_batch_size=2", "data.
 TWO_NODES = ("run.executor=slurm", "run.executor.nodes=2", "run.executor.partition=debug")
 
 
+def test_a_multi_node_slurm_executor_runs_torchrun(monkeypatch):
+    """One task per node on two nodes still needs torchrun: without it each node's task would run
+    the stage alone, with no process group between them."""
+    import fiddle as fdl
+    import nemo_run as run
+
+    from nemo_optim_recipes.executors import EXECUTORS
+
+    monkeypatch.delenv("NEMO_OPTIM_SLURM_NODES", raising=False)
+    assert fdl.build(EXECUTORS["slurm"]()).launcher is None
+    executor = fdl.build(EXECUTORS["slurm"](nodes=2))
+    assert isinstance(executor.get_launcher(), run.Torchrun) and (executor.nodes, executor.ntasks_per_node) == (2, 1)
+    monkeypatch.setenv("NEMO_OPTIM_SLURM_NODES", "2")
+    assert isinstance(fdl.build(EXECUTORS["slurm"]()).get_launcher(), run.Torchrun)
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     import slurm_cluster
