@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
-.PHONY: lint setup run test test-current test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean
+.PHONY: lint setup run test test-current test-long test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,7 @@ run: setup
 	$(BIN)/python -m experiments.compress_smollm2 --yes
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not engine" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not engine and not long" $(PYTEST_ARGS)
 
 test-current:
 	$(MAKE) test LEG=current
@@ -58,6 +58,10 @@ test-current:
 # ruff, configured in pyproject.toml (pyflakes, pycodestyle, lines <= 120)
 lint: setup
 	$(BIN)/ruff check .
+
+# multi-process runs of several minutes on tiny models (TP/PP quantization matrix, a killed Slurm node)
+test-long: setup
+	$(BIN)/python -m pytest -m "long and not slow and not engine" $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -29,6 +29,7 @@ import torch
 
 from nemo_optim import runtime
 from nemo_optim.errors import InputError
+from nemo_optim.models import sharded
 from nemo_optim.models.config import GPTModelConfig
 
 FORMAT = "nemo-optim-checkpoint"
@@ -142,6 +143,15 @@ def stored_quantization_settings(path: str | Path) -> dict[str, Any] | None:
     if not (Path(path) / MANIFEST).is_file():
         return None
     return read_checkpoint_info(path).manifest.get("producer", {}).get("quantization_config")
+
+
+def written_by(path: str | Path, producer: dict[str, Any]) -> bool:
+    """Whether `path` is a complete native checkpoint whose producer had `producer`'s settings
+    (a stage's earlier run with the same arguments, which the rerun may go on from)."""
+    if not is_checkpoint(path):
+        return False
+    written = read_checkpoint_info(path).manifest.get("producer", {})
+    return all(written.get(key) == value for key, value in json.loads(json.dumps(producer)).items())
 
 
 HF_TOKENIZER_FILES = (
@@ -258,7 +268,7 @@ def save_checkpoint(
             weights.mkdir()
         runtime.barrier()
         fork_writer_results_queue()  # before the state dict exists: the fork keeps no copy of its pages
-        sharded_state_dict = model.sharded_state_dict()
+        sharded_state_dict = sharded.sharded_state_dict(model)
         with runtime.freed_buffers_returned_to_os():  # what the writer still copies does not stay resident
             views_handed_over_whole(sharded_state_dict)
             save_dist_checkpoint(sharded_state_dict, weights)
@@ -298,7 +308,7 @@ def load_checkpoint_weights(model: torch.nn.Module, info: CheckpointInfo) -> tor
     wrapped = [model]
     restore_sharded_modelopt_state(wrapped, str(info.weights_dir))
     model = wrapped[0]
-    state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(info.weights_dir))
+    state_dict = dist_checkpointing.load(sharded.sharded_state_dict(model), str(info.weights_dir))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # _extra_state entries (TE / ModelOpt bookkeeping) may legitimately be absent
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -517,13 +517,15 @@ def data_parallel_rank() -> int:
 
 
 def shutdown() -> None:
-    """Destroys megatron parallel state and the process group; leaves nothing behind."""
+    """Destroys megatron parallel state and a one-process group. A launched job's process group
+    (torchrun's rendezvous) lives as long as the process: ranks that built it again for a second
+    stage in the same process could pair up stale store keys and wait on each other forever."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     _remove_cpu_adjustments()
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() == 1:
         dist.destroy_process_group()
 
 

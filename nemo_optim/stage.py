@@ -19,6 +19,7 @@ where `launch_target` says the job runs on this machine (nemo_optim.prelaunch).
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -35,13 +36,15 @@ class StageArgumentError(InputError):
     """A stage argument that cannot work with how the job was launched."""
 
 
-def stage_entry(check_arguments: Callable[..., None]):
+def stage_entry(check_arguments: Callable[..., None], resumable_outputs: Callable[..., set[str]] | None = None):
     """Decorates a stage entry: input errors become one line and exit 2 in a NeMo-Run task, and
-    `stage.check_arguments` is what launchers run before submitting it."""
+    `stage.check_arguments` is what launchers run before submitting it. `resumable_outputs(**arguments)`
+    names the existing outputs a rerun goes on from (so launchers do not refuse them)."""
 
     def decorate(stage):
         wrapped = one_line_input_errors(stage)
         wrapped.check_arguments = check_arguments
+        wrapped.resumable_outputs = resumable_outputs or (lambda **_: set())
         return wrapped
 
     return decorate
@@ -83,5 +86,10 @@ def save_stage_model(model: torch.nn.Module, config, save_path: str | Path, hf_d
     checkpoint.save_checkpoint(model, config, save_path, hf_dir, producer=producer)
     runtime.print0(f"{producer['stage']} native checkpoint: {save_path}")
     if hf_export_path:
-        export_hf(model, hf_dir, hf_export_path, dtype=config.torch_dtype)
+        try:
+            export_hf(model, hf_dir, hf_export_path, dtype=config.torch_dtype)
+        except BaseException:
+            # the stage failed: none of its outputs stays, so the rerun is not refused
+            shutil.rmtree(save_path, ignore_errors=True)
+            raise
         runtime.print0(f"HF export: {hf_export_path}")

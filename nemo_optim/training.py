@@ -33,6 +33,7 @@ import torch
 
 from nemo_optim import checkpoint, runtime
 from nemo_optim.errors import InputError
+from nemo_optim.models import sharded
 from nemo_optim.models.forward import LossFn, make_batch, run_schedule
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -265,7 +266,7 @@ def _sharded_training_state(model: torch.nn.Module, optimizer: torch.optim.Optim
         optim_state_to_sharding_state,
     )
 
-    model_state = model.sharded_state_dict()
+    model_state = sharded.sharded_state_dict(model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for param in params:  # a template to load into needs the moments before the first step
         if not optimizer.state[param]:

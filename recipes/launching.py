@@ -160,11 +160,12 @@ def executor_with_overrides(factory, overrides: list[str]) -> run.Config:
 OUTPUT_FIELDS = ("output_path", "save_path", "export_path", "hf_export_path")
 
 
-def existing_output_message(arguments: dict) -> str | None:
-    """The first output a stage with these arguments would refuse to replace, as one line."""
+def existing_output_message(arguments: dict, resumable: set[str] = frozenset()) -> str | None:
+    """The first output a stage with these arguments would refuse to replace, as one line
+    (`resumable`: existing outputs the stage goes on from)."""
     if arguments.get("overwrite"):
         return None
-    outputs = [(field, arguments.get(field)) for field in OUTPUT_FIELDS]
+    outputs = [(field, arguments.get(field)) for field in OUTPUT_FIELDS if field not in resumable]
     export_config = arguments.get("export_config")
     if export_config is not None:
         outputs.append(("export_config.path", getattr(export_config, "path", None)))
@@ -196,7 +197,8 @@ def validate(partial: run.Partial, target: LaunchTarget | None = None) -> None:
     needs, prune targets, ...), without running the stage: a bad setting fails here, not in a
     scheduler's queue."""
     built = fdl.build(partial)
-    existing = existing_output_message(built.keywords)
+    resumable = getattr(built.func, "resumable_outputs", lambda **_: set())(**built.keywords)
+    existing = existing_output_message(built.keywords, resumable)
     if existing:
         raise OverrideError(existing)
     check = getattr(built.func, "check_arguments", None)

@@ -233,7 +233,7 @@ def _rank_process(cluster, node: str, rank: int) -> int:
 
 
 @pytest.mark.slurm
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_node_fails_the_job_and_the_same_command_resumes(two_nodes, data_parallel_distillation, kd_pair,
                                                                   nemo_run_home, tmp_path):
     from nemo_optim.training import newest_checkpoint

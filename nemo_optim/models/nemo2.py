@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_optim.models import hf
+from nemo_optim.models import hf, sharded
 from nemo_optim.models.config import GPTModelConfig
 
 CONTEXT_DIR, WEIGHTS_DIR, MODEL_YAML = "context", "weights", "model.yaml"
@@ -191,7 +191,7 @@ PREFIX = "module."
 
 def nemo2_sharded_state_dict(model: torch.nn.Module) -> dict:
     """This rank's sharded state dict under NeMo 2's keys (no `_extra_state`: NeMo 2's are TE's)."""
-    return {name: item for name, item in model.sharded_state_dict(prefix=PREFIX).items()
+    return {name: item for name, item in sharded.sharded_state_dict(model, prefix=PREFIX).items()
             if not name.endswith("_extra_state")}
 
 
@@ -320,5 +320,5 @@ def write_nemo2_checkpoint(model: torch.nn.Module, config: GPTModelConfig, path:
         runtime.barrier()
         fork_writer_results_queue()
         # with the `_extra_state` entries: NeMo's loaders ask for those of its layers
-        save_dist_checkpoint(model.sharded_state_dict(prefix=PREFIX), tmp / WEIGHTS_DIR)
+        save_dist_checkpoint(sharded.sharded_state_dict(model, prefix=PREFIX), tmp / WEIGHTS_DIR)
     return Path(path)

@@ -132,13 +132,16 @@ def check_block_size(model: torch.nn.Module, block_size: int, formats: list[str]
     config = getattr(model, "config", None)
     if not blocked or config is None:
         return
-    inputs = {"hidden": config.hidden_size, "attention": config.num_attention_heads * config.kv_channels,
-              "MLP": config.ffn_hidden_size}
+    # row-parallel layers (attention output, MLP down projection) see 1/TP of their inputs
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    inputs = {"hidden": config.hidden_size, "attention": config.num_attention_heads * config.kv_channels // tp,
+              "MLP": config.ffn_hidden_size // tp}
     if all(size % block_size == 0 for size in inputs.values()):
         return
     common = math.gcd(*inputs.values())
     largest = common & -common  # the largest power of two that divides every input size
     sizes = ", ".join(f"{name} {size}" for name, size in inputs.items())
+    sizes += f" per TP rank at TP={tp}" if tp > 1 else ""
     fix = (f"use awq_block_size={min(largest, 128)} or another power of two dividing them" if largest >= 8 else
            "no block size >= 8 does: use a per-channel format (int8_wo, fp8)")
     raise QuantizationConfigError(
@@ -453,9 +456,8 @@ def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export:
         tmp = shared_tmp if runtime.data_parallel_rank() == 0 else Path(scratch)
         if export.export_format == "hf":
             write_hf_export(model, hf_dir, tmp, export.torch_dtype, release_exported_layers=release_model)
-        elif export.export_format == "compressed_tensors":
-            if runtime.data_parallel_rank() == 0:  # (it needs the whole model: TP = PP = 1)
-                write_compressed_tensors(model, config, hf_dir, tmp, export.torch_dtype)
+        elif export.export_format == "compressed_tensors":  # (from one process: the ptq stage's export)
+            write_compressed_tensors(model, config, hf_dir, tmp, export.torch_dtype)
         else:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
 

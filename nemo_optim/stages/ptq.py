@@ -15,7 +15,10 @@ ptq(model_path='smollm2-135m-instruct', export_config=ExportConfig(path='/tmp/fp
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads ptq's annotations.
 """
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -58,7 +61,22 @@ def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
                           launch_target)
 
 
-@stage_entry(check_arguments)
+def _producer(model_path: str, quantization_config: QuantizationConfig) -> dict:
+    return {"stage": "ptq", "source": str(model_path), "quantization_config": dataclasses.asdict(quantization_config)}
+
+
+def resumable_outputs(*, model_path: str, export_config: Optional[ExportConfig] = None, save_path: Optional[str] = None,
+                      quantization_config: Optional[QuantizationConfig] = None, overwrite: bool = False,
+                      **_) -> set[str]:
+    """{"save_path"} when it holds this very calibration (a run whose export failed left it): the
+    rerun exports it instead of refusing it or calibrating again."""
+    export_config = export_config or ExportConfig()
+    save_path = save_path or f"{export_config.path.rstrip('/')}_native"
+    written = checkpoint.written_by(save_path, _producer(model_path, quantization_config or QuantizationConfig()))
+    return {"save_path"} if written and not overwrite else set()
+
+
+@stage_entry(check_arguments, resumable_outputs)
 def ptq(
     *,
     model_path: str,
@@ -100,22 +118,30 @@ def ptq(
                     calibration_tp=calibration_tp, calibration_pp=calibration_pp, devices=devices, num_nodes=num_nodes)
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
-    refuse_existing_outputs([("export_config.path", export_config.path), ("save_path", save_path)], overwrite)
+    producer = _producer(model_path, quantization_config)
+    resumed = bool(resumable_outputs(model_path=model_path, export_config=export_config, save_path=save_path,
+                                     quantization_config=quantization_config, overwrite=overwrite))
+    refuse_existing_outputs([("export_config.path", export_config.path)]
+                            + ([] if resumed else [("save_path", save_path)]), overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
         raise QuantizationConfigError(f"tokenizer_path={tokenizer_path!r}: directory not found.")
 
     with stage_runtime(calibration_tp, calibration_pp, devices, num_nodes,
                        tp_field="calibration_tp", pp_field="calibration_pp"):
-        loaded = load_model(model_path, dtype=model_dtype, transformer_impl=transformer_impl)
+        if resumed:
+            runtime.print0(f"save_path={save_path!r} holds this calibration (an earlier run's): exporting it.")
+        loaded = load_model(save_path if resumed else model_path, dtype=model_dtype, transformer_impl=transformer_impl)
         tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
         model = loaded.model
+        quantized_checkpoint = loaded.source.path
         if is_quantized(model):
             stored = stored_quantization_config(loaded.source.path)
             if stored is not None:
                 stored.check_export_format(export_config.export_format)
                 quantization_config = stored
-            runtime.print0(f"{model_path} is already quantized ({quantization_config.algorithm}): "
-                           f"exporting without recalibration.")
+            if not resumed:
+                runtime.print0(f"{model_path} is already quantized ({quantization_config.algorithm}): "
+                               f"exporting without recalibration.")
         else:
             if export_config.export_format == "compressed_tensors":
                 check_foldable(quantization_config, loaded.config.num_attention_heads,
@@ -127,23 +153,54 @@ def ptq(
                                                    transformer_impl=transformer_impl).model)
             else:
                 model, summary = quantize(model, quantization_config, tokenizer=tokenizer)
-            checkpoint.save_checkpoint(
-                model, loaded.config, save_path, loaded.hf_dir,
-                producer={"stage": "ptq", "source": str(model_path),
-                          "quantization_config": dataclasses.asdict(quantization_config),
-                          "summary": dataclasses.asdict(summary) if summary else None},
-            )
+            summary = dataclasses.asdict(summary) if summary else None
+            checkpoint.save_checkpoint(model, loaded.config, save_path, loaded.hf_dir,
+                                       producer={**producer, "summary": summary})
             runtime.print0(f"quantized native checkpoint: {save_path}")
-        whole = export_config.export_format == "compressed_tensors"  # (written from one process's whole model)
-        if calibration_tp > 1 or (whole and calibration_pp > 1):
-            # ModelOpt's exporters write TP shards into one file: export from a TP=1 reload of
-            # the quantized checkpoint (dist-checkpointing reshards it; DP takes the other ranks).
-            runtime.set_model_parallel_sizes(
-                runtime.ParallelConfig(pipeline_model_parallel_size=1 if whole else calibration_pp))
-            model = load_model(save_path).model
-        export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
-                                       loaded.config.hf_architecture, release_model=not export_config.generate_sample)
+            quantized_checkpoint = save_path
+        if export_config.export_format != "hf" and runtime.world_size() > 1:
+            export_path = _export_in_one_process(quantized_checkpoint, quantization_config, export_config)
+        else:
+            if calibration_tp > 1:
+                # ModelOpt's HF exporter writes TP shards into one file: export a TP=1 reload
+                # (dist-checkpointing reshards it; data parallel takes the other processes)
+                runtime.set_model_parallel_sizes(runtime.ParallelConfig(pipeline_model_parallel_size=calibration_pp))
+                model = load_model(quantized_checkpoint).model
+            export_path = export_quantized(model, quantization_config, export_config, loaded.hf_dir,
+                                           loaded.config.hf_architecture,
+                                           release_model=not export_config.generate_sample)
         runtime.print0(f"{export_config.export_format} export: {export_path}")
         if export_config.generate_sample:
             runtime.print0(f"sample: {greedy_sample(model, tokenizer)!r}")
     return export_path
+
+
+def _export_in_one_process(quantized_checkpoint: str | Path, quantization_config: QuantizationConfig,
+                           export_config: ExportConfig) -> Path:
+    """ModelOpt's TensorRT-LLM exporter takes every process of the job for a TP or PP shard of the
+    model (and merges the shards through one node's shared memory) and compressed-tensors is written
+    from one whole model: a new process, alone in its process group, exports the saved checkpoint;
+    the job's processes wait for it."""
+    error = None
+    if runtime.is_main_process():
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                pool.submit(_export_alone, str(quantized_checkpoint), quantization_config, export_config).result()
+            except Exception as failure:  # noqa: BLE001 - every rank raises it below
+                error = failure
+    error = runtime.broadcast_object(error)
+    if error is not None:
+        raise error
+    return Path(export_config.path)
+
+
+def _export_alone(quantized_checkpoint: str, quantization_config: QuantizationConfig,
+                  export_config: ExportConfig) -> None:
+    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                     "MASTER_PORT"):
+        os.environ.pop(variable, None)  # (torchrun's: this process is not one of the job's ranks)
+    with runtime.parallel_runtime():
+        loaded = load_model(quantized_checkpoint)
+        export_quantized(loaded.model, quantization_config, export_config, loaded.hf_dir,
+                         loaded.config.hf_architecture, release_model=True)
