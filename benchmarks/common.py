@@ -13,7 +13,7 @@ from typing import Any
 from nemo_optim.checkpoint import library_versions
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
-from nemo_optim.runtime import cpu_allocator_env
+from nemo_optim.cpu import cpu_allocator_env
 
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -21,7 +21,7 @@ RESULTS_DIR = Path("benchmarks/results")
 
 def nemo_optim_process_env() -> dict[str, str]:
     """The environment of a child process that measures nemo-optim: what its executors give a job
-    (`runtime.cpu_allocator_env`). The other sides of a comparison run in the plain environment,
+    (`cpu.cpu_allocator_env`). The other sides of a comparison run in the plain environment,
     as their users would start them."""
     return {**os.environ, **cpu_allocator_env()}
 

@@ -1,7 +1,7 @@
 """How PTQ and distillation costs grow on CPU: PTQ calibration time and peak RSS against the number
 of calibration sequences and against model size, and a KD step's time against sequence length.
 Each point runs in its own process (its peak RSS is its own), started as nemo-optim's executors
-start CPU jobs (glibc's tcache off: `runtime.cpu_allocator_env`).
+start CPU jobs (glibc's tcache off: `cpu.cpu_allocator_env`).
 
 PTQ: FP8 with ModelOpt's preset max calibration, 256-token sequences of pydoc text, batches of 4;
 on SmolLM2 also with GPTQ-lite after it (nemo-optim's FP8 default), with auto_quantize (fp8 or 16
@@ -84,7 +84,7 @@ PTQ_METHODS = {"ptq": "FP8 max", "ptq_gptq": "FP8 max + GPTQ-lite", "ptq_auto": 
 def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str | None = None) -> dict:
     import torch
 
-    from nemo_optim import runtime
+    from nemo_optim import cpu, runtime
     from nemo_optim.models.loader import load_model, load_tokenizer, read_model_config
     from nemo_optim.quantization.config import ExportConfig, QuantizationConfig
     from nemo_optim.quantization.quantizer import auto_quantize, calibration_loop, quantize
@@ -107,8 +107,8 @@ def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str 
             export_config=ExportConfig(path=str(Path(work_dir) / f"stage_{samples}"), generate_sample=False))
         peak = _rss_gib()
         parameters = read_model_config(model_path)[0].num_parameters()
-    else:
-        with runtime.parallel_runtime():
+    else:  # (as a stage runs: with its CPU adaptations)
+        with runtime.parallel_runtime(), cpu.adapted():
             loaded = load_model(model_path)
             parameters = sum(p.numel() for p in loaded.model.parameters())
             tokenizer = load_tokenizer(loaded.hf_dir)
@@ -126,7 +126,7 @@ def ptq_point(model_path: str, samples: int, method: str = "ptq", work_dir: str 
 
 
 def kd_point(student: str, seq_length: int) -> dict:
-    from nemo_optim import runtime
+    from nemo_optim import cpu, runtime
     from nemo_optim.data.corpus import DataConfig
     from nemo_optim.data.packing import packed_sequences
     from nemo_optim.distillation.config import load_distillation_config
@@ -134,7 +134,7 @@ def kd_point(student: str, seq_length: int) -> dict:
     from nemo_optim.models.forward import make_batch, run_schedule
     from nemo_optim.models.loader import load_model, load_tokenizer
 
-    with runtime.parallel_runtime():
+    with runtime.parallel_runtime(), cpu.adapted():
         loaded = load_model(student)
         tokenizer = load_tokenizer(loaded.hf_dir)
         teacher = teacher_provider(None, SMOLLM2, tokenizer=tokenizer)

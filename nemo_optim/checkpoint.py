@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.cpu.sharded_views import views_handed_over_whole
 from nemo_optim.errors import InputError
 from nemo_optim.models import sharded
 from nemo_optim.models.config import GPTModelConfig
@@ -229,27 +230,6 @@ def _serve_only_while_parent_lives(parent: int) -> None:
         os._exit(0)
 
 
-def views_handed_over_whole(sharded_state_dict: dict) -> None:
-    """megatron's checkpoint writer clones every CPU tensor that is a view of a larger one, all of them
-    before it writes anything: a SwiGLU fc1 weight is saved as its two halves, so 40% of a Llama's
-    weights were copied at once (0.2 GiB for SmolLM2: the ptq stage's peak). Each contiguous view is
-    handed over instead as a tensor over just its slice of the storage: the same memory (the slice
-    keeps the parameter's storage alive), which the writer takes as whole, so nothing is copied and
-    the model is not touched. Applies `sharded_state_dict`'s factories first."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    apply_factories(sharded_state_dict)
-    for item in nested_values(sharded_state_dict):
-        data = item.data if isinstance(item, ShardedTensor) else None
-        if data is None or data.device.type != "cpu" or not data.is_contiguous():
-            continue  # (GPU tensors are copied to the host by the writer anyway)
-        nbytes, storage = data.numel() * data.element_size(), data.untyped_storage()
-        if storage.nbytes() > nbytes:
-            start = data.storage_offset() * data.element_size()
-            item.data = data.new_empty(0).set_(storage[start:start + nbytes], 0, data.size(), data.stride())
-
-
 def save_checkpoint(
     model: torch.nn.Module,
     model_config: GPTModelConfig,
@@ -269,13 +249,12 @@ def save_checkpoint(
         runtime.barrier()
         fork_writer_results_queue()  # before the state dict exists: the fork keeps no copy of its pages
         sharded_state_dict = sharded.sharded_state_dict(model)
-        with runtime.freed_buffers_returned_to_os():  # what the writer still copies does not stay resident
-            views_handed_over_whole(sharded_state_dict)
-            save_dist_checkpoint(sharded_state_dict, weights)
-            del sharded_state_dict
-            save_sharded_modelopt_state([model], str(weights))
-            if (weights / MODELOPT_STATE_DIR).is_dir():  # (ModelOpt 0.43 reads only its common.pt)
-                write_common_state_file(weights / MODELOPT_STATE_DIR)
+        views_handed_over_whole(sharded_state_dict)
+        save_dist_checkpoint(sharded_state_dict, weights)
+        del sharded_state_dict
+        save_sharded_modelopt_state([model], str(weights))
+        if (weights / MODELOPT_STATE_DIR).is_dir():  # (ModelOpt 0.43 reads only its common.pt)
+            write_common_state_file(weights / MODELOPT_STATE_DIR)
         if runtime.is_main_process():
             model_config.save(tmp / MODEL_CONFIG)
             copy_hf_metadata(Path(source_hf_dir), tmp / HF_DIR)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_optim import runtime
+from nemo_optim import cpu, runtime
 from nemo_optim.errors import InputError, one_line_input_errors, refuse_existing_outputs
 
 __all__ = ["StageArgumentError", "refuse_existing_outputs", "save_stage_model", "stage_entry", "stage_runtime"]
@@ -59,7 +59,8 @@ def _positive(field: str, value: Any) -> int:
 @contextlib.contextmanager
 def stage_runtime(tp_size: int = 1, pp_size: int = 1, devices: Optional[int] = None, num_nodes: Optional[int] = None,
                   *, seed: int = 1234, tp_field: str = "tp_size", pp_field: str = "pp_size") -> Iterator[None]:
-    """torch.distributed + megatron's parallel state for the stage, torn down after.
+    """torch.distributed + megatron's parallel state for the stage, and on CPU the stage's
+    adaptations (`nemo_optim.cpu.adapted`), torn down after.
 
     `devices` x `num_nodes` (NeMo 2's names) must be the processes actually launched; None skips
     that check. Errors name the stage's own fields (`tp_field`, e.g. ptq's `calibration_tp`)."""
@@ -68,7 +69,7 @@ def stage_runtime(tp_size: int = 1, pp_size: int = 1, devices: Optional[int] = N
     for field, value in (("devices", devices), ("num_nodes", num_nodes)):
         if value is not None:
             _positive(field, value)
-    with runtime.parallel_runtime(parallel), runtime.imported_objects_frozen():
+    with runtime.parallel_runtime(parallel), cpu.adapted(), runtime.imported_objects_frozen():
         if devices is not None or num_nodes is not None:
             mismatch = runtime.launched_processes_message(devices or 1, num_nodes or 1)
             if mismatch:

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from nemo_optim import checkpoint, runtime
+from nemo_optim import checkpoint, cpu, runtime
 from nemo_optim.errors import InputError
 from nemo_optim.models import sharded
 from nemo_optim.models.forward import LossFn, make_batch, run_schedule
@@ -512,7 +512,7 @@ def train(
     step_seconds = []
     model.train()
     # big buffers (logits, gradients) are reused from step to step instead of faulted in afresh
-    with runtime.large_buffers_kept_in_heap():
+    with cpu.large_buffers_kept_in_heap():
         for step in range(start_step, config.max_steps):
             began = time.perf_counter()
             gradients.zero()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import nemo_run as run
 
-from nemo_optim.runtime import cpu_allocator_env
+from nemo_optim.cpu import cpu_allocator_env
 
 
 def _env(name: str, default: Optional[str] = None) -> Optional[str]:

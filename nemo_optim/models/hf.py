@@ -209,11 +209,11 @@ def write_hf_export(model: torch.nn.Module, source_hf_dir: str | Path, directory
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
     from nemo_optim import runtime
+    from nemo_optim.progress import progress_over_layers
 
     release = _release_quantized_weights if release_exported_layers else None
-    # its state dict in the export dtype does not stay resident afterwards
-    with runtime.progress_over_layers(model.decoder.layers, "export", after_each=release), \
-            runtime.freed_buffers_returned_to_os(), _source_at_depth(source_hf_dir, model.config.num_layers) as source:
+    with progress_over_layers(model.decoder.layers, "export", after_each=release), \
+            _source_at_depth(source_hf_dir, model.config.num_layers) as source:
         export_mcore_gpt_to_hf(model, str(source), dtype=dtype, export_dir=str(directory))
     if not runtime.is_main_process():
         return

@@ -86,14 +86,13 @@ def load_model(
     config, hf_dir, source = read_model_config(model_path, dtype)
     if transformer_impl is not None:
         config = dataclasses.replace(config, transformer_impl=transformer_impl)
-    with runtime.freed_buffers_returned_to_os():  # the importers' temporaries do not stay resident
-        model = build_gpt_model(config, initialize=False)  # every weight is loaded below
-        if source.kind == "native":
-            model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
-        elif source.kind == "nemo2":
-            model = nemo2.load_nemo2_weights(model, source.path)
-        else:
-            hf.import_hf_weights(model, hf_dir, config)
+    model = build_gpt_model(config, initialize=False)  # every weight is loaded below
+    if source.kind == "native":
+        model = checkpoint.load_checkpoint_weights(model, checkpoint.read_checkpoint_info(source.path))
+    elif source.kind == "nemo2":
+        model = nemo2.load_nemo2_weights(model, source.path)
+    else:
+        hf.import_hf_weights(model, hf_dir, config)
     _sync_tied_output_layer(model)
     runtime.barrier()
     return LoadedModel(model=model, config=config, hf_dir=hf_dir, source=source)

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.cpu.pruning_norms import register_cpu_norms_for_pruning
 from nemo_optim.models.config import GPTModelConfig, build_gpt_model
 from nemo_optim.pruning.config import PruningConfig, PruningConfigError
 
@@ -85,7 +86,7 @@ def prune_language_model(
         if forward_loop is None and not (scores_path and any(Path(scores_path).glob("rank*.pth"))):
             raise ValueError("Minitron pruning needs a forward_loop (or cached scores in scores_path).")
         if model_config.transformer_impl == "local":
-            runtime.register_cpu_norms_for_pruning()
+            register_cpu_norms_for_pruning()
         search_config = {"forward_loop": forward_loop,
                          # a path without a suffix is a directory to ModelOpt: one rank<N>.pth per rank
                          "scores_path": str(Path(scores_path)) + "/" if scores_path else None}

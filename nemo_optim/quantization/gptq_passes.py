@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from nemo_optim import compat, runtime
+from nemo_optim.progress import progress
 
 ForwardLoop = Callable[[torch.nn.Module], None]
 
@@ -113,7 +114,7 @@ def calibrate_gptq_in_passes(model: torch.nn.Module, gptq_step: dict[str, Any], 
     if passes > 1:
         runtime.print0(f"GPTQ-lite: {passes} passes of {per_pass} decoder layers (their Hessians within "
                        f"{budget_fraction:.0%} of the model's weight bytes)")
-    for index in runtime.progress(range(passes), description="GPTQ-lite passes", disable=passes == 1):
+    for index in progress(range(passes), description="GPTQ-lite passes", disable=passes == 1):
         group = [layer for layer in layers if (layer.layer_number - 1) // per_pass == index]
         end = max((i + 1 for i, layer in enumerate(layers) if (layer.layer_number - 1) // per_pass <= index), default=0)
         truncated = (_decoder_truncated(decoder, end) if single_stage and 0 < end < len(layers)
@@ -165,10 +166,7 @@ def quantize(model: torch.nn.Module, modelopt_config: dict[str, Any], forward_lo
     if gptq_method not in methods or hessian_budget <= 0:
         return mtq.quantize(model, modelopt_config, forward_loop)
     at = methods.index(gptq_method)
-    # one pass over the rows before GPTQ's loop: as its own mappings its activations leave no heap
-    # behind for GPTQ's phase (with glibc's heap this step peaked 1.3-1.8x the weights run to run)
-    with runtime.freed_buffers_returned_to_os():
-        model = mtq.quantize(model, {**modelopt_config, "algorithm": _as_algorithm(steps[:at])}, forward_loop)
+    model = mtq.quantize(model, {**modelopt_config, "algorithm": _as_algorithm(steps[:at])}, forward_loop)
     gptq_step = steps[at] if isinstance(steps[at], dict) else {"method": steps[at]}
     calibrate_gptq_in_passes(model, gptq_step, forward_loop, hessian_budget)
     if steps[at + 1:]:

@@ -27,6 +27,7 @@ from nemo_optim.checkpoint import atomic_directory, stored_quantization_settings
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.models.forward import forward_only, make_batch, output_layer_skipped
 from nemo_optim.models.hf import write_hf_export
+from nemo_optim.progress import progress, progress_over_layers
 from nemo_optim.quantization import auto_quantize_scoring, gptq_passes, modelopt_config
 from nemo_optim.quantization.compressed_tensors import SCHEMES as COMPRESSED_TENSORS_SCHEMES
 from nemo_optim.quantization.compressed_tensors import write_compressed_tensors
@@ -255,9 +256,8 @@ def calibration_loop(config: QuantizationConfig, tokenizer) -> ForwardLoop:
                 if not output_layer_quantized(model) and not config.calibration_checkpoint_dir
                 else contextlib.nullcontext())
         with skip:
-            for batch in runtime.progress(batches, description="calibration"):
+            for batch in progress(batches, description="calibration"):
                 forward_only(model, batch)
-                runtime.release_free_heap()  # freed activations do not pile up as resident heap
 
     return forward_loop
 
@@ -351,9 +351,7 @@ def auto_quantize(model: torch.nn.Module, config: QuantizationConfig, tokenizer,
     batches = [make_batch(rows) for rows in calibration_batches(config, tokenizer)]
 
     auto_quantize_scoring.register_megatron_scoring()
-    # a loop, but a short one: fresh pages cost the search ~10% (46-51 s on SmolLM2) and its peak
-    # stops depending on glibc's heap (0.67 GiB over baseline in every run, 0.71-0.86 without)
-    with runtime.freed_buffers_returned_to_os(), _infeasible_bits_refused(config):
+    with _infeasible_bits_refused(config):
         model, search_state = mtq.auto_quantize(
             model,
             constraints={"effective_bits": effective_bits},
@@ -461,8 +459,8 @@ def export_quantized(model: torch.nn.Module, config: QuantizationConfig, export:
         else:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-            with tied_embeddings_declared(model), runtime.freed_buffers_returned_to_os(), \
-                    runtime.progress_over_layers(model.decoder.layers, "export", keep_type=True):
+            with tied_embeddings_declared(model), \
+                    progress_over_layers(model.decoder.layers, "export", keep_type=True):
                 export_tensorrt_llm_checkpoint(
                     model, export.decoder_type or DECODER_TYPES[hf_architecture], export.torch_dtype, str(tmp),
                     inference_tensor_parallel=export.inference_tp, inference_pipeline_parallel=export.inference_pp,
