@@ -1,18 +1,32 @@
-"""What `launch.py` does: pick a recipe and an executor, apply overrides, run, and report the
-task's real final state (non-zero exit and the log path on failure)."""
+"""What `launch.py` and `nemo llm` do: pick a recipe and an executor, apply overrides, check them
+before anything is submitted, run, and report the task's real final state.
+
+Both entries run the same pre-launch function (`prepare_launch`: overrides, executor, then
+`check_launch`: `validate` and the Kubeflow TrainJob check) and print any input error as one line,
+`error: RECIPE: message`, exit code 2, with nothing submitted or written. `nemo llm` gets there
+through NeMo-Run's own extension point, a RunContext subclass (`CheckedRunContext`).
+
+A task that fails is reported from NeMo-Run's job state and the records the stage wrapper
+(`nemo_optim.errors.one_line_input_errors`) leaves in the job's `errors/` directory, never from
+its logs: `error: RECIPE failed: rank R on HOST: Type: message`, exit code 1.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import fiddle as fdl
 import nemo_run as run
+
+from nemo_optim.errors import ERROR_DIR_ENV, InputError
 
 if TYPE_CHECKING:
     from nemo_optim.prelaunch import LaunchTarget
@@ -51,6 +65,13 @@ def fail(message: str, code: int = 2) -> int:
 
 class OverrideError(ValueError):
     """One `key=value` override that does not fit the recipe."""
+
+
+class LaunchRefused(Exception):
+    """A pre-launch check failed; the message is the one line printed after `error: `."""
+
+
+INPUT_ERROR_EXIT_CODE = 2
 
 
 def _fields(config) -> list[str]:
@@ -180,7 +201,7 @@ def launch_target(executor) -> LaunchTarget:
     (None when the executor does not say)."""
     from nemo_optim.prelaunch import LaunchTarget
 
-    if isinstance(executor, run.LocalExecutor):
+    if executor is None or isinstance(executor, run.LocalExecutor):  # None: in this process (--direct)
         import torch
 
         return LaunchTarget(local=True, gpus=torch.cuda.device_count())
@@ -206,32 +227,112 @@ def validate(partial: run.Partial, target: LaunchTarget | None = None) -> None:
         check(**built.keywords, launch_target=target)
 
 
-# the last line of a Python traceback, as torchrun / NeMo-Run prefix it in a task's log
-_EXCEPTION_LINE = re.compile(r"^(?:.*\[rank\d+\]: )?(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>.+)$")
+def _first_line(error: BaseException | str) -> str:
+    # fiddle appends a multi-line "Fiddle context"; NeMo-Run a Partial's repr: the first line is the message
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
 
 
-# what a stage prints for an input error it knows (nemo_optim.errors.one_line_input_errors)
-_INPUT_ERROR_LINE = re.compile(r"^(?:.*\[rank\d+\]: )?error: (?P<message>.+)$")
+def refusal(recipe: str, executor_name: str, error: Exception) -> LaunchRefused:
+    """An error of a pre-launch check as the one line both entries print: the recipe's (its
+    settings, files, outputs) with the recipe name, anything an executor's client raised
+    (kubeconfig, ...) with the executor's."""
+    if isinstance(error, LaunchRefused):
+        return error
+    if isinstance(error, (OverrideError, ValueError, TypeError, ImportError)):
+        return LaunchRefused(f"{recipe}: {_first_line(error)}")
+    return LaunchRefused(f"executor {executor_name!r}: {type(error).__name__}: {_first_line(error)}")
 
 
-def task_error_line(log_dir: str | Path) -> str | None:
-    """Why a failed task failed, from its logs: the `error:` line a stage printed for an input
-    error (already phrased for the user), else the exception it ended with, nemo-optim's own as
-    their message alone, anything else with its type. None when the logs hold neither."""
-    logs = [p for pattern in ("stderr.log", "*.out", "*.log") for p in sorted(Path(log_dir).rglob(pattern))]
-    texts = [log.read_text(errors="replace").splitlines() for log in dict.fromkeys(logs)]
-    for lines in texts:
-        for line in reversed(lines):
-            match = _INPUT_ERROR_LINE.match(line.strip())
-            if match:
-                return match["message"].strip()
-    for lines in texts:
-        for line in reversed(lines):
-            match = _EXCEPTION_LINE.match(line.strip())
-            if match:
-                kind, message = match["type"], match["message"].strip()
-                return message if kind.startswith("nemo_optim.") else f"{kind.rsplit('.', 1)[-1]}: {message}"
-    return None
+def check_launch(recipe: str, partial: run.Partial, executor: run.Executor | None, executor_name: str) -> None:
+    """The checks of a parsed task and its built executor (None: this process): `validate` (the
+    stage's own settings, existing outputs, `check_arguments`) and, for Kubeflow, the TrainJob
+    against the Trainer API. Raises LaunchRefused."""
+    try:
+        validate(partial, launch_target(executor))
+        from nemo_optim_recipes.kubernetes import check_trainjob  # Kubeflow: the TrainJob fits the Trainer API
+
+        check_trainjob(executor, partial, recipe)
+    except Exception as error:  # noqa: BLE001 - executors raise their clients' errors (kubeconfig, ...)
+        raise refusal(recipe, executor_name, error) from None
+
+
+@dataclass
+class Launch:
+    partial: run.Partial
+    executor_config: run.Config
+    executor: run.Executor
+
+
+def prepare_launch(recipe: str, partial: run.Partial, overrides: list[str], executor_name: str,
+                   check: bool = True) -> Launch:
+    """The pre-launch function of launch.py and `nemo llm`: `overrides` (the recipe's `key=value`
+    and `executor.FIELD=value`) applied to `partial` and to the executor `executor_name`, the
+    recipe built before the executor is looked at, then (`check`) `check_launch`. Raises
+    LaunchRefused, whose message is the line to print."""
+    executors = all_executors()
+    if executor_name not in executors:
+        raise LaunchRefused(f"executor {executor_name!r} is unknown; valid executors: {', '.join(sorted(executors))}.")
+    executor_overrides = [item[len("executor."):] for item in overrides if item.startswith("executor.")]
+    overrides = [item for item in overrides if not item.startswith("executor.")]
+    try:
+        partial = apply_overrides(partial, overrides)
+        fdl.build(partial)  # the recipe's own settings are wrong before the executor is looked at
+        executor_config = executor_with_overrides(executors[executor_name], executor_overrides)
+        job_executor = fdl.build(executor_config)
+    except Exception as error:  # noqa: BLE001 - see refusal
+        raise refusal(recipe, executor_name, error) from None
+    if check:
+        check_launch(recipe, partial, job_executor, executor_name)
+    return Launch(partial, executor_config, job_executor)
+
+
+# --- why a task failed: the records its ranks left (nemo_optim.errors) -------------------------
+
+# what a launcher, torchrun or Slurm sends to stop the other ranks once one has failed
+_STOPPING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def error_records(directory: str | Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(directory).glob("rank-*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def first_failure(records: list[dict]) -> dict | None:
+    """The rank whose failure caused the others': a death by a signal nothing in the job sends
+    (SIGKILL by the OOM killer or a user, SIGSEGV, ...) first, then an exception, then a rank
+    stopped by SIGTERM/SIGINT (what torchrun and srun send the rest); the earliest within each."""
+    def order(record: dict):
+        number = record.get("signal")
+        kind = 1 if not number else 2 if number in _STOPPING_SIGNALS else 0
+        return kind, record.get("time", float("inf")), record.get("rank", 0)
+
+    return min(records, key=order, default=None)
+
+
+def failure_reason(record: dict) -> str:
+    """One line for a rank's record: an input error as the stage phrased it (the same on every
+    rank), anything else with where it happened."""
+    message = _first_line(record.get("message", ""))
+    if record.get("input_error"):
+        return message
+    where = f"rank {record.get('rank', 0)} on {record.get('host', '?')}"
+    if record.get("signal"):
+        return f"{where}: {message}"
+    return f"{where}: {record.get('type', 'Error')}: {message}"
+
+
+def error_dir(executor: run.Executor) -> Path | None:
+    """Where a job's ranks leave their failure records: its job directory, when the launcher
+    sees that filesystem (this machine, or a Slurm cluster submitted to from one of its nodes)."""
+    if not launch_target(executor).local or not getattr(executor, "job_dir", None):
+        return None
+    return Path(executor.job_dir) / "errors"
 
 
 def state_name(state) -> str:
@@ -307,20 +408,25 @@ def run_experiment(name: str, tasks: dict[str, run.Partial], executor: run.Confi
     with run.Experiment(name, log_level="WARN") as exp:
         for task_name, task in tasks.items():
             exp.add(task, executor=fdl.build(executor), name=task_name)
+            job_executor = exp.jobs[-1].executor  # NeMo-Run's copy, with its job directory
+            if error_dir(job_executor) is not None:
+                job_executor.env_vars = {**job_executor.env_vars, ERROR_DIR_ENV: str(error_dir(job_executor))}
         if dryrun:
             exp.dryrun()
             return 0
         exp.run(sequential=True, detach=False, tail_logs=tail_logs)
         states = wait_for_terminal_states(exp)
         log_dirs = {job.id: Path(job.executor.job_dir) for job in exp.jobs}
+        error_dirs = {job.id: error_dir(job.executor) for job in exp.jobs}
         for job in exp.jobs:
             print(f"{job.id}: {states[job.id]} (logs: {log_dirs[job.id]})")
     failed = [job_id for job_id, state in states.items() if state != "SUCCEEDED"]
     if not failed:
         return 0
-    reason = task_error_line(log_dirs[failed[0]])  # the first failure in task order: later ones follow from it
-    if reason:
-        return fail(f"{failed[0]} failed: {reason}", code=1)
+    # the first failure in task order (later ones follow from it), its first failing rank
+    cause = first_failure(error_records(error_dirs[failed[0]])) if error_dirs[failed[0]] else None
+    if cause:
+        return fail(f"{failed[0]} failed: {failure_reason(cause)}", code=1)
     return fail(f"task(s) {', '.join(f'{job_id} {states[job_id]}' for job_id in failed)}; see the logs above.", code=1)
 
 
@@ -339,25 +445,11 @@ def launch_recipe(
         return 0
     if recipe not in recipes:
         return fail(f"recipe {recipe!r} is unknown; valid recipes: {', '.join(sorted(recipes))}.")
-    if executor not in executors:
-        return fail(f"executor {executor!r} is unknown; valid executors: {', '.join(sorted(executors))}.")
-    partial = recipes[recipe]()
-    executor_overrides = [item[len("executor."):] for item in overrides if item.startswith("executor.")]
-    overrides = [item for item in overrides if not item.startswith("executor.")]
     try:
-        partial = apply_overrides(partial, overrides)
-        fdl.build(partial)  # the recipe's own settings are wrong before the executor is looked at
-        executor_config = executor_with_overrides(executors[executor], executor_overrides)
-        job_executor = fdl.build(executor_config)
-        validate(partial, launch_target(job_executor))
-        from nemo_optim_recipes.kubernetes import check_trainjob  # Kubeflow: the TrainJob fits the Trainer API
-
-        check_trainjob(job_executor, partial, recipe)
-    except (OverrideError, ValueError, TypeError, ImportError) as error:
-        # fiddle appends a multi-line "Fiddle context"; the first line is the message
-        return fail(f"{recipe}: {str(error).strip().splitlines()[0]}")
-    except Exception as error:  # noqa: BLE001 - executors raise their clients' errors (kubeconfig, ...)
-        return fail(f"executor {executor!r}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
+        launch = prepare_launch(recipe, recipes[recipe](), overrides, executor)
+    except LaunchRefused as refused:
+        return fail(str(refused))
+    partial, executor_config, job_executor = launch.partial, launch.executor_config, launch.executor
     if dryrun:
         print(partial)
         if executor in ("local", "torchrun"):
@@ -370,3 +462,93 @@ def launch_recipe(
         if input(f"Run {recipe} on {executor}? [y/N] ").strip().lower() not in ("y", "yes"):
             return fail("not confirmed", code=1)
     return run_experiment(recipe, {recipe: partial}, executor_config, tail_logs=True)
+
+
+# --- `nemo llm`: NeMo-Run's command line, the same checks and errors as launch.py ---------------
+
+@dataclass(kw_only=True)
+class CheckedRunContext(run.cli.RunContext):
+    """The run context of `nemo llm STAGE` (registered with `run.cli.entrypoint(run_ctx_cls=...)`).
+
+    NeMo-Run parses the command line as ever (`--factory`, `key=value`, `run.executor=NAME`,
+    `run.executor.FIELD=value`, `--dryrun`, `--yes`, ...); executors named as in launch.py are
+    built by `executor_with_overrides`, as launch.py builds them. Before anything runs or is
+    submitted, `prepare_launch` reads the same arguments as launch.py does (the same messages for
+    a bad key, value or executor field) and `check_launch` checks what NeMo-Run parsed. An input
+    error is one line on stderr, `error: RECIPE: message`, exit code 2 (NeMo-Run prints
+    "Unexpected error: ..." or a Partial's repr and exits 1). A launched task runs through
+    `run_experiment`: its real final state, `error: RECIPE failed: ...` and exit code 1 when it fails.
+    """
+
+    _recipe_name: str = "task"
+    _executor_name: str = "local"
+
+    def _exporting(self) -> bool:
+        return any([self.to_yaml, self.to_toml, self.to_json])
+
+    def _base_partial(self, fn) -> run.Partial | None:
+        """What the arguments apply to: the recipe named by --factory, or the stage's own
+        defaults; None for a factory this package does not list (NeMo-Run resolves it)."""
+        if not self.factory:
+            return run.Partial(fn)
+        recipe = all_recipes().get(self.factory)
+        if recipe is None:
+            return None
+        partial = recipe()
+        return partial if partial.__fn_or_cls__ is fn else None
+
+    def cli_execute(self, fn, args, entrypoint_type="task"):
+        self._recipe_name = self.factory or fn.__name__
+        try:
+            if entrypoint_type == "task":
+                named, rest = split_executor(list(args))
+                self._executor_name = named or "local"
+                # the recipe's arguments and the executor's, without NeMo-Run's own (run.name, ...)
+                overrides = [item for item in rest if not item.startswith(("run.", "-"))]
+                base = None if self._exporting() else self._base_partial(fn)
+                if base is not None:
+                    prepare_launch(self._recipe_name, base, overrides, self._executor_name, check=False)
+            super().cli_execute(fn, args, entrypoint_type)
+        except LaunchRefused as refused:
+            print(f"error: {refused}", file=sys.stderr, flush=True)
+            raise SystemExit(INPUT_ERROR_EXIT_CODE) from None
+        except InputError as error:  # --direct: the stage ran in this process
+            print(f"error: {self._recipe_name} failed: {_first_line(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def parse_args(self, args, lazy=False):
+        try:
+            return super().parse_args(args, lazy=lazy)
+        except Exception as error:  # noqa: BLE001 - see refusal
+            raise refusal(self._recipe_name, self._executor_name, error) from None
+
+    def parse_executor(self, name, *args):
+        executors = all_executors()
+        if name not in executors:
+            raise LaunchRefused(f"executor {name!r} is unknown; valid executors: {', '.join(sorted(executors))}.")
+        try:
+            return executor_with_overrides(executors[name], list(args))
+        except Exception as error:  # noqa: BLE001 - see refusal
+            raise refusal(self._recipe_name, name, error) from None
+
+    def parse_fn(self, fn, args, **default_kwargs):
+        import logging
+
+        logging.getLogger("nemo_run.cli.cli_parser").setLevel(logging.CRITICAL)  # reported once, below
+        try:
+            task = super().parse_fn(fn, args, **default_kwargs)
+        except Exception as error:  # noqa: BLE001 - NeMo-Run raises several types, with a Partial's repr
+            raise refusal(self._recipe_name, self._executor_name, error) from None
+        if not self._exporting():
+            check_launch(self._recipe_name, task, None if self.direct else self.executor, self._executor_name)
+        return task
+
+    def _execute_task(self, fn, task_args):
+        if self.dryrun or self.repl or self.detach or self.direct or self.executor is None or self._exporting():
+            return super()._execute_task(fn, task_args)
+        task = self.parse_fn(fn, task_args)
+        run.dryrun_fn(task, executor=self.executor)
+        if self._should_continue(self.skip_confirmation):
+            code = run_experiment(self.name, {self._recipe_name: task}, self.executor, tail_logs=self.tail_logs)
+            if code:
+                raise SystemExit(code)

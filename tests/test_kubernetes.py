@@ -201,8 +201,6 @@ def test_launch_dryrun_of_a_two_node_job_is_checked_and_printed(kubeconfig, caps
     assert manifest["spec"]["trainer"]["numNodes"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="`nemo llm` runs NeMo-Run's RunContext, which submits without nemo-optim's "
-                                       "pre-launch checks (launching.validate, kubernetes.check_trainjob)")
 def test_nemo_llm_refuses_a_wrong_setting_before_submitting(kubeconfig, tmp_path):
     nemo = Path(sys.executable).parent / "nemo"
     result = subprocess.run([str(nemo), "llm", "ptq", "--factory", "ptq_recipe", "run.executor=kubeflow",
