@@ -197,7 +197,7 @@ def main() -> None:
     student = work / f"pruned_depth{args.student_layers}"
     began = time.perf_counter()
     if not (student / "manifest.json").is_file():
-        prune(nemo_checkpoint=TEACHER, save_path=str(student), overwrite=True, num_train_samples=64, data=data,
+        prune(model_path=TEACHER, output_path=str(student), overwrite=True, num_train_samples=64, data=data,
               pruning_config=PruningConfig(target_num_layers=args.student_layers), scores_path=str(work / "scores"))
     prune_seconds = time.perf_counter() - began
 
@@ -231,7 +231,7 @@ def main() -> None:
             seconds[row] = _fine_tune(student, output, data, row_training)
             continue
         teacher_path = str(corrected_teacher(seed)) if CORRECTED in name else TEACHER
-        result = distill(student_model_path=str(student), teacher_model_path=teacher_path, output_path=str(output),
+        result = distill(model_path=str(student), teacher_model_path=teacher_path, output_path=str(output),
                          distillation_config=load_distillation_config(_kd_fields(name, args.temperature)), data=data,
                          training=row_training, resume=False, overwrite=True)
         seconds[row] = result.seconds_per_step

@@ -519,7 +519,7 @@ def check_kd_step(kit: Kit) -> dict:
                               val_check_interval=0, num_val_sequences=sizes.kd_micro_batch, checkpoint_interval=0,
                               precision=precision)
     student = kit.model("smollm2-135m", seed=1, num_layers=sizes.kd_student_layers)
-    result = distill(student_model_path=str(student), teacher_model_path=str(kit.model("smollm2-135m")),
+    result = distill(model_path=str(student), teacher_model_path=str(kit.model("smollm2-135m")),
                      output_path=str(kit.work / "kd_student"), data=DataConfig(seq_length=sizes.kd_seq),
                      training=training, resume=False, overwrite=True)
     losses = [row["loss"] for row in result.history if row["kind"] == "train"]

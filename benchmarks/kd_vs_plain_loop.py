@@ -62,7 +62,7 @@ def run_nemo_optim(args) -> dict:
                               log_interval=1, seed=SEED)
     from nemo_optim.data.corpus import DataConfig
 
-    distill(student_model_path=args.student, teacher_model_path=SMOLLM2, output_path=str(output),
+    distill(model_path=args.student, teacher_model_path=SMOLLM2, output_path=str(output),
             distillation_config=load_distillation_config({}), data=DataConfig(seq_length=args.seq_length),
             training=training, resume=False, overwrite=True)
     rows = [json.loads(line) for line in (Path(f"{output}_run") / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +149,8 @@ def main() -> None:
         if not Path(args.student_hf).is_dir():
             # in a child: Linux keeps a process's peak RSS across fork + exec, so the parent stays small
             subprocess.run([sys.executable, "-c", "from nemo_optim.stages.convert import export_ckpt; "
-                            f"export_ckpt(path={args.student!r}, output_path={args.student_hf!r}, dtype='float32')"],
+                            f"export_ckpt(model_path={args.student!r}, output_path={args.student_hf!r}, "
+                            "dtype='float32')"],
                            check=True)
     runs = {"nemo_optim": [], "plain": []}
     for _ in range(args.runs):

@@ -61,7 +61,7 @@ def _quantized(fmt: str, work: Path, args) -> tuple[Path, float | None]:
         return native, None
     overrides, export_format = FORMATS[fmt]
     began = time.perf_counter()
-    ptq(model_path=MODEL, save_path=str(native), overwrite=True,
+    ptq(model_path=MODEL, output_path=str(native), overwrite=True,
         export_config=ExportConfig(path=str(work / f"{_slug(fmt)}_ptq_export"), export_format=export_format),
         quantization_config=QuantizationConfig(calibration_dataset_size=args.calib_sequences,
                                                calibration_seq_len=args.seq_length, **overrides))
@@ -99,7 +99,7 @@ def main() -> None:
                                   warmup_steps=max(steps // 10, 1), val_check_interval=0, checkpoint_interval=0,
                                   num_val_sequences=8, log_interval=10)
         began = time.perf_counter()
-        result = distill(student_model_path=str(natives[fmt]), teacher_model_path=MODEL,
+        result = distill(model_path=str(natives[fmt]), teacher_model_path=MODEL,
                          output_path=str(work / _slug(row)),
                          distillation_config=load_distillation_config({}), data=data, training=training,
                          resume=False, overwrite=True)

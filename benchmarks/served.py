@@ -63,12 +63,12 @@ def _build(row: str, work: Path, distill_steps: int) -> tuple[Path, str, str]:
         return path, "bfloat16", SMOLLM2
     if row.startswith("pruned") or row.startswith("distilled"):
         if not (work / "pruned").exists():
-            prune(nemo_checkpoint=SMOLLM2, save_path=str(work / "pruned"), hf_export_path=str(work / "pruned_hf"),
+            prune(model_path=SMOLLM2, output_path=str(work / "pruned"), hf_export_path=str(work / "pruned_hf"),
                   pruning_config=PruningConfig(drop_layers=[i + 1 for i in DROPPED]))
         if row.startswith("pruned"):
             return work / "pruned_hf", "float32", str(work / "pruned")
         if not (work / "distilled").exists():
-            distill(student_model_path=str(work / "pruned"), teacher_model_path=SMOLLM2,
+            distill(model_path=str(work / "pruned"), teacher_model_path=SMOLLM2,
                     output_path=str(work / "distilled"),
                     hf_export_path=str(work / "distilled_hf"), data=DataConfig(seq_length=256), resume=False,
                     training=TrainingConfig(max_steps=distill_steps, global_batch_size=4, micro_batch_size=4, lr=1e-3,

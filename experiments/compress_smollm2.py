@@ -77,13 +77,13 @@ def pipeline_tasks(
     quantized_hf, student_hf = f"{work_dir}/quantized_fp8_hf", f"{work_dir}/distilled_hf"
     quantized = f"{quantized_hf}_native"  # ptq saves the calibrated model beside its export
 
-    prune = prune_recipe(nemo_checkpoint=model, save_path=pruned, target_num_layers=target_num_layers,
+    prune = prune_recipe(model_path=model, output_path=pruned, target_num_layers=target_num_layers,
                          num_train_samples=importance_samples, seq_length=seq_length)
     correct_teacher = finetune_recipe(model_path=model, dir=work_dir, name="teacher_corrected",
                                       max_steps=teacher_correction_steps, seq_length=seq_length,
                                       lr=teacher_correction_lr, min_lr=teacher_correction_lr / 10,
                                       warmup_steps=max(teacher_correction_steps // 10, 1))
-    distill = distillation_recipe(student_model_path=pruned, teacher_model_path=teacher, dir=work_dir, name="distilled",
+    distill = distillation_recipe(model_path=pruned, teacher_model_path=teacher, dir=work_dir, name="distilled",
                                   max_steps=distill_steps, global_batch_size=4, micro_batch_size=2,
                                   seq_length=seq_length, lr=lr, min_lr=lr / 10,
                                   warmup_steps=max(distill_steps // 10, 1))
@@ -92,7 +92,7 @@ def pipeline_tasks(
     distill.distillation_config = run.Config(DistillationConfig, skip_lm_loss=False, logit_kl_temperature=2.0)
     quantize = ptq_recipe(model_path=distilled, export_path=quantized_hf, algorithm="fp8", model_dtype="float32",
                           calibration_dataset_size=calibration_samples, calibration_seq_len=seq_length)
-    export = export_recipe(path=distilled, output_path=student_hf)
+    export = export_recipe(model_path=distilled, output_path=student_hf)
     tasks = {"prune": stage_task(prune, "prune", pruned, work_dir, [model])}
     if teacher_correction_steps:
         tasks["correct_teacher"] = stage_task(correct_teacher, "correct_teacher", teacher, work_dir, [model])

@@ -37,16 +37,16 @@ def qad_tasks(
     quantized, distilled = f"{ptq_export}_native", f"{work_dir}/qad_int4"  # ptq saves its model beside the export
 
     quantize = smollm2_135m_ptq_int4_cpu()
-    quantize.model_path, quantize.export_config.path = model, ptq_export
+    quantize.model_path, quantize.export_path = model, ptq_export
     quantize.quantization_config.calibration_dataset_size = calibration_samples
     quantize.quantization_config.calibration_seq_len = seq_length
     qad = smollm2_135m_distill_qad_int4_cpu()
-    qad.student_model_path, qad.teacher_model_path, qad.output_path = quantized, model, distilled
+    qad.model_path, qad.teacher_model_path, qad.output_path = quantized, model, distilled
     qad.training.max_steps, qad.training.warmup_steps = steps, max(steps // 10, 1)
     qad.training.lr, qad.training.min_lr = lr, lr / 10
     qad.data.seq_length = seq_length
     export = smollm2_135m_ptq_int4_cpu()
-    export.model_path, export.export_config.path = distilled, qad_export
+    export.model_path, export.export_path = distilled, qad_export
 
     tasks = {
         "quantize": stage_task(quantize, "quantize", ptq_export, work_dir, [model]),

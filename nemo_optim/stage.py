@@ -19,7 +19,11 @@ where `launch_target` says the job runs on this machine (nemo_optim.prelaunch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -36,13 +40,54 @@ class StageArgumentError(InputError):
     """A stage argument that cannot work with how the job was launched."""
 
 
+# One name per concept: the model a stage reads is `model_path` (a second one `<role>_model_path`),
+# what it writes `output_path` (a second artifact `export_path` / `hf_export_path`). The names NeMo 2's
+# stages used (and this project's before) stay accepted where the stage lists them: alias -> current.
+ALIASES = {"nemo_checkpoint": "model_path", "student_model_path": "model_path", "source": "model_path",
+           "path": "model_path", "save_path": "output_path", "export_config.path": "export_path"}
+OUTPUT_FIELDS = ("output_path", "export_path", "hf_export_path")
+
+
+def output_fields(stage: Callable) -> list[str]:
+    """The outputs a stage writes, from its signature (a rerun refuses them unless overwrite=True)."""
+    return [name for name in inspect.signature(stage).parameters if name in OUTPUT_FIELDS]
+
+
+def with_current_names(stage: Callable, arguments: dict[str, Any], announce: bool = True) -> dict[str, Any]:
+    """`arguments` with every alias the stage accepts replaced by the current name (one line says so)."""
+    parameters = inspect.signature(stage).parameters
+    arguments = dict(arguments)
+    for alias, current in ALIASES.items():
+        holder, _, field = alias.rpartition(".")
+        if current not in parameters or (holder or alias) not in parameters:
+            continue
+        value = getattr(arguments.get(holder), field, None) if holder else arguments.pop(alias, None)
+        if value is None:
+            continue
+        # the alias wins: recipes set the current names, so an alias was given on purpose
+        replaced = arguments.get(current)
+        replaced = f" (instead of {replaced!r})" if replaced not in (None, value) else ""
+        if holder:  # a field of a config argument: cleared there, so it is read in one place
+            arguments[holder] = dataclasses.replace(arguments[holder], **{field: None})
+        arguments[current] = value
+        if announce:
+            print(f"note: {alias} is NeMo 2's name for {current}, which is current: {current}={value!r}{replaced}",
+                  file=sys.stderr)
+    return arguments
+
+
 def stage_entry(check_arguments: Callable[..., None], resumable_outputs: Callable[..., set[str]] | None = None):
-    """Decorates a stage entry: input errors become one line and exit 2 in a NeMo-Run task, and
-    `stage.check_arguments` is what launchers run before submitting it. `resumable_outputs(**arguments)`
-    names the existing outputs a rerun goes on from (so launchers do not refuse them)."""
+    """Decorates a stage entry: NeMo 2's argument names are taken as the current ones (`ALIASES`),
+    input errors become one line and exit 2 in a NeMo-Run task, and `stage.check_arguments` is what
+    launchers run before submitting it. `resumable_outputs(**arguments)` names the existing outputs
+    a rerun goes on from (so launchers do not refuse them)."""
 
     def decorate(stage):
-        wrapped = one_line_input_errors(stage)
+        @functools.wraps(stage)
+        def entry(**arguments):
+            return stage(**with_current_names(stage, arguments))
+
+        wrapped = one_line_input_errors(entry)
         wrapped.check_arguments = check_arguments
         wrapped.resumable_outputs = resumable_outputs or (lambda **_: set())
         return wrapped

@@ -23,7 +23,7 @@ def evaluation_config(num_sequences: int = 16, seq_length: int = 256, source: st
 
 @run.cli.factory(target=import_ckpt)
 def import_recipe(
-    source: str = SMOLLM2,
+    model_path: str = SMOLLM2,
     output_path: str = "outputs/smollm2_135m/native",
     hf_export_path: str | None = "outputs/smollm2_135m/hf_export",
     dtype: str = "float32",
@@ -31,7 +31,7 @@ def import_recipe(
     """Import a model, evaluate it, save it natively and export it back to HF."""
     return run.Partial(
         import_ckpt,
-        source=source,
+        model_path=model_path,
         output_path=output_path,
         hf_export_path=hf_export_path,
         evaluation=evaluation_config(),
@@ -46,10 +46,10 @@ def smollm2_135m_import_cpu() -> run.Partial[import_ckpt]:
 
 
 @run.cli.factory(target=export_ckpt)
-def export_recipe(path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf",
+def export_recipe(model_path: str = "outputs/smollm2_135m/native", output_path: str = "outputs/smollm2_135m/hf",
                   target: str = "hf") -> run.Partial[export_ckpt]:
     """`target`: "hf" or "nemo2" (a NeMo 2 checkpoint directory)."""
-    return run.Partial(export_ckpt, path=path, output_path=output_path, target=target, dtype="bfloat16")
+    return run.Partial(export_ckpt, model_path=model_path, output_path=output_path, target=target, dtype="bfloat16")
 
 
 @run.cli.factory(target=evaluate)

@@ -17,7 +17,7 @@ QAD_STEPS, QAD_LR = 60, 1e-3
 
 @run.cli.factory(target=distill)
 def distillation_recipe(
-    student_model_path: str = "outputs/smollm2_135m/pruned_depth20",
+    model_path: str = "outputs/smollm2_135m/pruned_depth20",
     teacher_model_path: str = SMOLLM2,
     distillation_config_path: Optional[str] = None,
     dir: Optional[str] = None,
@@ -34,12 +34,12 @@ def distillation_recipe(
     min_lr: float = 1e-5,
     warmup_steps: int = 10,
 ) -> run.Partial[distill]:
-    """Logit KD from `teacher_model_path` into `student_model_path` on the embedded corpus;
+    """Logit KD from `teacher_model_path` into `model_path` on the embedded corpus;
     the distilled student goes to `<dir>/<name>` (default outputs/smollm2_135m/distilled)."""
     output = f"{dir or 'outputs/smollm2_135m'}/{name}"
     return run.Partial(
         distill,
-        student_model_path=student_model_path,
+        model_path=model_path,
         teacher_model_path=teacher_model_path,
         output_path=output,
         distillation_config_path=distillation_config_path,
@@ -69,9 +69,9 @@ def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
     """Quantization-aware distillation: the INT4 PTQ checkpoint of smollm2_135m_ptq_int4_cpu
     (run it first) learns from the unquantized SmolLM2-135M through its fake quantizers (logit KD,
     calibrated scales kept). Export the result with `nemo llm ptq --factory smollm2_135m_ptq_int4_cpu
-    model_path=outputs/smollm2_135m/qad_int4 export_config.path=...`: a quantized checkpoint is
+    model_path=outputs/smollm2_135m/qad_int4 export_path=...`: a quantized checkpoint is
     exported in its own format, without recalibration. Settings: benchmarks/results/qad.md."""
-    recipe = distillation_recipe(student_model_path="outputs/smollm2_135m/ptq_int4_native", name="qad_int4",
+    recipe = distillation_recipe(model_path="outputs/smollm2_135m/ptq_int4_native", name="qad_int4",
                                  max_steps=QAD_STEPS, global_batch_size=4, lr=QAD_LR, min_lr=QAD_LR / 10,
                                  warmup_steps=QAD_STEPS // 10)
     recipe.data.source = "embedded:pydoc"  # the calibration text
@@ -82,7 +82,7 @@ def smollm2_135m_distill_qad_int4_cpu() -> run.Partial[distill]:
 def llama31_8b_distill_4b_8gpu_h100_bf16() -> run.Partial[distill]:
     """Minitron Llama-3.1-8B -> 4B (width-pruned) distillation at TP=8, bf16 autocast,
     seq 4096. Launch with 8 GPUs; point `data.source` at your corpus."""
-    recipe = distillation_recipe(student_model_path="/results/llama31_4b_width",
+    recipe = distillation_recipe(model_path="/results/llama31_4b_width",
                                  teacher_model_path="/models/Llama-3.1-8B-Instruct",
                                  dir="/results", name="llama31_4b_distilled", num_gpus_per_node=8, tp_size=8,
                                  max_steps=30000, global_batch_size=768, micro_batch_size=4, seq_length=4096,

@@ -27,6 +27,7 @@ import fiddle as fdl
 import nemo_run as run
 
 from nemo_optim.errors import ERROR_DIR_ENV, InputError
+from nemo_optim.stage import output_fields, with_current_names
 
 if TYPE_CHECKING:
     from nemo_optim.prelaunch import LaunchTarget
@@ -178,20 +179,14 @@ def executor_with_overrides(factory, overrides: list[str]) -> run.Config:
 
 
 # where stages write; a stage refuses an existing one unless overwrite=True
-OUTPUT_FIELDS = ("output_path", "save_path", "export_path", "hf_export_path")
-
-
-def existing_output_message(arguments: dict, resumable: set[str] = frozenset()) -> str | None:
-    """The first output a stage with these arguments would refuse to replace, as one line
-    (`resumable`: existing outputs the stage goes on from)."""
+def existing_output_message(stage, arguments: dict, resumable: set[str] = frozenset()) -> str | None:
+    """The first output (a field the stage's signature names as one) that a stage with these
+    arguments would refuse to replace, as one line (`resumable`: existing outputs it goes on from)."""
     if arguments.get("overwrite"):
         return None
-    outputs = [(field, arguments.get(field)) for field in OUTPUT_FIELDS if field not in resumable]
-    export_config = arguments.get("export_config")
-    if export_config is not None:
-        outputs.append(("export_config.path", getattr(export_config, "path", None)))
-    for field, path in outputs:
-        if path and Path(path).exists():
+    for field in output_fields(stage):
+        path = arguments.get(field)
+        if field not in resumable and path and Path(path).exists():
             return f"{field}={str(path)!r} exists; pass overwrite=True to replace it, or choose another path."
     return None
 
@@ -218,13 +213,14 @@ def validate(partial: run.Partial, target: LaunchTarget | None = None) -> None:
     needs, prune targets, ...), without running the stage: a bad setting fails here, not in a
     scheduler's queue."""
     built = fdl.build(partial)
-    resumable = getattr(built.func, "resumable_outputs", lambda **_: set())(**built.keywords)
-    existing = existing_output_message(built.keywords, resumable)
+    keywords = with_current_names(built.func, built.keywords, announce=False)  # NeMo 2's names as current ones
+    resumable = getattr(built.func, "resumable_outputs", lambda **_: set())(**keywords)
+    existing = existing_output_message(built.func, keywords, resumable)
     if existing:
         raise OverrideError(existing)
     check = getattr(built.func, "check_arguments", None)
     if check is not None:
-        check(**built.keywords, launch_target=target)
+        check(**keywords, launch_target=target)
 
 
 def _first_line(error: BaseException | str) -> str:

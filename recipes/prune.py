@@ -12,8 +12,8 @@ from nemo_optim.stages.prune import prune
 
 @run.cli.factory(target=prune)
 def prune_recipe(
-    nemo_checkpoint: str = SMOLLM2,
-    save_path: str = "outputs/smollm2_135m/pruned",
+    model_path: str = SMOLLM2,
+    output_path: str = "outputs/smollm2_135m/pruned",
     target_num_layers: Optional[int] = 20,
     target_hidden_size: Optional[int] = None,
     target_ffn_hidden_size: Optional[int] = None,
@@ -31,8 +31,8 @@ def prune_recipe(
     30 layers to 20."""
     return run.Partial(
         prune,
-        nemo_checkpoint=nemo_checkpoint,
-        save_path=save_path,
+        model_path=model_path,
+        output_path=output_path,
         pruning_config=run.Config(
             PruningConfig,
             target_num_layers=target_num_layers,
@@ -53,7 +53,7 @@ def prune_recipe(
 @run.cli.factory(target=prune)
 def smollm2_135m_prune_depth20_cpu() -> run.Partial[prune]:
     """SmolLM2-135M, 30 -> 20 layers by Minitron importance (135 M -> 99 M parameters)."""
-    return prune_recipe(save_path="outputs/smollm2_135m/pruned_depth20", target_num_layers=20,
+    return prune_recipe(output_path="outputs/smollm2_135m/pruned_depth20", target_num_layers=20,
                         hf_export_path="outputs/smollm2_135m/pruned_depth20_hf")
 
 
@@ -61,7 +61,7 @@ def smollm2_135m_prune_depth20_cpu() -> run.Partial[prune]:
 def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
     """SmolLM2-135M width pruning to ~62% of the parameters: hidden 576 -> 448,
     ffn 1536 -> 1024, heads kept (134.5 M -> 83.9 M)."""
-    return prune_recipe(save_path="outputs/smollm2_135m/pruned_width", target_num_layers=None, target_hidden_size=448,
+    return prune_recipe(output_path="outputs/smollm2_135m/pruned_width", target_num_layers=None, target_hidden_size=448,
                         target_ffn_hidden_size=1024,
                         hf_export_path="outputs/smollm2_135m/pruned_width_hf")
 
@@ -70,7 +70,7 @@ def smollm2_135m_prune_width_cpu() -> run.Partial[prune]:
 def llama31_8b_prune_width4b_8gpu_h100_bf16() -> run.Partial[prune]:
     """Minitron Llama-3.1-8B -> 4B width pruning (hidden 4096 -> 3072, ffn 14336 -> 9216),
     importance at TP=8 on 1024 sequences. Launch with 8 GPUs."""
-    recipe = prune_recipe(nemo_checkpoint="/models/Llama-3.1-8B-Instruct", save_path="/results/llama31_4b_width",
+    recipe = prune_recipe(model_path="/models/Llama-3.1-8B-Instruct", output_path="/results/llama31_4b_width",
                           target_num_layers=None, target_hidden_size=3072, target_ffn_hidden_size=9216,
                           num_train_samples=1024, seq_length=4096, devices=8, tp_size=8)
     return recipe

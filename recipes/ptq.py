@@ -29,7 +29,8 @@ def ptq_recipe(
     return run.Partial(
         ptq,
         model_path=model_path,
-        export_config=run.Config(ExportConfig, path=export_path, export_format=export_format, dtype=export_dtype),
+        export_path=export_path,
+        export_config=run.Config(ExportConfig, export_format=export_format, dtype=export_dtype),
         calibration_tp=calibration_tp,
         calibration_pp=calibration_pp,
         quantization_config=run.Config(

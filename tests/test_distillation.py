@@ -91,7 +91,7 @@ def test_teacher_stays_frozen_while_the_student_learns_the_teacher(pair, tmp_pat
     with runtime.parallel_runtime():
         teacher = load_model(teacher_path).model
         before = evaluate_model(load_model(student_path).model, held_out, reference=teacher)
-    result = distill(student_model_path=str(student_path), teacher_model_path=str(teacher_path),
+    result = distill(model_path=str(student_path), teacher_model_path=str(teacher_path),
                      output_path=str(tmp_path / "out"), data=data, training=_training(max_steps=30))
     with runtime.parallel_runtime():
         after = evaluate_model(load_model(tmp_path / "out").model, held_out, reference=load_model(teacher_path).model)
@@ -224,7 +224,7 @@ def test_a_run_saved_at_tp1_resumes_at_another_layout(tp, pp, pair, kd_yaml, tmp
 
 def test_resume_with_other_settings_starts_over(pair, tmp_path, capsys):
     teacher, student = pair["llama"]
-    kwargs = dict(student_model_path=str(student), teacher_model_path=str(teacher), data=DataConfig(seq_length=32),
+    kwargs = dict(model_path=str(student), teacher_model_path=str(teacher), data=DataConfig(seq_length=32),
                   output_path=str(tmp_path / "a"), overwrite=True)
     distill(training=_training(max_steps=2, checkpoint_interval=1), **kwargs)
     capsys.readouterr()
@@ -244,7 +244,7 @@ def test_quantization_aware_distillation_keeps_the_quantizers(pair, tmp_path):
         export_config=ExportConfig(path=str(tmp_path / "fp8"), export_format="hf", dtype="float32"),
         quantization_config=QuantizationConfig(algorithm="fp8", calibration_dataset_size=4, calibration_seq_len=32))
     quantized = tmp_path / "fp8_native"
-    distill(student_model_path=str(quantized), teacher_model_path=str(teacher), output_path=str(tmp_path / "qad"),
+    distill(model_path=str(quantized), teacher_model_path=str(teacher), output_path=str(tmp_path / "qad"),
             data=DataConfig(seq_length=32), training=_training(max_steps=4))
     with runtime.parallel_runtime():
         before = load_model(quantized).model
@@ -289,7 +289,7 @@ def test_bad_yaml_is_one_clear_error(source, message, tmp_path):
 def test_unknown_layer_names_are_reported_against_the_real_modules(pairs, message, pair, tmp_path):
     teacher, student = pair["llama"]
     with pytest.raises(DistillationConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        distill(student_model_path=str(student), teacher_model_path=str(teacher), output_path=str(tmp_path / "out"),
+        distill(model_path=str(student), teacher_model_path=str(teacher), output_path=str(tmp_path / "out"),
                 distillation_config=load_distillation_config({"intermediate_layer_pairs": pairs}),
                 data=DataConfig(seq_length=32), training=_training(max_steps=1))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out_run").exists()
@@ -303,7 +303,7 @@ def test_teacher_with_another_tokenizer_is_refused(pair, tmp_path):
                                                            eos_token="<|endoftext|>")
     other = make_tiny_hf_model("llama", tmp_path / "other", other_tokenizer)
     with pytest.raises(DistillationConfigError, match="teacher and student tokenizers differ"):
-        distill(student_model_path=str(student), teacher_model_path=str(other), output_path=str(tmp_path / "out"),
+        distill(model_path=str(student), teacher_model_path=str(other), output_path=str(tmp_path / "out"),
                 data=DataConfig(seq_length=32), training=_training(max_steps=1))
 
 

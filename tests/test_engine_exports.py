@@ -58,9 +58,9 @@ def served(tmp_path_factory, tiny_tokenizer):
         ptq(model_path=str(source), quantization_config=QuantizationConfig(algorithm=None),
             export_config=ExportConfig(path=str(root / f"hf_{arch}"), dtype="float32"))
         exports[f"hf_{arch}"], oracles[f"hf_{arch}"] = (root / f"hf_{arch}", "float32"), (str(source), str(source))
-    prune(nemo_checkpoint=str(sources["llama"]), save_path=str(root / "pruned"),
+    prune(model_path=str(sources["llama"]), output_path=str(root / "pruned"),
           pruning_config=PruningConfig(drop_layers=[1]), hf_export_path=str(root / "pruned_hf"))
-    distill(student_model_path=str(root / "pruned"), teacher_model_path=str(sources["llama"]),
+    distill(model_path=str(root / "pruned"), teacher_model_path=str(sources["llama"]),
             output_path=str(root / "distilled"), hf_export_path=str(root / "distilled_hf"),
             data=DataConfig(seq_length=64),
             training=TrainingConfig(max_steps=3, global_batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1,
@@ -169,7 +169,8 @@ def test_report_serves_each_row_with_an_hf_export(tmp_path, tiny_tokenizer):
 
     source = make_tiny_hf_model("llama", tmp_path / "llama", tiny_tokenizer, hidden_size=128)
     ptq(model_path=str(source), quantization_config=QuantizationConfig(algorithm=None),
-        export_config=ExportConfig(path=str(tmp_path / "export"), dtype="float32"), save_path=str(tmp_path / "native"))
+        export_path=str(tmp_path / "export"), export_config=ExportConfig(dtype="float32"),
+        output_path=str(tmp_path / "native"))
     evaluate(model_path=str(source), output_path=str(tmp_path / "eval.json"),
              evaluation=EvaluationConfig(data=DataConfig(seq_length=32), num_sequences=2))
     evaluation = str(tmp_path / "eval.json")

@@ -67,7 +67,7 @@ EXPECTED = {
     "bad_value": "error: speculative_recipe: SpeculativeConfig: num_draft_tokens=-1 must be a positive integer.",
     "kubeflow_setting": "error: ptq_recipe: TrainJob spec.trainer.numNodes (from run.executor.num_nodes): -1 must be "
                         "at least 1",
-    "existing_output": "error: ptq_recipe: export_config.path='{tmp}/exists' exists; pass overwrite=True to replace "
+    "existing_output": "error: ptq_recipe: export_path='{tmp}/exists' exists; pass overwrite=True to replace "
                        "it, or choose another path.",
 }
 

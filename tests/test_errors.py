@@ -50,7 +50,7 @@ def test_a_damaged_model_directory_is_named_with_the_fix(damage, tiny_hf_models,
     code, message = DAMAGE[damage]
     output = tmp_path / "pruned"
     # depth pruning by drop_layers: runs on both legs (Minitron needs ModelOpt <= 0.43 on CPU)
-    result = launch.main(["prune_recipe", f"nemo_checkpoint={model}", f"save_path={output}", *DROP_LAYER_1,
+    result = launch.main(["prune_recipe", f"model_path={model}", f"output_path={output}", *DROP_LAYER_1,
                           "num_train_samples=2", "--yes"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     prefix = "error: prune_recipe failed: " if code == 1 else "error: prune_recipe: "
@@ -59,7 +59,7 @@ def test_a_damaged_model_directory_is_named_with_the_fix(damage, tiny_hf_models,
 
 
 def test_a_task_prints_its_input_error_as_one_line_without_traceback(tmp_path, capsys):
-    code = launch.main(["prune_recipe", f"nemo_checkpoint={tmp_path / 'missing'}", f"save_path={tmp_path / 'p'}",
+    code = launch.main(["prune_recipe", f"model_path={tmp_path / 'missing'}", f"output_path={tmp_path / 'p'}",
                         *DROP_LAYER_1, "--yes"])
     out = capsys.readouterr().out
     assert code == 1
@@ -105,11 +105,11 @@ PRE_LAUNCH = {
                                  "source='{tmp}/calib.jsonl': "
                                  "file not found; give a .txt or .jsonl file, `embedded`, `embedded:pydoc`, "
                                  "`embedded:docstrings`, or `hf:<dataset>`."),
-    "prune_target_too_large": (["prune_recipe", "nemo_checkpoint={model}", "save_path={out}",
+    "prune_target_too_large": (["prune_recipe", "model_path={model}", "output_path={out}",
                                 "pruning_config.target_num_layers=4", "pruning_config.target_ffn_hidden_size=999"],
                                "error: prune_recipe: pruning_config: target_ffn_hidden_size=999 is larger than the "
                                "model's 128; target_num_layers=4 is larger than the model's 2."),
-    "drop_layers_out_of_range": (["prune_recipe", "nemo_checkpoint={model}", "save_path={out}",
+    "drop_layers_out_of_range": (["prune_recipe", "model_path={model}", "output_path={out}",
                                   "pruning_config.target_num_layers=None", "pruning_config.drop_layers=[3]"],
                                  "error: prune_recipe: pruning_config: drop_layers [3] out of range: layers are "
                                  "numbered 1..2."),

@@ -73,7 +73,7 @@ def test_stages_take_a_nemo2_checkpoint_and_export_it_to_hf(nemo2_checkpoint, ex
     export of the NeMo 2 checkpoint and computes the same logits."""
     from nemo_optim.stages.convert import export_ckpt
 
-    export_ckpt(path=str(nemo2_checkpoint), output_path=str(tmp_path / "hf"), dtype="float32")
+    export_ckpt(model_path=str(nemo2_checkpoint), output_path=str(tmp_path / "hf"), dtype="float32")
     expected = torch.load(expected)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_unsupported_nemo2_configs_are_refused_before_launch_naming_the_field(ca
     data = yaml.safe_load(model_yaml.read_text())
     data["config"].update(changes)
     model_yaml.write_text(yaml.safe_dump(data))
-    code = launch.main(["prune_recipe", f"nemo_checkpoint={checkpoint}", f"save_path={tmp_path / 'pruned'}", "--yes"])
+    code = launch.main(["prune_recipe", f"model_path={checkpoint}", f"output_path={tmp_path / 'pruned'}", "--yes"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert last == f"error: prune_recipe: {model_yaml}: not supported by nemo-optim: {expected}."
@@ -186,7 +186,7 @@ def exported_nemo2(tiny_hf_models, tmp_path_factory) -> Path:
     from nemo_optim.stages.convert import export_ckpt
 
     output = tmp_path_factory.mktemp("exported") / "nemo2"
-    export_ckpt(path=str(tiny_hf_models["llama"]), output_path=str(output), target="nemo2", dtype="float32")
+    export_ckpt(model_path=str(tiny_hf_models["llama"]), output_path=str(output), target="nemo2", dtype="float32")
     return output
 
 
@@ -223,7 +223,8 @@ def test_an_exported_nemo2_checkpoint_has_nemo2s_layout_and_loads_back(exported_
 def test_qwen_models_round_trip_through_nemo2(arch, tiny_hf_models, tmp_path):
     from nemo_optim.stages.convert import export_ckpt
 
-    export_ckpt(path=str(tiny_hf_models[arch]), output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
+    export_ckpt(model_path=str(tiny_hf_models[arch]), output_path=str(tmp_path / "nemo2"), target="nemo2",
+                dtype="float32")
     written = yaml.safe_load((tmp_path / "nemo2" / "context" / "model.yaml").read_text())
     assert written["_target_"].endswith(f"{arch}.{arch.capitalize()}Model")
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(2))
@@ -261,14 +262,14 @@ def test_nemo2_itself_loads_what_nemo_optim_exports(student, tiny_hf_models, tmp
     source = str(tiny_hf_models["llama"])
     if student == "pruned":
         source = str(tmp_path / "pruned")
-        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source, num_train_samples=4,
+        prune(model_path=str(tiny_hf_models["llama"]), output_path=source, num_train_samples=4,
               pruning_config=PruningConfig(target_ffn_hidden_size=96, target_num_layers=1),
               data=DataConfig(seq_length=64))
     elif student == "layer_dropped":  # depth pruning that runs on both legs
         source = str(tmp_path / "dropped")
-        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=source,
+        prune(model_path=str(tiny_hf_models["llama"]), output_path=source,
               pruning_config=PruningConfig(drop_layers=[1]))
-    export_ckpt(path=source, output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
+    export_ckpt(model_path=source, output_path=str(tmp_path / "nemo2"), target="nemo2", dtype="float32")
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
     torch.save(tokens[:, :-1], tmp_path / "tokens.pt")
     done = subprocess.run([str(NEMO2_PYTHON), str(REPO / "tests" / "nemo2" / "forward_checkpoint.py"),

@@ -120,7 +120,7 @@ def test_qad_experiment_trains_the_int4_model_and_exports_it_in_its_format(tiny_
     model, work = tiny_hf_models["llama"], tmp_path / "work"
     tasks = qad_tasks(model=str(model), work_dir=str(work), steps=6, lr=1e-3, calibration_samples=4, eval_sequences=4,
                       seq_length=32)
-    assert tasks["qad"].stage.student_model_path == tasks["quantize"].stage.export_config.path + "_native"
+    assert tasks["qad"].stage.model_path == tasks["quantize"].stage.export_path + "_native"
     assert tasks["export"].stage.model_path == tasks["qad"].stage.output_path
     serializer = run.core.serialization.zlib_json.ZlibJSONSerializer()
     assert all(serializer.deserialize(serializer.serialize(task)) == task for task in tasks.values())

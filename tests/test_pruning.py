@@ -35,7 +35,7 @@ def _tokens(seed=0):
 def test_each_axis_prunes_saves_reloads_and_exports(arch, axis, tiny_hf_models, tmp_path):
     config = AXES[axis]
     save, export = tmp_path / "pruned", tmp_path / "hf"
-    prune(nemo_checkpoint=str(tiny_hf_models[arch]), save_path=str(save), pruning_config=config,
+    prune(model_path=str(tiny_hf_models[arch]), output_path=str(save), pruning_config=config,
           num_train_samples=4, data=DataConfig(seq_length=64), hf_export_path=str(export))
     tokens = _tokens()
     with runtime.parallel_runtime():
@@ -86,7 +86,7 @@ def test_drop_layers_does_what_modelopts_layer_dropping_does(tiny_hf_models, run
 def test_minitron_on_local_layers_is_refused_before_launch_in_one_line(tiny_hf_models, tmp_path, capsys):
     import launch
 
-    code = launch.main(["prune_recipe", f"nemo_checkpoint={tiny_hf_models['llama']}", f"save_path={tmp_path / 'p'}",
+    code = launch.main(["prune_recipe", f"model_path={tiny_hf_models['llama']}", f"output_path={tmp_path / 'p'}",
                         "pruning_config.target_num_layers=1", "--yes"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines[-1].startswith(
@@ -138,7 +138,7 @@ def test_cached_scores_prune_to_another_target_without_recomputing(tiny_hf_model
 ])
 def test_impossible_targets_fail_before_any_work(kwargs, message, tiny_hf_models, tmp_path):
     with pytest.raises(PruningConfigError, match=message):
-        prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=str(tmp_path / "out"),
+        prune(model_path=str(tiny_hf_models["llama"]), output_path=str(tmp_path / "out"),
               pruning_config=PruningConfig(**kwargs), num_train_samples=2)
     assert not list(tmp_path.iterdir())
 
@@ -149,7 +149,7 @@ def test_target_params_search_finds_an_architecture_under_the_budget(tiny_hf_mod
         original = load_model(tiny_hf_models["llama"]).config
     budget = 0.8 * original.num_parameters()
     save, export = tmp_path / "pruned", tmp_path / "hf"
-    prune(nemo_checkpoint=str(tiny_hf_models["llama"]), save_path=str(save), num_train_samples=8,
+    prune(model_path=str(tiny_hf_models["llama"]), output_path=str(save), num_train_samples=8,
           pruning_config=PruningConfig(target_params=budget, top_k=3), data=DataConfig(seq_length=64),
           hf_export_path=str(export))
     tokens = _tokens(1)

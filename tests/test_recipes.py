@@ -171,7 +171,7 @@ def test_a_finished_output_is_not_replaced_unless_asked(tiny_hf_models, tmp_path
     arguments = ["ptq_recipe", f"model_path={tiny_hf_models['llama']}", f"export_config.path={export}"]
     assert launch.main(arguments + ["--yes"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: ptq_recipe: export_config.path='{export}' exists; pass overwrite=True to replace it, or choose "
+        f"error: ptq_recipe: export_path='{export}' exists; pass overwrite=True to replace it, or choose "
         f"another path.")
     assert [p.name for p in export.iterdir()] == ["keep.txt"]
     assert launch.main(arguments + ["overwrite=True", "--dryrun"]) == 0

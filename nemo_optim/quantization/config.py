@@ -227,7 +227,8 @@ class QuantizationConfig:
 class ExportConfig:
     """Where and how the quantized model is exported (NeMo 2 names)."""
 
-    path: str = "outputs/ptq_export"
+    path: Optional[str] = None
+    """NeMo 2's place for the export's path: the ptq stage's `export_path` is current (this is read as it)."""
     export_format: ExportFormat = "hf"
     """`hf`: ModelOpt's unified HF checkpoint (TensorRT-LLM, vLLM, SGLang); `trtllm`: TensorRT-LLM
     checkpoint; `compressed_tensors`: vLLM's compressed-tensors checkpoint (int8, int8_sq, fp8,

@@ -8,7 +8,7 @@ Steps of `import_ckpt`:
      transformers reloads the export with the same logits.
 
     python -c "from nemo_optim.stages.convert import import_ckpt; \
-import_ckpt(source='smollm2-135m-instruct', output_path='/tmp/smollm2')"
+import_ckpt(model_path='smollm2-135m-instruct', output_path='/tmp/smollm2')"
 """
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads the stage entry
@@ -82,17 +82,19 @@ def check_import_arguments(*, dtype: str = "float32", **_) -> None:
 @stage_entry(check_import_arguments)
 def import_ckpt(
     *,
-    source: str,
+    model_path: str,
     output_path: str,
     hf_export_path: Optional[str] = None,
     evaluation: Optional[EvaluationConfig] = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    source: Optional[str] = None,
 ) -> ImportReport:
-    """Stage entry: import `source` into a native checkpoint at `output_path`.
+    """Stage entry: import `model_path` into a native checkpoint at `output_path` (NeMo 2's
+    `source` is accepted for `model_path`).
 
     Args:
-        source: HF directory, .gguf file, embedded model name, or native checkpoint.
+        model_path: HF directory, .gguf file, embedded model name, or native checkpoint.
         output_path: where the native checkpoint goes.
         hf_export_path: if set, also export to HF there and check transformers' logits.
         evaluation: if set, evaluate the imported model (perplexity, tokens/s).
@@ -102,7 +104,7 @@ def import_ckpt(
     refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     with stage_runtime():
         began = time.perf_counter()
-        loaded = load_model(source, dtype=dtype)
+        loaded = load_model(model_path, dtype=dtype)
         import_seconds = time.perf_counter() - began
         tokenizer = load_tokenizer(loaded.hf_dir)
         result = None
@@ -114,7 +116,7 @@ def import_ckpt(
         began = time.perf_counter()
         checkpoint.save_checkpoint(
             loaded.model, loaded.config, output_path, loaded.hf_dir,
-            producer={"stage": "import_ckpt", "source": str(source), "dtype": dtype},
+            producer={"stage": "import_ckpt", "source": str(model_path), "dtype": dtype},
         )
         save_seconds = time.perf_counter() - began
 
@@ -127,7 +129,7 @@ def import_ckpt(
                 logit_diff = hf_export_logit_diff(loaded.model, Path(hf_export_path), tokens[:1])
 
         report = ImportReport(
-            source=str(source),
+            source=str(model_path),
             checkpoint_path=str(output_path),
             hf_export_path=hf_export_path,
             num_parameters=loaded.config.num_parameters(),
@@ -158,28 +160,29 @@ def check_export_arguments(*, target: str = "hf", dtype: str = "bfloat16", **_) 
 @stage_entry(check_export_arguments)
 def export_ckpt(
     *,
-    path: str,
+    model_path: str,
     output_path: str,
     target: str = "hf",
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    path: Optional[str] = None,
 ) -> Path:
-    """Stage entry (NeMo 2's `llm.export_ckpt` arguments): export the model at `path` (native
-    checkpoint, NeMo 2 checkpoint, HF directory, GGUF) as `target`: "hf" (an HF directory) or
-    "nemo2" (a NeMo 2 checkpoint directory that NeMo 2 containers load: pruned and distilled
-    students included)."""
+    """Stage entry (NeMo 2's `llm.export_ckpt`; its `path` is accepted for `model_path`): export
+    the model at `model_path` (native checkpoint, NeMo 2 checkpoint, HF directory, GGUF) as
+    `target`: "hf" (an HF directory) or "nemo2" (a NeMo 2 checkpoint directory that NeMo 2
+    containers load: pruned and distilled students included)."""
     check_export_arguments(target=target, dtype=dtype)
     refuse_existing_outputs([("output_path", output_path)], overwrite)
     with stage_runtime():
-        loaded = load_model(path)
+        loaded = load_model(model_path)
         if target == "hf":
             export_hf(loaded.model, loaded.hf_dir, output_path, dtype=DTYPES[dtype])
         else:
             from nemo_optim.models.nemo2 import write_nemo2_checkpoint
 
             if is_quantized(loaded.model):
-                raise InputError(f"path={path!r} is quantized: target='nemo2' writes unquantized models (NeMo 2 "
-                                 f"deploys quantized ones through TensorRT-LLM); export it with `ptq` instead.")
+                raise InputError(f"model_path={model_path!r} is quantized: target='nemo2' writes unquantized models "
+                                 f"(NeMo 2 deploys quantized ones through TensorRT-LLM); export it with `ptq` instead.")
             model = loaded.model.to(DTYPES[dtype])
             write_nemo2_checkpoint(model, dataclasses.replace(loaded.config, dtype=dtype), output_path, loaded.hf_dir)
     runtime.print0(f"{target} export: {output_path}")

@@ -7,7 +7,7 @@ state such as quantizers is kept: a PTQ checkpoint as student gives QAD), save, 
 export to HF.
 
     python -c "from nemo_optim.stages.distill import distill; \
-distill(student_model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', \
+distill(model_path='outputs/smollm2_135m/pruned_depth20', teacher_model_path='smollm2-135m-instruct', \
 output_path='/tmp/distilled')"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads distill's annotations.
@@ -48,7 +48,7 @@ def check_arguments(*, distillation_config_path: Optional[str] = None,
 @stage_entry(check_arguments)
 def distill(
     *,
-    student_model_path: str,
+    model_path: str,
     teacher_model_path: str,
     output_path: str,
     distillation_config_path: Optional[str] = None,
@@ -64,12 +64,13 @@ def distill(
     pp_size: int = 1,
     hf_export_path: Optional[str] = None,
     overwrite: bool = False,
+    student_model_path: Optional[str] = None,
 ) -> TrainingResult:
     """Stage entry (NeMo 2's `llm.distill` inputs): distill `teacher_model_path` into the
     student and save it at `output_path`.
 
     Args:
-        student_model_path / teacher_model_path: native checkpoint, HF directory, .gguf file or
+        model_path / teacher_model_path: native checkpoint, HF directory, .gguf file or
             embedded model name. A quantized native checkpoint as student trains its fake-quant
             weights (QAD).
         distillation_config_path: ModelOpt DistillationConfig YAML (default: logits-only KD).
@@ -89,7 +90,7 @@ def distill(
     refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     run_dir = Path(run_dir) if run_dir else default_run_dir(output_path)
     with stage_runtime(tp_size, pp_size, devices, num_nodes, seed=training.seed):
-        student = load_model(student_model_path)
+        student = load_model(model_path)
         tokenizer = load_tokenizer(tokenizer_path or student.hf_dir)
         teacher_config, _, _ = read_model_config(teacher_model_path)
         teacher = teacher_provider(None, teacher_model_path, tokenizer=tokenizer)
@@ -103,17 +104,17 @@ def distill(
             model, seq_length=data.seq_length, micro_batch_size=training.micro_batch_size)
         result = train(model, train_tokens, val_tokens, DistillationLossReduction(model, kd_config), training,
                        run_dir, resume=resume, adjust_tensor_shapes_fn=adjust_fn, fingerprint={
-                           "student": str(student_model_path), "teacher": str(teacher_model_path),
+                           "student": str(model_path), "teacher": str(teacher_model_path),
                            "distillation_config": describe(kd_config), "data": dataclasses.asdict(data)})
 
         student_model = export_student(model)
         save_stage_model(student_model, student.config, output_path, student.hf_dir, hf_export_path, producer={
-            "stage": "distill", "student": str(student_model_path), "teacher": str(teacher_model_path),
+            "stage": "distill", "student": str(model_path), "teacher": str(teacher_model_path),
             "distillation_config": describe(kd_config), "training": dataclasses.asdict(training),
             "data": dataclasses.asdict(data), "final_validation": result.last("validation"),
             "run_dir": str(run_dir),
             # a quantized student (QAD) keeps its calibration settings: ptq exports it with them
-            "quantization_config": checkpoint.stored_quantization_settings(student_model_path),
+            "quantization_config": checkpoint.stored_quantization_settings(model_path),
         })
         runtime.print0(f"training metrics: {run_dir / 'metrics.jsonl'}")
     return result

@@ -11,7 +11,7 @@ Steps:
 
 CPU:
     python -c "from nemo_optim.stages.prune import prune; from nemo_optim.pruning.config import PruningConfig; \
-prune(nemo_checkpoint='smollm2-135m-instruct', save_path='/tmp/pruned', \
+prune(model_path='smollm2-135m-instruct', output_path='/tmp/pruned', \
 pruning_config=PruningConfig(target_num_layers=20))"
 
 # No `from __future__ import annotations`: NeMo-Run's CLI parser reads prune's annotations.
@@ -35,14 +35,14 @@ from nemo_optim.pruning.pruner import check_minitron_available, prune_language_m
 from nemo_optim.stage import refuse_existing_outputs, save_stage_model, stage_entry, stage_runtime
 
 
-def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_train_samples: int = 64,
+def check_arguments(*, model_path: str, pruning_config: PruningConfig, num_train_samples: int = 64,
                     data: Optional[DataConfig] = None, launch_target: Optional[LaunchTarget] = None, **_) -> None:
     """Pre-launch (and at the start): the sample count, a calibration file, and the targets
     against the model's config when it can be read here without loading the model."""
     if num_train_samples < 1:
         raise PruningConfigError(f"num_train_samples={num_train_samples} must be at least 1.")
     check_data_source("data.source", data, launch_target)
-    model_config = readable_model_config(nemo_checkpoint, launch_target)
+    model_config = readable_model_config(model_path, launch_target)
     if model_config is not None:
         pruning_config.validate_against(model_config)
     if not pruning_config.drop_layers and (launch_target is None or launch_target.local):
@@ -52,8 +52,8 @@ def check_arguments(*, nemo_checkpoint: str, pruning_config: PruningConfig, num_
 @stage_entry(check_arguments)
 def prune(
     *,
-    nemo_checkpoint: str,
-    save_path: str,
+    model_path: str,
+    output_path: str,
     pruning_config: PruningConfig,
     devices: int = 1,
     num_nodes: int = 1,
@@ -66,12 +66,15 @@ def prune(
     scores_path: Optional[str] = None,
     hf_export_path: Optional[str] = None,
     overwrite: bool = False,
+    nemo_checkpoint: Optional[str] = None,
+    save_path: Optional[str] = None,
 ) -> Path:
-    """Stage entry (NeMo 2's `llm.prune` arguments): prune `nemo_checkpoint` into `save_path`.
+    """Stage entry (NeMo 2's `llm.prune`; its `nemo_checkpoint` and `save_path` are accepted for
+    `model_path` and `output_path`): prune `model_path` into `output_path`.
 
     Args:
-        nemo_checkpoint: native checkpoint, HF directory, .gguf file or embedded model name.
-        save_path: native checkpoint of the pruned model.
+        model_path: native checkpoint, HF directory, .gguf file or embedded model name.
+        output_path: native checkpoint of the pruned model.
         pruning_config: targets (target_*) or drop_layers.
         devices / num_nodes: processes per node and nodes this job was launched with.
         tp_size / pp_size: parallelism for importance estimation.
@@ -83,10 +86,10 @@ def prune(
         hf_export_path: also export the pruned model to HF here.
     """
     data = data or DataConfig()
-    check_arguments(nemo_checkpoint=nemo_checkpoint, pruning_config=pruning_config, num_train_samples=num_train_samples)
-    refuse_existing_outputs([("save_path", save_path), ("hf_export_path", hf_export_path)], overwrite)
+    check_arguments(model_path=model_path, pruning_config=pruning_config, num_train_samples=num_train_samples)
+    refuse_existing_outputs([("output_path", output_path), ("hf_export_path", hf_export_path)], overwrite)
     with stage_runtime(tp_size, pp_size, devices, num_nodes):
-        loaded = load_model(nemo_checkpoint)
+        loaded = load_model(model_path)
         pruning_config.validate_against(loaded.config)
         forward_loop = score_func = None
         if not pruning_config.drop_layers:
@@ -111,6 +114,6 @@ def prune(
                        f"parameters (layers {config.num_layers}, hidden {config.hidden_size}, "
                        f"ffn {config.ffn_hidden_size}, "
                        f"heads {config.num_attention_heads})")
-        save_stage_model(model, config, save_path, loaded.hf_dir, hf_export_path, producer={
-            "stage": "prune", "source": str(nemo_checkpoint), "pruning_config": dataclasses.asdict(pruning_config)})
-    return Path(save_path)
+        save_stage_model(model, config, output_path, loaded.hf_dir, hf_export_path, producer={
+            "stage": "prune", "source": str(model_path), "pruning_config": dataclasses.asdict(pruning_config)})
+    return Path(output_path)

@@ -38,6 +38,8 @@ from nemo_optim.quantization.quantizer import (
 )
 from nemo_optim.stage import refuse_existing_outputs, stage_entry, stage_runtime
 
+DEFAULT_EXPORT_PATH = "outputs/ptq_export"
+
 
 def check_arguments(*, quantization_config: Optional[QuantizationConfig] = None,
                     export_config: Optional[ExportConfig] = None, launch_target: Optional[LaunchTarget] = None,
@@ -65,21 +67,21 @@ def _producer(model_path: str, quantization_config: QuantizationConfig) -> dict:
     return {"stage": "ptq", "source": str(model_path), "quantization_config": dataclasses.asdict(quantization_config)}
 
 
-def resumable_outputs(*, model_path: str, export_config: Optional[ExportConfig] = None, save_path: Optional[str] = None,
+def resumable_outputs(*, model_path: str, export_path: Optional[str] = None, output_path: Optional[str] = None,
                       quantization_config: Optional[QuantizationConfig] = None, overwrite: bool = False,
                       **_) -> set[str]:
-    """{"save_path"} when it holds this very calibration (a run whose export failed left it): the
+    """{"output_path"} when it holds this very calibration (a run whose export failed left it): the
     rerun exports it instead of refusing it or calibrating again."""
-    export_config = export_config or ExportConfig()
-    save_path = save_path or f"{export_config.path.rstrip('/')}_native"
-    written = checkpoint.written_by(save_path, _producer(model_path, quantization_config or QuantizationConfig()))
-    return {"save_path"} if written and not overwrite else set()
+    output_path = output_path or f"{(export_path or DEFAULT_EXPORT_PATH).rstrip('/')}_native"
+    written = checkpoint.written_by(output_path, _producer(model_path, quantization_config or QuantizationConfig()))
+    return {"output_path"} if written and not overwrite else set()
 
 
 @stage_entry(check_arguments, resumable_outputs)
 def ptq(
     *,
     model_path: str,
+    export_path: Optional[str] = None,
     export_config: Optional[ExportConfig] = None,
     calibration_tp: int = 1,
     calibration_pp: int = 1,
@@ -88,30 +90,34 @@ def ptq(
     trust_remote_code: bool = False,
     devices: Optional[int] = None,
     num_nodes: Optional[int] = None,
-    save_path: Optional[str] = None,
+    output_path: Optional[str] = None,
     overwrite: bool = False,
     model_dtype: Optional[str] = None,
     transformer_impl: Optional[str] = None,
+    save_path: Optional[str] = None,
 ) -> Path:
-    """Stage entry (NeMo 2's `llm.ptq` arguments): quantize `model_path` and export it.
+    """Stage entry (NeMo 2's `llm.ptq` arguments; its `export_config.path` is accepted for
+    `export_path`, and `save_path` for `output_path`): quantize `model_path` and export it.
 
     Args:
         model_path: native checkpoint, HF directory, .gguf file or embedded model name. A native
             checkpoint that is already quantized is exported without recalibrating.
-        export_config: where and in which format to export.
+        export_path: where the export goes (default: outputs/ptq_export).
+        export_config: the export's format and dtype.
         calibration_tp / calibration_pp: parallelism used for calibration (launch TP x PP processes).
         quantization_config: algorithm, calibration data and exclusions.
         tokenizer_path: tokenizer directory if not the model's own.
         trust_remote_code: accepted for NeMo 2 compatibility; only built-in architectures load.
         devices / num_nodes: processes per node and nodes this job was launched with (None: not
             checked; the job needs calibration_tp x calibration_pp processes or a multiple).
-        save_path: native checkpoint of the quantized model (default: `<export path>_native`).
+        output_path: native checkpoint of the quantized model (default: `<export_path>_native`).
         model_dtype: parameter dtype while calibrating (float32 on CPU, bfloat16 on GPU).
         transformer_impl: layer spec (local on CPU; modelopt/transformer_engine on GPU).
     """
-    export_config = export_config or ExportConfig()
+    export_path = export_path or DEFAULT_EXPORT_PATH
+    export_config = dataclasses.replace(export_config or ExportConfig(), path=export_path)
     quantization_config = quantization_config or QuantizationConfig()
-    save_path = save_path or f"{export_config.path.rstrip('/')}_native"
+    output_path = output_path or f"{export_path.rstrip('/')}_native"
     # 1. everything that can be checked before loading a model
     quantization_config.check_hardware(runtime.use_cuda())
     check_arguments(quantization_config=quantization_config, export_config=export_config,
@@ -119,18 +125,19 @@ def ptq(
     if quantization_config.algorithm is not None or quantization_config.custom_config_path:
         load_documents(quantization_config.calibration_data())
     producer = _producer(model_path, quantization_config)
-    resumed = bool(resumable_outputs(model_path=model_path, export_config=export_config, save_path=save_path,
+    resumed = bool(resumable_outputs(model_path=model_path, export_path=export_path, output_path=output_path,
                                      quantization_config=quantization_config, overwrite=overwrite))
-    refuse_existing_outputs([("export_config.path", export_config.path)]
-                            + ([] if resumed else [("save_path", save_path)]), overwrite)
+    refuse_existing_outputs([("export_path", export_path)] + ([] if resumed else [("output_path", output_path)]),
+                            overwrite)
     if tokenizer_path is not None and not Path(tokenizer_path).is_dir():
         raise QuantizationConfigError(f"tokenizer_path={tokenizer_path!r}: directory not found.")
 
     with stage_runtime(calibration_tp, calibration_pp, devices, num_nodes,
                        tp_field="calibration_tp", pp_field="calibration_pp"):
         if resumed:
-            runtime.print0(f"save_path={save_path!r} holds this calibration (an earlier run's): exporting it.")
-        loaded = load_model(save_path if resumed else model_path, dtype=model_dtype, transformer_impl=transformer_impl)
+            runtime.print0(f"output_path={output_path!r} holds this calibration (an earlier run's): exporting it.")
+        loaded = load_model(output_path if resumed else model_path, dtype=model_dtype,
+                            transformer_impl=transformer_impl)
         tokenizer = load_tokenizer(tokenizer_path or loaded.hf_dir)
         model = loaded.model
         quantized_checkpoint = loaded.source.path
@@ -154,10 +161,10 @@ def ptq(
             else:
                 model, summary = quantize(model, quantization_config, tokenizer=tokenizer)
             summary = dataclasses.asdict(summary) if summary else None
-            checkpoint.save_checkpoint(model, loaded.config, save_path, loaded.hf_dir,
+            checkpoint.save_checkpoint(model, loaded.config, output_path, loaded.hf_dir,
                                        producer={**producer, "summary": summary})
-            runtime.print0(f"quantized native checkpoint: {save_path}")
-            quantized_checkpoint = save_path
+            runtime.print0(f"quantized native checkpoint: {output_path}")
+            quantized_checkpoint = output_path
         if export_config.export_format != "hf" and runtime.world_size() > 1:
             export_path = _export_in_one_process(quantized_checkpoint, quantization_config, export_config)
         else:

@@ -50,7 +50,7 @@ if __name__ == "__main__":
         _kill_inside_save(args.kill_inside_save)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distill_module.distill(
-        student_model_path=args.student, teacher_model_path=args.teacher, output_path=args.output,
+        model_path=args.student, teacher_model_path=args.teacher, output_path=args.output,
         distillation_config_path=args.config, devices=world, tp_size=args.tp, pp_size=args.pp, overwrite=True,
         data=DataConfig(seq_length=32),
         training=training.TrainingConfig(max_steps=args.steps, global_batch_size=4, micro_batch_size=2, lr=3e-3,
