@@ -5,7 +5,7 @@
     teacher) -> PTQ (FP8, unified HF export) -> export (the distilled student in bf16 HF) ->
     evaluate every model -> report
 
-    .venv/bin/python -m experiments.compress_smollm2 --yes          # ~30 min on 2 CPU cores
+    .venv/bin/python -m experiments.compress_smollm2 --yes          # run times: benchmarks/results/README.md
     .venv/bin/python -m experiments.compress_smollm2 --dryrun --yes    # prints the tasks (NeMo-Run asks first)
     .venv/bin/python -m experiments.compress_smollm2 run.executor=slurm run.executor.partition=batch \
 distill_steps=60 --yes

@@ -5,7 +5,7 @@
     through the fake quantizers) -> export (the `ptq` stage on the QAD checkpoint: exported in its
     own format, no recalibration) -> evaluate PTQ and QAD on held-out text -> report
 
-    .venv/bin/python -m experiments.qad_smollm2 --yes       # 17 min on 2 CPU cores
+    .venv/bin/python -m experiments.qad_smollm2 --yes       # run times: benchmarks/results/README.md
     .venv/bin/python -m experiments.qad_smollm2 steps=120 --dryrun --yes
 
 Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).

@@ -3,7 +3,7 @@
     EAGLE-3 (the `speculative` stage: self-distillation data, train, measure, export) ->
     Medusa (same data, cached) -> report (acceptance length and speed-up per draft length)
 
-    .venv/bin/python -m experiments.speculative_smollm2 --yes        # ~70 min on 2 CPU cores
+    .venv/bin/python -m experiments.speculative_smollm2 --yes        # run times: benchmarks/results/README.md
     .venv/bin/python -m experiments.speculative_smollm2 eagle3_steps=20 medusa_steps=5 --dryrun --yes
 
 Every task is a recipe with small edits; finished stages are skipped on a re-run (`run_stage`).

@@ -64,8 +64,7 @@ def _smollm2_cpu(recipe: run.Partial[speculative]) -> run.Partial[speculative]:
 @run.cli.factory(target=speculative)
 def smollm2_135m_speculative_eagle3_cpu() -> run.Partial[speculative]:
     """EAGLE-3 for SmolLM2-135M-Instruct with a draft head over the 8192 most frequent tokens,
-    300 steps (~27 min on 2 cores): the benchmark's best row, acceptance length 1.6 at 2 draft
-    tokens, 1.16x KV-cached greedy decoding."""
+    300 steps: the speculative benchmark's best row (benchmarks/results/speculative.md)."""
     recipe = _smollm2_cpu(speculative_recipe(name="eagle3", self_distillation_prompts=256, max_steps=300, lr=2e-3,
                                              min_lr=2e-4, warmup_steps=15))
     recipe.speculative_config.draft_vocab_size = 8192
@@ -74,8 +73,8 @@ def smollm2_135m_speculative_eagle3_cpu() -> run.Partial[speculative]:
 
 @run.cli.factory(target=speculative)
 def smollm2_135m_speculative_medusa_cpu() -> run.Partial[speculative]:
-    """Medusa heads (5, one residual block + a full-vocabulary LM head each, ~20 s/step on 2
-    cores) for SmolLM2-135M-Instruct, same data as the EAGLE-3 variant, 60 steps."""
+    """Medusa heads (5, one residual block + a full-vocabulary LM head each) for SmolLM2-135M-Instruct,
+    same data as the EAGLE-3 variant, 60 steps."""
     recipe = _smollm2_cpu(speculative_recipe(algorithm="medusa", name="medusa", self_distillation_prompts=256,
                                              max_steps=60, lr=2e-3, min_lr=2e-4, warmup_steps=3))
     recipe.speculative_config.num_medusa_heads = 5

@@ -129,7 +129,7 @@ def kd_pair(tmp_path_factory, tiny_tokenizer):
 
 def _distill_args(kd_pair, output: Path, *extra: str) -> tuple[str, ...]:
     teacher, student = kd_pair
-    return ("distillation_recipe", f"student_model_path={student}", f"teacher_model_path={teacher}",
+    return ("distillation_recipe", f"model_path={student}", f"teacher_model_path={teacher}",
             f"output_path={output}", *DISTILL, *extra)
 
 
@@ -190,7 +190,7 @@ def test_two_node_tp2_ptq_exports_what_one_node_exports(two_nodes, tiny_hf_model
               "quantization_config.calibration_dataset_size=4", "quantization_config.calibration_seq_len=32",
               "export_config.dtype=float32")
     began = time.monotonic()
-    across = _launch(nemo_run_home, *common, f"export_config.path={tmp_path / 'across'}", "num_nodes=2", "devices=1",
+    across = _launch(nemo_run_home, *common, f"export_path={tmp_path / 'across'}", "num_nodes=2", "devices=1",
                      *TWO_NODES)
     print(f"PTQ at TP=2 across 2 nodes: {time.monotonic() - began:.1f} s")
     assert across.returncode == 0, across.stdout[-3000:] + across.stderr[-3000:]
@@ -198,7 +198,7 @@ def test_two_node_tp2_ptq_exports_what_one_node_exports(two_nodes, tiny_hf_model
     _check_ran_on_both_nodes(_task_log(across.stdout, "ptq_recipe"), job[1])
 
     began = time.monotonic()
-    one_node = _launch(nemo_run_home, *common, f"export_config.path={tmp_path / 'one_node'}", "num_nodes=1",
+    one_node = _launch(nemo_run_home, *common, f"export_path={tmp_path / 'one_node'}", "num_nodes=1",
                        "devices=2", "run.executor=torchrun")
     print(f"PTQ at TP=2 on one node: {time.monotonic() - began:.1f} s")
     assert one_node.returncode == 0, one_node.stdout[-3000:] + one_node.stderr[-3000:]
