@@ -117,10 +117,9 @@ def stage_heap(trim_every_s: float = TRIM_INTERVAL_S) -> Iterator[bool]:
     the OS every `trim_every_s` (`malloc_trim`, which runs without Python's lock), except while a
     training loop keeps its heap (`large_buffers_kept_in_heap`). Freed activations, importer
     temporaries and exporter state dicts so do not pile up as fragmented, resident heap, whichever
-    phase frees them: SmolLM2's whole ptq stage (16 sequences) peaked at 1.271-1.275 GiB in 12 runs,
-    against 1.270-1.328 with the per-phase settings it replaces (a 1 MiB mmap threshold while
-    loading, saving and exporting, a trim after every calibration batch), 1.327 with neither and
-    1.288-1.295 trimming every 5 s (benchmarks/results/README.md, "How the costs grow"). On leaving,
+    phase frees them. It replaces per-phase settings (a 1 MiB mmap threshold while loading, saving
+    and exporting, a trim after every calibration batch) at the same or lower peak (measured in
+    benchmarks/results/README.md, "How the costs grow"). On leaving,
     glibc's settled thresholds and a last trim. A no-op on GPU, off glibc, and when the user set
     MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_ (trimming is then theirs). Yields whether it applied."""
     libc = None if torch.cuda.is_available() else _libc()
