@@ -89,7 +89,7 @@ def _compare_exports(expected_dir: Path, got_dir: Path, algorithm: str) -> float
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [pytest.param(2, 1, id="tp2"),
+@pytest.mark.parametrize("tp,pp", [pytest.param(2, 1, id="tp2", marks=pytest.mark.long),
                                    pytest.param(1, 2, id="pp2", marks=pytest.mark.long),
                                    pytest.param(2, 2, id="tp2pp2", marks=pytest.mark.long)])
 def test_every_format_and_export_at_tp_pp_equals_one_process(tp, pp, one_process, tiny_hf_models, tmp_path, capsys):
