@@ -64,3 +64,21 @@ def runtime_single():
 
     with runtime.parallel_runtime(runtime.ParallelConfig()) as config:
         yield config
+
+
+@pytest.fixture
+def kubeconfig(tmp_path, monkeypatch):
+    """A kubeconfig that parses, for Kubeflow executors (no cluster here); NEMO_OPTIM_K8S_* unset."""
+    import os
+
+    from kube import write_kubeconfig
+
+    path = write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    # the kubernetes client reads $KUBECONFIG once, when it is imported
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    for name in [name for name in os.environ if name.startswith("NEMO_OPTIM_K8S_")]:
+        monkeypatch.delenv(name)
+    return path

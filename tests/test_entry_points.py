@@ -12,15 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from kube import write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters: [{name: test, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
-contexts: [{name: test, context: {cluster: test, user: test}}]
-current-context: test
-users: [{name: test, user: {token: not-a-real-token}}]
-"""
 
 # case -> (stage, recipe, arguments); the issue's first two, a Kubeflow setting the TrainJob check
 # refuses, and an output that exists
@@ -45,7 +39,7 @@ def refusals(tmp_path_factory):
     a check that let the mistake through would launch (and fail these tests)."""
     root = tmp_path_factory.mktemp("entry_points")
     kubeconfig = root / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG)
+    write_kubeconfig(kubeconfig)
     nemo = str(Path(sys.executable).parent / "nemo")
     jobs = {}
     for case, (stage, recipe, arguments) in CASES.items():

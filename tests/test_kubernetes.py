@@ -21,29 +21,8 @@ from nemo_optim_recipes.executors import EXECUTORS
 from nemo_optim_recipes.launching import all_recipes, executor_with_overrides, rendered_job
 
 REPO = Path(__file__).resolve().parents[1]
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters: [{name: test, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
-contexts: [{name: test, context: {cluster: test, user: test}}]
-current-context: test
-users: [{name: test, user: {token: not-a-real-token}}]
-"""
 GPU = ["gpus_per_node=8", "num_nodes=2", "image=registry.example/nemo-optim:1", "namespace=llm"]
 CPU = ["cpu=16", "memory=64Gi"]
-
-
-@pytest.fixture
-def kubeconfig(tmp_path, monkeypatch):
-    """No Kubernetes here: a kubeconfig that parses (NeMo-Run loads one when the executor is built)."""
-    path = tmp_path / "kubeconfig"
-    path.write_text(KUBECONFIG)
-    monkeypatch.setenv("KUBECONFIG", str(path))
-    from kubernetes.config import kube_config
-
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
-    for name in [name for name in os.environ if name.startswith("NEMO_OPTIM_K8S_")]:
-        monkeypatch.delenv(name)
-    return path
 
 
 @pytest.fixture
