@@ -26,7 +26,7 @@ CONSTRAINTS := requirements/$(LEG)-constraints.txt
 REQUIREMENTS := requirements/$(LEG).txt
 PYTEST_ARGS ?=
 # CPU processes start with glibc's small-chunk cache off, as the executors start jobs
-# (nemo_optim.runtime.cpu_allocator_env: steadier, lower peak memory on CPU)
+# (nemo_optim.cpu.cpu_allocator_env: steadier, lower peak memory on CPU)
 export GLIBC_TUNABLES ?= glibc.malloc.tcache_count=0
 
 .PHONY: lint setup run test test-current test-long test-slow test-nemo2 nemo2-venv engine-venv test-engine gpu-wheels clean

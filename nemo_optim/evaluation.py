@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_optim import runtime
+from nemo_optim.progress import progress
 from nemo_optim.accuracy.multiple_choice import AccuracyConfig
 from nemo_optim.data.corpus import DataConfig, Split
 from nemo_optim.data.packing import packed_sequences
@@ -99,7 +100,7 @@ def evaluate_model(
         reference.eval()
     loss_sum = ref_loss_sum = kl_sum = agree = count = 0.0
     seconds = 0.0
-    for start in runtime.progress(range(0, len(tokens), micro_batch_size), description="evaluation"):
+    for start in progress(range(0, len(tokens), micro_batch_size), description="evaluation"):
         batch = tokens[start : start + micro_batch_size]
         labels = batch[:, 1:].to(runtime.device())
         began = time.perf_counter()

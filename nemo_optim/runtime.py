@@ -32,11 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_optim.cpu import devices as cpu_devices
-# (moved to nemo_optim.cpu / nemo_optim.progress; these names stay for the callers outside this
-# change that still use them here: tests/test_executors.py, evaluation.py, accuracy/scoring.py)
-from nemo_optim.cpu.heap import cpu_allocator_env  # noqa: F401
 from nemo_optim.errors import InputError
-from nemo_optim.progress import progress, progress_over_layers  # noqa: F401
 
 Backend = Literal["auto", "gloo", "nccl"]
 

@@ -35,7 +35,7 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
 
 
 def cpu_job_env(**variables: str) -> dict[str, str]:
-    """`variables` and the allocator setting of a CPU job (`runtime.cpu_allocator_env`)."""
+    """`variables` and the allocator setting of a CPU job (`nemo_optim.cpu.cpu_allocator_env`)."""
     return {**variables, **cpu_allocator_env()}
 
 

@@ -53,9 +53,9 @@ def test_cluster_profile_comes_from_the_environment(monkeypatch):
 
 def test_cpu_jobs_start_with_glibcs_thread_cache_off(monkeypatch):
     """glibc reads GLIBC_TUNABLES only when a process starts, so the executors set it for CPU jobs
-    (`runtime.cpu_allocator_env`: without the cache, freed activations' heap is reused instead of
+    (`nemo_optim.cpu.cpu_allocator_env`: without the cache, freed activations' heap is reused instead of
     growing); a user's own tunables are kept, and their own cache setting wins."""
-    from nemo_optim.runtime import cpu_allocator_env
+    from nemo_optim.cpu import cpu_allocator_env
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     off = "glibc.malloc.tcache_count=0"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_optim import checkpoint, compat, runtime
+from nemo_optim.progress import progress_over_layers
 from nemo_optim.data.corpus import DataError
 from nemo_optim.models.forward import forward_logits
 from nemo_optim.models.loader import load_model
@@ -262,10 +263,10 @@ def test_both_exports_show_progress_over_the_layers(tiny_hf_models, tmp_path, ca
         err = capfd.readouterr().err
         assert re.search(r"export: 100%\|[^|]*\| 2/2 ", err), (export_format, err[-2000:])
     layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
-    with runtime.progress_over_layers(layers, "walk"):
+    with progress_over_layers(layers, "walk"):
         assert list(layers) == list(layers._modules.values())
     assert "walk: 100%" in capfd.readouterr().err
-    with runtime.progress_over_layers(layers, "children", keep_type=True):
+    with progress_over_layers(layers, "children", keep_type=True):
         assert type(layers) is torch.nn.ModuleList
         assert list(layers.children()) == list(layers._modules.values())
     assert "children: 100%" in capfd.readouterr().err

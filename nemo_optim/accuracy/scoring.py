@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from nemo_optim import runtime
+from nemo_optim import progress as progress_bars
 from nemo_optim.models.forward import broadcast_from_last_stage, forward_logits
 
 TokenPair = tuple[list[int], list[int]]
@@ -59,7 +59,7 @@ def score_continuations(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     seconds = 0.0
-    with runtime.progress(total=len(rows), description=description) as progress:
+    with progress_bars.progress(total=len(rows), description=description) as progress:
         for start in range(0, len(order), micro_batch_size):
             batch = [rows[i] for i in order[start : start + micro_batch_size]]
             width = max(len(tokens) for tokens, _ in batch)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from nemo_optim import runtime
+from nemo_optim.progress import progress
 from nemo_optim.data.corpus import DataConfig
 from nemo_optim.data.packing import packed_sequences
 from nemo_optim.evaluation import evaluate_model
@@ -102,7 +103,7 @@ def prune(
             score_batches = rows[num_train_samples:].split(micro_batch_size)
 
             def forward_loop(model):
-                for batch in runtime.progress(batches, description="importance"):
+                for batch in progress(batches, description="importance"):
                     forward_logits(model, batch)
 
             def score_func(model) -> float:
